@@ -1,0 +1,1 @@
+"""medct.finetune: installed inside the medct namespace (see DESIGN.md)."""

@@ -1,0 +1,214 @@
+"""Run a segmentation model over a file, a folder of scans or a DICOM series folder.
+
+This is the engine of `medct segment`, kept apart from argument parsing so that notebooks and
+tests can call it. Behaviour a user of TotalSegmentator/nnU-Net expects:
+
+- every readable case is segmented; a bad case (unreadable, NaN, 2D, wrong modality, ...) is
+  reported and skipped, and the run still finishes the good ones (exit 1 if any failed);
+- outputs that exist are skipped unless `overwrite`; each output is written atomically, so no
+  half-written file is ever left behind;
+- output label maps carry the input's exact geometry; NIfTI/MHA/NRRD inputs keep their format,
+  DICOM series are written as NIfTI;
+- `summary.csv` lists every case with its status and the volume of each label in mL.
+"""
+
+from __future__ import annotations
+
+import csv
+import io as _io
+import os
+import sys
+import tempfile
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from medct.errors import InputPathError, InvalidVolumeError, MedCTError, UnreadableVolumeError
+
+VOLUME_SUFFIXES = (".nii.gz", ".nii", ".mha", ".mhd", ".nrrd")
+# Files a scan folder commonly holds next to the scans; they are not cases and not errors.
+IGNORED_SUFFIXES = (".json", ".csv", ".txt", ".md", ".png", ".jpg", ".raw", ".zraw", ".log", ".xlsx")
+
+
+@dataclass
+class Case:
+    """One scan to segment: a volume file or a DICOM series folder."""
+
+    name: str
+    path: Path
+    kind: str  # "file" | "dicom"
+
+    @property
+    def output_suffix(self) -> str:
+        if self.kind == "dicom":
+            return ".nii.gz"
+        suffix = volume_suffix(self.path)
+        return ".mha" if suffix == ".mhd" else suffix
+
+
+@dataclass
+class RunReport:
+    """What a folder run did: case names by outcome, failures with their one-line reason."""
+
+    done: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    failed: list[tuple[str, str]] = field(default_factory=list)
+
+
+def volume_suffix(path: Path) -> str:
+    """The volume extension of `path` ('.nii.gz', '.mha', ...) or '' if it is none of them."""
+    name = path.name.lower()
+    return next((s for s in VOLUME_SUFFIXES if name.endswith(s)), "")
+
+
+def is_dicom_file(path: Path) -> bool:
+    """A DICOM Part 10 file: 128-byte preamble then 'DICM'."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(128)
+            return f.read(4) == b"DICM"
+    except OSError:
+        return False
+
+
+def _holds_dicom(folder: Path) -> bool:
+    return any(p.is_file() and is_dicom_file(p) for p in folder.rglob("*"))
+
+
+def discover_cases(input_path: str | os.PathLike[str]) -> list[Case]:
+    """The cases under `input_path`: a volume file, a DICOM file/folder, or a folder of them."""
+    path = Path(input_path)
+    if not path.exists():
+        raise InputPathError(f"Input '{path}' does not exist.")
+    if path.is_file():
+        if volume_suffix(path):
+            return [Case(path.name[: -len(volume_suffix(path))], path, "file")]
+        if is_dicom_file(path):
+            return [Case(path.parent.name, path.parent, "dicom")]
+        raise UnreadableVolumeError(
+            f"'{path}' is not a supported volume (NIfTI .nii/.nii.gz, MHA/MHD, NRRD, or a DICOM series)."
+        )
+    cases: list[Case] = []
+    direct_dicom = False
+    for entry in sorted(path.iterdir()):
+        if entry.name.startswith("."):
+            continue
+        if entry.is_file():
+            if volume_suffix(entry):
+                cases.append(Case(entry.name[: -len(volume_suffix(entry))], entry, "file"))
+            elif is_dicom_file(entry):
+                direct_dicom = True
+        elif entry.is_dir() and _holds_dicom(entry):
+            cases.append(Case(entry.name, entry, "dicom"))
+    if direct_dicom:
+        # The folder itself is a DICOM series folder (`-i DICOM_DIR`).
+        cases.insert(0, Case(path.name, path, "dicom"))
+    if not cases:
+        raise InputPathError(f"Folder '{path}' holds no NIfTI, MHA/MHD, NRRD or DICOM scans.")
+    return cases
+
+
+def label_volumes_ml(labels: np.ndarray, spacing: tuple[float, float, float], names: dict[int, str]) -> dict[str, float]:
+    """Volume in mL of each named foreground label (0 is background)."""
+    voxel_ml = float(np.prod(spacing)) / 1000.0
+    counts = np.bincount(labels.ravel().astype(np.int64), minlength=max(names) + 1)
+    return {name: float(counts[i]) * voxel_ml for i, name in sorted(names.items()) if i != 0}
+
+
+def _write_summary(rows: list[dict[str, object]], label_names: list[str], path: Path) -> None:
+    columns = ["case", "status", "input", "output", "seconds", "error"] + [f"{n}_ml" for n in label_names]
+    buf = _io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow(row)
+    fd, tmp = tempfile.mkstemp(prefix=".summary.", suffix=".csv", dir=path.parent)
+    with os.fdopen(fd, "w", newline="") as f:
+        f.write(buf.getvalue())
+    os.replace(tmp, path)
+
+
+def segment_paths(
+    model_dir: str | os.PathLike[str],
+    input_path: str | os.PathLike[str],
+    output_dir: str | os.PathLike[str],
+    device: str | None = None,
+    overlap: float | None = None,
+    sw_batch_size: int | None = None,
+    tta: bool = False,
+    overwrite: bool = False,
+    preview: bool = False,
+    series_uid: str | None = None,
+    debug: bool = False,
+) -> RunReport:
+    """Segment every case under `input_path` into `output_dir`; see the module docstring."""
+    from tqdm import tqdm
+
+    from medct.inference import Predictor
+    from medct.io import read_volume, validate_for_inference, write_volume
+
+    cases = discover_cases(input_path)  # path errors surface before the model loads
+    predictor = Predictor.from_folder(model_dir, device=device, overlap=overlap, sw_batch_size=sw_batch_size, tta=tta)
+    card = predictor.card
+    names = {i: n for i, n in card.labels.items() if i != 0}
+    out_dir = Path(output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    report = RunReport()
+    rows: list[dict[str, object]] = []
+    for case in tqdm(cases, desc="segment", unit="case", file=sys.stderr, disable=len(cases) < 2):
+        out_path = out_dir / f"{case.name}{case.output_suffix}"
+        row: dict[str, object] = {"case": case.name, "input": str(case.path), "output": str(out_path), "error": ""}
+        start = time.perf_counter()
+        try:
+            if out_path.exists() and not overwrite:
+                labels = read_volume(out_path)
+                row["status"] = "skipped (exists)"
+                report.skipped.append(case.name)
+            else:
+                image = read_volume(case.path, series_uid=series_uid) if case.kind == "dicom" else read_volume(case.path)
+                _check_modality(image.meta.get("modality"), card.preprocessing.modality, case.path)
+                validate_for_inference(image)
+                labels = predictor.predict(image)
+                write_volume(labels, out_path)
+                if preview:
+                    from medct.preview import save_preview
+
+                    save_preview(image, labels, out_dir / f"{case.name}.png")
+                row["status"] = "done"
+                report.done.append(case.name)
+            volumes = label_volumes_ml(np.asarray(labels.array), labels.spacing, names)
+            row.update({f"{n}_ml": f"{v:.2f}" for n, v in volumes.items()})
+        except MedCTError as e:
+            row.update(status="failed", error=str(e))
+            report.failed.append((case.name, str(e)))
+        except Exception as e:  # a folder run keeps going past any bad case
+            if debug:
+                traceback.print_exc()
+            message = f"{type(e).__name__}: {e}".splitlines()[0]
+            row.update(status="failed", error=message)
+            report.failed.append((case.name, message))
+        row["seconds"] = f"{time.perf_counter() - start:.2f}"
+        rows.append(row)
+
+    _write_summary(rows, list(names.values()), out_dir / "summary.csv")
+    print(
+        f"medct segment: {len(report.done)} segmented, {len(report.skipped)} skipped (output exists), "
+        f"{len(report.failed)} failed; results in {out_dir}",
+        file=sys.stderr,
+    )
+    for name, message in report.failed:
+        print(f"  failed {name}: {message}", file=sys.stderr)
+    return report
+
+
+def _check_modality(found: object, expected: str, path: Path) -> None:
+    """A DICOM header that names another modality than the model's is a user mistake."""
+    if not found or not isinstance(found, str):
+        return
+    ok = {"CT": {"CT"}, "CBCT": {"CT", "RTIMAGE"}, "MR": {"MR"}}.get(expected, {expected})
+    if found.upper() not in ok:
+        raise InvalidVolumeError(f"'{path}' is a {found} scan but this model expects {expected}.")

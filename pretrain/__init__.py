@@ -1,0 +1,1 @@
+"""medct.pretrain: installed inside the medct namespace (see DESIGN.md)."""

@@ -1,0 +1,1 @@
+"""medct.registration: installed inside the medct namespace (see DESIGN.md)."""

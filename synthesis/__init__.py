@@ -1,0 +1,1 @@
+"""medct.synthesis: installed inside the medct namespace (see DESIGN.md)."""
