@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
 # ../shared/data from the project root; MEDCT_SHARED_DATA overrides (e.g. a clean clone elsewhere).
-import os
-
 SHARED_DATA = Path(os.environ.get("MEDCT_SHARED_DATA", Path(__file__).resolve().parents[1] / ".." / "shared" / "data")).resolve()
 
 

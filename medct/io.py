@@ -1,0 +1,363 @@
+"""Read and write volumes with their exact geometry.
+
+One entry point per direction: `read_volume` (NIfTI via nibabel, MHA/MHD/NRRD via SimpleITK,
+DICOM series via `medct.dicom`) and `write_volume` (by extension, atomic). Every reader returns a
+`Volume`: the voxels in the file's own index order and a 4x4 voxel -> RAS+ affine (the nibabel /
+MONAI convention), so nothing is reoriented on the way in or out and outputs carry the input's
+geometry bit for bit (NIfTI: up to the float32 storage of its sform).
+
+Conventions and sources:
+- NIfTI-1 header (qform/sform and their codes): https://nifti.nimh.nih.gov/nifti-1 ; nibabel's
+  `img.affine` is the "best" affine (sform if sform_code > 0, else qform, else pixdim only).
+- ITK images: world = origin + direction @ diag(spacing) @ index, in LPS millimetres
+  (https://simpleitk.readthedocs.io/en/master/fundamentalConcepts.html); SimpleITK's numpy view
+  is indexed (z, y, x), hence the transposes below.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import re
+import shutil
+import tempfile
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from medct.errors import GeometryMismatchError, InputPathError, InvalidVolumeError, UnreadableVolumeError
+
+# RAS <-> LPS: the two conventions differ by a sign flip of the first two world axes.
+LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+
+NIFTI_SUFFIXES = (".nii.gz", ".nii")
+ITK_SUFFIXES = {".mha": "mha", ".mhd": "mha", ".nrrd": "nrrd", ".nhdr": "nrrd"}
+# Largest misplacement (mm) of any grid corner for two volumes to count as sharing a grid.
+GRID_TOLERANCE_MM = 1e-4
+
+
+@dataclass
+class Volume:
+    """A 3D image and its geometry.
+
+    array:  (X, Y, Z) voxels in the file's own index order (i, j, k), any dtype.
+    affine: (4, 4) float64, voxel index (i, j, k, 1) -> RAS+ world millimetres; the nibabel and
+            MONAI convention. ITK/DICOM quantities (LPS origin/direction) are derived from it.
+    meta:   free-form facts about the source: path, format, modality, series UID, ...
+    """
+
+    array: np.ndarray
+    affine: np.ndarray
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return tuple(int(s) for s in self.array.shape[:3])  # type: ignore[return-value]
+
+    @property
+    def spacing(self) -> tuple[float, float, float]:
+        """Voxel size in mm along i, j, k (column norms of the affine's linear part)."""
+        return tuple(float(s) for s in np.linalg.norm(self.affine[:3, :3], axis=0))  # type: ignore[return-value]
+
+    @property
+    def direction_lps(self) -> np.ndarray:
+        """(3, 3) ITK direction cosines (columns are the i, j, k axes in LPS world)."""
+        lps = LPS_TO_RAS @ self.affine  # LPS_TO_RAS is its own inverse
+        return lps[:3, :3] / np.asarray(self.spacing)[None, :]
+
+    @property
+    def origin_lps(self) -> np.ndarray:
+        """(3,) ITK origin: world position of voxel (0, 0, 0) in LPS millimetres."""
+        return (LPS_TO_RAS @ self.affine)[:3, 3].copy()
+
+    def with_array(self, array: np.ndarray) -> Volume:
+        """A new volume on the same grid (same affine, copied meta) holding `array`."""
+        if tuple(array.shape[:3]) != self.shape:
+            raise ValueError(f"array shape {array.shape} does not match grid {self.shape}")
+        return Volume(array=array, affine=self.affine.copy(), meta=dict(self.meta))
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _format_of(path: Path) -> str | None:
+    """'nifti' | 'mha' | 'nrrd' | 'dicom' from the file name, None when unknown."""
+    name = path.name.lower()
+    if name.endswith(NIFTI_SUFFIXES):
+        return "nifti"
+    if path.suffix.lower() in ITK_SUFFIXES:
+        return ITK_SUFFIXES[path.suffix.lower()]
+    if path.suffix.lower() in (".dcm", ".dicom", ".ima"):
+        return "dicom"
+    return None
+
+
+def _looks_like_dicom(path: Path) -> bool:
+    """True when the file has the DICOM Part 10 preamble ('DICM' at byte 128)."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(128)
+            return f.read(4) == b"DICM"
+    except OSError:
+        return False
+
+
+def affine_from_itk(origin_lps: np.ndarray, spacing: np.ndarray, direction_lps: np.ndarray) -> np.ndarray:
+    """(4, 4) voxel -> RAS affine from ITK's LPS origin (3,), spacing (3,) and direction (3, 3)."""
+    lps = np.eye(4)
+    lps[:3, :3] = np.asarray(direction_lps, dtype=np.float64) * np.asarray(spacing, dtype=np.float64)[None, :]
+    lps[:3, 3] = np.asarray(origin_lps, dtype=np.float64)
+    return LPS_TO_RAS @ lps
+
+
+def _as_3d(array_shape: tuple[int, ...], path: Path) -> tuple[int, int, int]:
+    """The 3D shape to use for an image of `array_shape`, or InvalidVolumeError (2D / 4D)."""
+    shape = list(array_shape)
+    while len(shape) > 3 and shape[-1] == 1:  # trailing singleton dims (NIfTI time/vector axes)
+        shape.pop()
+    dims = "x".join(str(s) for s in array_shape)
+    if len(shape) > 3:
+        raise InvalidVolumeError(
+            f"{path} is a {len(shape)}D image ({dims}); medct needs a single 3D volume, so split it first."
+        )
+    if len(shape) < 3 or min(shape) < 2:
+        raise InvalidVolumeError(
+            f"{path} is a 2D image ({dims}); medct models are 3D and need at least 2 voxels along every axis."
+        )
+    return shape[0], shape[1], shape[2]
+
+
+def _read_nifti(path: Path) -> Volume:
+    import nibabel as nib
+    from nibabel.filebasedimages import ImageFileError
+
+    try:
+        img = nib.load(path)
+        if not isinstance(img, nib.Nifti1Image):  # Nifti2Image subclasses Nifti1Image
+            raise ImageFileError(f"not a NIfTI image: {type(img).__name__}")
+        shape = _as_3d(tuple(img.shape), path)
+        array = np.asanyarray(img.dataobj).reshape(shape, order="A")  # (X, Y, Z); scl_slope/inter applied
+    except InvalidVolumeError:
+        raise
+    except (ImageFileError, OSError, EOFError, zlib.error, ValueError, TypeError) as e:
+        raise UnreadableVolumeError(
+            f"{path} is not a readable NIfTI image (truncated or corrupt file: {_one_line(e)})."
+        ) from e
+    header = img.header
+    meta = {
+        "path": str(path),
+        "format": "nifti",
+        "dtype": str(array.dtype),
+        "qform_code": int(header["qform_code"]),
+        "sform_code": int(header["sform_code"]),
+    }
+    return Volume(array=array, affine=np.asarray(img.affine, dtype=np.float64), meta=meta)
+
+
+def _read_itk(path: Path, fmt: str) -> Volume:
+    import SimpleITK as sitk
+
+    try:
+        img = sitk.ReadImage(str(path))
+    except RuntimeError as e:
+        raise UnreadableVolumeError(f"{path} is not a readable {fmt.upper()} image ({_one_line(e)}).") from e
+    if img.GetNumberOfComponentsPerPixel() != 1:
+        raise InvalidVolumeError(
+            f"{path} has {img.GetNumberOfComponentsPerPixel()} components per voxel; medct needs a scalar 3D volume."
+        )
+    size = img.GetSize()  # ITK order (x, y, z[, t])
+    _as_3d(tuple(size), path)
+    ndim = img.GetDimension()
+    arr = sitk.GetArrayFromImage(img)  # (t, z, y, x) or (z, y, x)
+    while arr.ndim > 3:  # singleton trailing ITK dims (checked by _as_3d) come first in numpy order
+        arr = arr[0]
+    array = arr.transpose(2, 1, 0)  # (X, Y, Z)
+    direction = np.asarray(img.GetDirection(), dtype=np.float64).reshape(ndim, ndim)[:3, :3]
+    affine = affine_from_itk(np.asarray(img.GetOrigin())[:3], np.asarray(img.GetSpacing())[:3], direction)
+    meta = {"path": str(path), "format": fmt, "dtype": str(array.dtype)}
+    return Volume(array=array, affine=affine, meta=meta)
+
+
+def _one_line(e: BaseException) -> str:
+    """An exception's message squeezed onto one short line (for wrapping into one sentence)."""
+    text = " ".join(str(e).split()) or type(e).__name__
+    if "ITK ERROR:" in text:  # drop SimpleITK's source path and object address: "...: ITK ERROR: X(0x..): msg"
+        text = re.sub(r"^\S+\(0x[0-9a-f]+\):\s*", "", text.rsplit("ITK ERROR:", 1)[1].strip())
+        text = text.split(" Reason:")[0]  # ITK appends a stale errno string ("No such file ...")
+    text = text.rstrip(".")
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+def read_volume(path: str | os.PathLike[str], series_uid: str | None = None) -> Volume:
+    """Read a 3D volume with its geometry.
+
+    .nii / .nii.gz (nibabel, the header's best affine), .mha / .mhd / .nrrd (SimpleITK), a DICOM
+    series folder, or one DICOM file meaning its whole series (`series_uid` picks a series when a
+    folder holds several). Raises InputPathError (missing path, folder without DICOM),
+    UnreadableVolumeError (not an image, truncated, corrupt) or InvalidVolumeError (2D, 4D).
+    NaN/constant voxels are not checked here: see `validate_for_inference`.
+    """
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise InputPathError(f"{p} does not exist.")
+    if p.is_dir():
+        from medct.dicom import read_dicom_series
+
+        return read_dicom_series(p, series_uid=series_uid)
+    fmt = _format_of(p)
+    if fmt is None and _looks_like_dicom(p):
+        fmt = "dicom"
+    if fmt == "nifti":
+        return _read_nifti(p)
+    if fmt in ("mha", "nrrd"):
+        return _read_itk(p, fmt)
+    if fmt == "dicom":
+        from medct.dicom import read_dicom_series
+
+        return read_dicom_series(p, series_uid=series_uid)
+    raise UnreadableVolumeError(
+        f"{p} is not a supported image (use .nii, .nii.gz, .mha, .mhd, .nrrd or a DICOM series folder)."
+    )
+
+
+def validate_for_inference(vol: Volume) -> None:
+    """Raise InvalidVolumeError when `vol` holds NaN/inf voxels or is constant (nothing to segment)."""
+    where = vol.meta.get("path", "the volume")
+    arr = vol.array
+    if np.issubdtype(arr.dtype, np.inexact):
+        bad = int(arr.size - np.count_nonzero(np.isfinite(arr)))
+        if bad:
+            raise InvalidVolumeError(f"{where} contains {bad} NaN or infinite voxels; fix or mask them first.")
+    lo, hi = arr.min(), arr.max()
+    if lo == hi:
+        raise InvalidVolumeError(f"{where} is constant (every voxel is {lo}); it holds no image to process.")
+
+
+def check_same_grid(a: Volume, b: Volume, what: str) -> None:
+    """Raise GeometryMismatchError unless `a` and `b` share shape and affine (corners within 1e-4 mm).
+
+    `what` names the pair in the message, e.g. "label and image of case_001".
+    """
+    if a.shape != b.shape:
+        raise GeometryMismatchError(f"The {what} have different shapes ({a.shape} vs {b.shape}).")
+    # World position of every grid corner: a linear-part difference matters in proportion to the extent.
+    corners = np.array(np.meshgrid(*[[0, s - 1] for s in a.shape], indexing="ij")).reshape(3, -1)  # (3, 8)
+    corners = np.vstack([corners, np.ones((1, corners.shape[1]))])  # (4, 8)
+    shift = float(np.abs((a.affine - b.affine) @ corners).max())
+    if not np.isfinite(shift) or shift > GRID_TOLERANCE_MM:
+        raise GeometryMismatchError(
+            f"The {what} are on different voxel grids (corners up to {shift:.4g} mm apart); resample one onto the other."
+        )
+
+
+# ----------------------------------------------------------------------------- writing
+
+
+def _nifti_dtype(array: np.ndarray, dtype: np.dtype | None) -> np.dtype:
+    """The on-disk dtype: `dtype`, else the array's own, made NIfTI-compatible without loss."""
+    if dtype is not None:
+        return np.dtype(dtype)
+    dt = array.dtype
+    if dt == np.bool_:
+        return np.dtype(np.uint8)
+    if dt in (np.int64, np.uint64) and array.size:
+        lo, hi = array.min(), array.max()
+        for cand in (np.int16, np.int32) if dt == np.int64 else (np.uint16, np.uint32):
+            info = np.iinfo(cand)
+            if info.min <= lo and hi <= info.max:
+                return np.dtype(cand)
+    return dt
+
+
+def _write_nifti(vol: Volume, path: Path, dtype: np.dtype | None, compress_level: int | None) -> None:
+    import nibabel as nib
+
+    on_disk = _nifti_dtype(vol.array, dtype)
+    img = nib.Nifti1Image(np.asarray(vol.array).astype(on_disk, copy=False), vol.affine)
+    header = img.header
+    header.set_data_dtype(on_disk)
+    qcode = int(vol.meta.get("qform_code", 1))
+    scode = int(vol.meta.get("sform_code", 1))
+    if qcode == 0 and scode == 0:
+        # A file without geometry codes would be read back with a pixdim-only affine: the grid
+        # would be lost, so state the affine as scanner coordinates instead.
+        qcode = scode = 1
+    img.set_qform(vol.affine, code=qcode)
+    img.set_sform(vol.affine, code=scode)
+    if scode == 0 and not np.allclose(img.get_qform(), vol.affine, atol=1e-4):
+        # The qform cannot hold a shear; keep the exact affine in the sform instead.
+        img.set_sform(vol.affine, code=qcode)
+    header["scl_slope"], header["scl_inter"] = 1.0, 0.0
+    level = 1 if compress_level is None else int(compress_level)  # nibabel's own default is 1
+    with open(path, "wb") as raw:
+        if path.name.lower().endswith(".gz"):
+            # nibabel's save() has no compression argument, so write the single-file image into our own
+            # gzip stream; mtime=0 and no file name in the gzip header keep outputs reproducible.
+            with gzip.GzipFile(filename="", mode="wb", compresslevel=level, fileobj=raw, mtime=0) as gz:
+                img.to_file_map({"image": nib.FileHolder(fileobj=gz)})
+        else:
+            img.to_file_map({"image": nib.FileHolder(fileobj=raw)})
+
+
+def _write_itk(vol: Volume, path: Path, dtype: np.dtype | None, compress_level: int | None) -> None:
+    import SimpleITK as sitk
+
+    arr = np.asarray(vol.array)
+    if dtype is not None:
+        arr = arr.astype(dtype, copy=False)
+    elif arr.dtype == np.bool_:
+        arr = arr.astype(np.uint8)
+    img = sitk.GetImageFromArray(np.ascontiguousarray(arr.transpose(2, 1, 0)))  # (Z, Y, X) for ITK
+    img.SetSpacing([float(s) for s in vol.spacing])
+    img.SetOrigin([float(v) for v in vol.origin_lps])
+    img.SetDirection([float(v) for v in vol.direction_lps.ravel()])
+    if compress_level is None:
+        sitk.WriteImage(img, str(path), useCompression=False)
+    else:
+        sitk.WriteImage(img, str(path), useCompression=compress_level > 0, compressionLevel=int(compress_level))
+
+
+def write_volume(
+    vol: Volume,
+    path: str | os.PathLike[str],
+    *,
+    dtype: np.dtype | str | None = None,
+    compress_level: int | None = None,
+) -> Path:
+    """Write `vol` with its exact geometry; the format follows the extension. Returns the path.
+
+    .nii / .nii.gz (nibabel: sform and qform both set from the affine, codes from
+    `vol.meta['qform_code'/'sform_code']` when present, else 1 = scanner), .mha / .mhd / .nrrd
+    (SimpleITK: origin/spacing/direction from the affine). `dtype` casts the voxels;
+    `compress_level` (0-9) sets gzip/ITK compression (default: gzip level 1 for .nii.gz, none for
+    ITK formats). The write is atomic: the file(s) are written into a temporary folder next to the
+    target, then moved into place with os.replace; on failure nothing is left behind.
+    """
+    p = Path(path).expanduser()
+    fmt = _format_of(p)
+    if fmt not in ("nifti", "mha", "nrrd"):
+        raise InputPathError(f"Cannot write {p}: use a .nii, .nii.gz, .mha, .mhd or .nrrd file name.")
+    p.parent.mkdir(parents=True, exist_ok=True)
+    np_dtype = None if dtype is None else np.dtype(dtype)
+    # A temporary folder (not a temporary file) in the same directory: the writer sees the final file
+    # name, so it picks the right format and an .mhd header names its final .raw/.zraw data file.
+    tmp_dir = Path(tempfile.mkdtemp(prefix=f".tmp-{p.name}-", dir=p.parent))
+    try:
+        tmp = tmp_dir / p.name
+        if fmt == "nifti":
+            _write_nifti(vol, tmp, np_dtype, compress_level)
+        else:
+            _write_itk(vol, tmp, np_dtype, compress_level)
+        # Data files (.raw/.zraw of an .mhd) first, the header last: a reader never finds a header
+        # pointing at missing data.
+        for f in sorted(tmp_dir.iterdir(), key=lambda f: f.name == p.name):
+            os.replace(f, p.parent / f.name)
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+    return p
