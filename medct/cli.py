@@ -48,7 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     seg = sub.add_parser("segment", help="segment a file, a folder of scans or a DICOM folder with an exported model")
     seg.add_argument("-m", "--model", required=True, help="exported model folder (model.safetensors + medct.json)")
-    seg.add_argument("-i", "--input", required=True, help="a volume file, a folder of volumes, or a DICOM series folder")
+    seg.add_argument(
+        "-i", "--input", required=True, help="a volume file, a folder of volumes, or a DICOM series folder"
+    )
     seg.add_argument("-o", "--output", required=True, help="output folder (label maps, summary.csv, previews)")
     seg.add_argument("--device", default=None, help="cuda, mps or cpu (default: best available)")
     seg.add_argument("--overlap", type=float, default=None, help="sliding-window overlap in [0, 1) (default: model's)")

@@ -111,7 +111,9 @@ def discover_cases(input_path: str | os.PathLike[str]) -> list[Case]:
     return cases
 
 
-def label_volumes_ml(labels: np.ndarray, spacing: tuple[float, float, float], names: dict[int, str]) -> dict[str, float]:
+def label_volumes_ml(
+    labels: np.ndarray, spacing: tuple[float, float, float], names: dict[int, str]
+) -> dict[str, float]:
     """Volume in mL of each named foreground label (0 is background)."""
     voxel_ml = float(np.prod(spacing)) / 1000.0
     counts = np.bincount(labels.ravel().astype(np.int64), minlength=max(names) + 1)
@@ -169,7 +171,9 @@ def segment_paths(
                 row["status"] = "skipped (exists)"
                 report.skipped.append(case.name)
             else:
-                image = read_volume(case.path, series_uid=series_uid) if case.kind == "dicom" else read_volume(case.path)
+                image = (
+                    read_volume(case.path, series_uid=series_uid) if case.kind == "dicom" else read_volume(case.path)
+                )
                 _check_modality(image.meta.get("modality"), card.preprocessing.modality, case.path)
                 validate_for_inference(image)
                 labels = predictor.predict(image)

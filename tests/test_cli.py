@@ -1,0 +1,303 @@
+"""`medct` command line: segment over files/folders/DICOM, and every bad input a user can give.
+
+Each bad input must give one clear sentence, a non-zero exit, no traceback and no partial output;
+a folder run must still finish its good cases.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from medct.cli import main
+from medct.io import Volume, read_volume, write_volume
+
+LABELS = {0: "background", 1: "blob", 2: "rod"}
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny untrained model folder: enough to exercise every code path quickly."""
+    import torch
+
+    from medct.checkpoint import ModelCard, save_model_folder
+    from medct.nets import create_net
+    from medct.transforms import Preprocessing
+
+    torch.manual_seed(0)
+    args = {"in_channels": 1, "out_channels": 3, "channels": [4, 8, 16], "num_res_units": 1}
+    net = create_net("unet", **args)
+    card = ModelCard(
+        net_name="unet",
+        net_args=args,
+        labels=LABELS,
+        preprocessing=Preprocessing(spacing=(4.0, 4.0, 4.0)),
+        patch_size=(32, 32, 32),
+    )
+    return save_model_folder(net, card, tmp_path_factory.mktemp("model") / "tiny")
+
+
+def _ct(shape: tuple[int, int, int] = (40, 36, 20), spacing: tuple[float, float, float] = (2.0, 2.5, 4.0)) -> Volume:
+    rng = np.random.default_rng(0)
+    array = rng.normal(0, 50, shape).astype(np.float32) - 500
+    array[10:30, 8:28, 5:15] += 600
+    affine = np.diag([*spacing, 1.0])
+    affine[:3, 3] = (-40.0, -45.0, 10.0)
+    return Volume(array=array, affine=affine)
+
+
+def _run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str]:
+    code = main(list(argv))
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return code, err
+
+
+def _one_error_line(err: str) -> str:
+    lines = [line for line in err.splitlines() if line.startswith("medct: error:")]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+def test_segment_file_keeps_geometry_and_writes_summary(
+    model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    src = write_volume(_ct(), tmp_path / "in" / "case1.nii.gz")
+    code, _ = _run(capsys, "segment", "-m", str(model_dir), "-i", str(src), "-o", str(tmp_path / "out"), "--preview")
+    assert code == 0
+    seg = read_volume(tmp_path / "out" / "case1.nii.gz")
+    image = read_volume(src)
+    assert seg.shape == image.shape
+    np.testing.assert_allclose(seg.affine, image.affine, atol=1e-6)
+    assert set(np.unique(seg.array)) <= set(LABELS)
+    assert (tmp_path / "out" / "case1.png").stat().st_size > 1000
+    summary = (tmp_path / "out" / "summary.csv").read_text().splitlines()
+    assert summary[0].startswith("case,status") and "blob_ml" in summary[0]
+    assert summary[1].startswith("case1,done")
+
+
+def test_segment_skips_existing_unless_overwrite(
+    model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    src = write_volume(_ct(), tmp_path / "in" / "a.nii.gz")
+    out = tmp_path / "out"
+    assert _run(capsys, "segment", "-m", str(model_dir), "-i", str(src), "-o", str(out))[0] == 0
+    mtime = (out / "a.nii.gz").stat().st_mtime_ns
+    assert _run(capsys, "segment", "-m", str(model_dir), "-i", str(src), "-o", str(out))[0] == 0
+    assert (out / "a.nii.gz").stat().st_mtime_ns == mtime
+    assert "skipped" in (out / "summary.csv").read_text()
+    assert _run(capsys, "segment", "-m", str(model_dir), "-i", str(src), "-o", str(out), "--overwrite")[0] == 0
+    assert (out / "a.nii.gz").stat().st_mtime_ns != mtime
+
+
+def _bad_cases(folder: Path) -> dict[str, str]:
+    """Write one file per kind of bad input into `folder`; returns case name -> expected word."""
+    folder.mkdir(parents=True, exist_ok=True)
+    good = _ct()
+    write_volume(good, folder / "good.nii.gz")
+    nan = good.with_array(good.array.copy())
+    nan.array[3, 3, 3] = np.nan
+    write_volume(nan, folder / "nans.nii.gz")
+    inf = good.with_array(good.array.copy())
+    inf.array[1, 2, 3] = np.inf
+    write_volume(inf, folder / "infs.nii.gz")
+    write_volume(good.with_array(np.full(good.shape, -1000, np.float32)), folder / "constant.nii.gz")
+    (folder / "notes.nii.gz").write_bytes(b"this is not an image")
+    full = (folder / "good.nii.gz").read_bytes()
+    (folder / "truncated.nii.gz").write_bytes(full[: len(full) // 2])
+    import nibabel as nib
+
+    nib.save(nib.Nifti1Image(np.zeros((30, 30), np.float32), np.eye(4)), str(folder / "flat2d.nii.gz"))
+    nib.save(nib.Nifti1Image(np.zeros((20, 20, 10, 3), np.float32), np.eye(4)), str(folder / "four_d.nii.gz"))
+    return {
+        "nans": "NaN",
+        "infs": "inf",
+        "constant": "constant",
+        "notes": "",
+        "truncated": "",
+        "flat2d": "2D",
+        "four_d": "4D",
+    }
+
+
+def test_folder_run_finishes_good_cases_and_lists_bad_ones(
+    model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    expected = _bad_cases(tmp_path / "in")
+    out = tmp_path / "out"
+    code, err = _run(capsys, "segment", "-m", str(model_dir), "-i", str(tmp_path / "in"), "-o", str(out))
+    assert code == 1
+    assert (out / "good.nii.gz").is_file()
+    for name, word in expected.items():
+        line = next(line for line in err.splitlines() if line.startswith(f"  failed {name}:"))
+        assert word.lower() in line.lower(), line
+        assert not (out / f"{name}.nii.gz").exists(), f"partial output for {name}"
+    # no temp files left behind by atomic writes
+    assert sorted(p.name for p in out.iterdir()) == ["good.nii.gz", "summary.csv"]
+    statuses = {r.split(",")[0]: r.split(",")[1] for r in (out / "summary.csv").read_text().splitlines()[1:]}
+    assert statuses["good"] == "done" and statuses["nans"] == "failed"
+
+
+@pytest.mark.parametrize("name", ["nans", "constant", "notes", "truncated", "flat2d", "four_d"])
+def test_single_bad_file_one_sentence(
+    name: str, model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _bad_cases(tmp_path / "in")
+    out = tmp_path / "out"
+    code, err = _run(
+        capsys, "segment", "-m", str(model_dir), "-i", str(tmp_path / "in" / f"{name}.nii.gz"), "-o", str(out)
+    )
+    assert code == 1
+    assert f"failed {name}:" in err
+    assert not (out / f"{name}.nii.gz").exists()
+
+
+def test_missing_path_and_empty_folder(model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, err = _run(capsys, "segment", "-m", str(model_dir), "-i", str(tmp_path / "nope"), "-o", str(tmp_path / "o"))
+    assert code == 1 and "does not exist" in _one_error_line(err)
+    (tmp_path / "empty").mkdir()
+    code, err = _run(capsys, "segment", "-m", str(model_dir), "-i", str(tmp_path / "empty"), "-o", str(tmp_path / "o"))
+    assert code == 1 and "holds no" in _one_error_line(err)
+    (tmp_path / "x.txt").write_text("hello")
+    code, err = _run(capsys, "segment", "-m", str(model_dir), "-i", str(tmp_path / "x.txt"), "-o", str(tmp_path / "o"))
+    assert code == 1 and "not a supported volume" in _one_error_line(err)
+    assert not (tmp_path / "o").exists() or not any((tmp_path / "o").glob("*.nii.gz"))
+
+
+def test_broken_model_folder(model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    src = write_volume(_ct(), tmp_path / "a.nii.gz")
+    missing = tmp_path / "missing_weights"
+    shutil.copytree(model_dir, missing)
+    (missing / "model.safetensors").unlink()
+    code, err = _run(capsys, "segment", "-m", str(missing), "-i", str(src), "-o", str(tmp_path / "o"))
+    assert code == 1 and "model.safetensors" in _one_error_line(err)
+    corrupt = tmp_path / "corrupt_weights"
+    shutil.copytree(model_dir, corrupt)
+    data = (corrupt / "model.safetensors").read_bytes()
+    (corrupt / "model.safetensors").write_bytes(data[: len(data) // 3])
+    code, err = _run(capsys, "segment", "-m", str(corrupt), "-i", str(src), "-o", str(tmp_path / "o"))
+    assert code == 1 and "corrupt" in _one_error_line(err)
+    bad_card = tmp_path / "bad_card"
+    shutil.copytree(model_dir, bad_card)
+    (bad_card / "medct.json").write_text(json.dumps({"net": {}}))
+    code, err = _run(capsys, "segment", "-m", str(bad_card), "-i", str(src), "-o", str(tmp_path / "o"))
+    assert code == 1 and "medct.json" in _one_error_line(err)
+    assert not (tmp_path / "o" / "a.nii.gz").exists()
+
+
+def test_dicom_missing_slice_and_two_series(
+    model_dir: Path, shared_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    series = sorted((shared_data / "pancreas_ct_cbct" / "planct_dicom_subset20").glob("*.dcm"))
+    gap = tmp_path / "gap"
+    gap.mkdir()
+    for i, f in enumerate(series):
+        if i != 10:
+            shutil.copy(f, gap / f.name)
+    code, err = _run(capsys, "segment", "-m", str(model_dir), "-i", str(gap), "-o", str(tmp_path / "o1"))
+    assert code == 1 and "slice" in err.lower()
+    assert not list((tmp_path / "o1").glob("*.nii.gz"))
+    two = tmp_path / "two"
+    two.mkdir()
+    for f in series + sorted((shared_data / "popi_phase00_10slices_dicom").glob("*.dcm")):
+        shutil.copy(f, two / f.name)
+    code, err = _run(capsys, "segment", "-m", str(model_dir), "-i", str(two), "-o", str(tmp_path / "o2"))
+    assert code == 1 and "series" in err.lower()
+    assert not list((tmp_path / "o2").glob("*.nii.gz"))
+
+
+def test_dicom_series_folder_is_segmented(
+    model_dir: Path, shared_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    src = shared_data / "popi_phase00_10slices_dicom"
+    code, _ = _run(capsys, "segment", "-m", str(model_dir), "-i", str(src), "-o", str(tmp_path / "o"))
+    assert code == 0
+    seg = read_volume(tmp_path / "o" / f"{src.name}.nii.gz")
+    image = read_volume(src)
+    assert seg.shape == image.shape
+    np.testing.assert_allclose(seg.affine, image.affine, atol=1e-4)
+
+
+def test_console_script_prints_no_traceback(tmp_path: Path) -> None:
+    """The installed entry point: a user error is one line on stderr and exit code 1."""
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "medct.cli",
+            "segment",
+            "-m",
+            str(tmp_path),
+            "-i",
+            str(tmp_path / "none"),
+            "-o",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 1
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.strip().count("\n") == 0 and proc.stderr.startswith("medct: error:")
+
+
+def test_import_medct_cli_does_not_import_torch() -> None:
+    code = "import sys, medct.cli; assert 'torch' not in sys.modules, 'torch imported'"
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+REAL_INPUTS = [
+    # the two full 512x512x134 volumes take ~15 s each on 2 cores: slow; their crop is fast
+    pytest.param("pancreas_ct_cbct/planct.nii.gz", marks=pytest.mark.slow),
+    pytest.param("pancreas_ct_cbct/cbct_CB07_on_planct_grid.nii.gz", marks=pytest.mark.slow),
+    "pancreas_ct_cbct/crop_cbct_fov/planct_crop.nii.gz",
+    "pancreas_ct_cbct/planct_dicom_subset20",
+    "totalseg/example_ct.nii.gz",
+    "totalseg/example_ct_sm.nii.gz",
+    "elastix_lung_small/3DCT_lung_baseline_small.mha",
+    "popi_phase00_10slices_dicom",
+]
+
+
+@pytest.mark.parametrize("relpath", REAL_INPUTS)
+def test_segment_real_scans_keep_exact_geometry(
+    relpath: str, model_dir: Path, shared_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Every real CT in ../shared/data (NIfTI LPS/RAS, MHA, DICOM) comes back on its own grid."""
+    src = shared_data / relpath
+    code, _ = _run(capsys, "segment", "-m", str(model_dir), "-i", str(src), "-o", str(tmp_path))
+    assert code == 0
+    outputs = [p for p in tmp_path.iterdir() if p.name != "summary.csv"]
+    assert len(outputs) == 1
+    seg, image = read_volume(outputs[0]), read_volume(src)
+    assert seg.shape == image.shape
+    np.testing.assert_allclose(seg.affine, image.affine, atol=1e-5)
+    assert seg.array.dtype == np.uint8
+    if outputs[0].name.endswith(".nii.gz") and src.name.endswith(".nii.gz"):
+        import nibabel as nib
+
+        a, b = nib.load(str(outputs[0])).header, nib.load(str(src)).header
+        assert (int(a["qform_code"]), int(a["sform_code"])) == (int(b["qform_code"]), int(b["sform_code"]))
+
+
+def test_segment_mr_dicom_rejected_for_ct_model(
+    model_dir: Path, shared_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A DICOM series whose header says MR is refused by a CT model with one sentence."""
+    import pydicom
+
+    series = tmp_path / "mr_series"
+    series.mkdir()
+    for f in sorted((shared_data / "popi_phase00_10slices_dicom").glob("*.dcm")):
+        ds = pydicom.dcmread(f)
+        ds.Modality = "MR"
+        ds.save_as(series / f.name)
+    code, err = _run(capsys, "segment", "-m", str(model_dir), "-i", str(series), "-o", str(tmp_path / "o"))
+    assert code == 1 and "expects CT" in err
