@@ -72,7 +72,12 @@ def build_parser() -> argparse.ArgumentParser:
     ph.add_argument("--phase", default="venous", choices=["native", "arterial", "venous"], help="contrast phase")
     ph.add_argument("--seed", type=int, default=0, help="seed of the first case")
     ph.add_argument("--size", type=_int_triplet, default=(96, 96, 96), help="voxels, e.g. 96 or 128,128,64")
-    ph.add_argument("--spacing", type=_parse_triplet, default=(3.0, 3.0, 3.0), help="mm, e.g. 3 or 1.5,1.5,3")
+    ph.add_argument(
+        "--spacing",
+        type=_parse_triplet,
+        default=None,
+        help="mm, e.g. 3 or 1.5,1.5,3 (default: fit a 384 mm field of view)",
+    )
 
     demo = sub.add_parser("demo", help="phantom cohort -> train a small segmenter -> export -> segment held-out cases")
     demo.add_argument("-o", "--output", default="demo_out", help="working folder of the demo")
