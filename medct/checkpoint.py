@@ -65,7 +65,7 @@ class ModelCard:
         }
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "ModelCard":
+    def from_dict(cls, d: dict[str, Any]) -> ModelCard:
         return cls(
             net_name=str(d["net"]["name"]),
             net_args=dict(d["net"]["args"]),
@@ -114,7 +114,9 @@ def read_model_card(model_dir: str | os.PathLike[str]) -> ModelCard:
         raise ModelFolderError(f"{card_path} is not a valid medct model card ({type(e).__name__}: {e}).") from e
 
 
-def load_model_folder(model_dir: str | os.PathLike[str], device: str | torch.device = "cpu") -> tuple[nn.Module, ModelCard]:
+def load_model_folder(
+    model_dir: str | os.PathLike[str], device: str | torch.device = "cpu"
+) -> tuple[nn.Module, ModelCard]:
     """Rebuild the network of a model folder and load its weights strictly; eval mode."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
@@ -139,3 +141,62 @@ def load_model_folder(model_dir: str | os.PathLike[str], device: str | torch.dev
         first = str(e).splitlines()[0]
         raise ModelFolderError(f"{weights} does not match network '{card.net_name}' ({first}).") from e
     return net.to(device).eval(), card
+
+
+def export_lightning_checkpoint(
+    ckpt_path: str | os.PathLike[str], out_dir: str | os.PathLike[str], licence: str = "unspecified"
+) -> Path:
+    """Turn a Lightning checkpoint of a medct task into a model folder (safetensors + medct.json).
+
+    The checkpoint is read with `torch.load(weights_only=True)`. It must hold
+    checkpoint["medct"]["net_config"] ({"name", "args"} of a medct.nets network) and the task
+    hyperparameters `labels`, `spacing`, `hu_min`, `hu_max`, `patch_size` (what
+    medct.finetune.segmentation.SegmentationTask saves). The network's tensors are the state-dict
+    entries under "net.".
+    """
+    from medct.errors import InputPathError
+    from medct.nets import create_net
+
+    src = Path(ckpt_path)
+    if not src.is_file():
+        raise InputPathError(f"Checkpoint {src} does not exist.")
+    try:
+        ckpt = torch.load(src, map_location="cpu", weights_only=True)
+    except Exception as e:  # pickle/zip errors come in many types; all mean the same thing here
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelFolderError(f"{src} is not a loadable Lightning checkpoint ({first}).") from e
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
+        raise ModelFolderError(f"{src} is not a Lightning checkpoint (it has no state_dict).")
+    hp = dict(ckpt.get("hyper_parameters", {}))
+    hp["net_config"] = (ckpt.get("medct") or {}).get("net_config")
+    missing = [k for k in ("net_config", "labels", "spacing", "hu_min", "hu_max", "patch_size") if hp.get(k) is None]
+    if missing:
+        raise ModelFolderError(
+            f"{src} lacks {', '.join(missing)}; was it trained with a medct task on a medct.nets network?"
+        )
+    cfg = hp["net_config"]
+    state = {k[len("net.") :]: v for k, v in ckpt["state_dict"].items() if k.startswith("net.")}
+    try:
+        net = create_net(str(cfg["name"]), **dict(cfg["args"]))
+        net.load_state_dict(state, strict=True)
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        first = str(e).splitlines()[0]
+        raise ModelFolderError(f"{src}: cannot rebuild network '{cfg.get('name')}' from its weights ({first}).") from e
+    card = ModelCard(
+        net_name=str(cfg["name"]),
+        net_args=dict(cfg["args"]),
+        labels={i: str(n) for i, n in enumerate(hp["labels"])},
+        preprocessing=Preprocessing(
+            spacing=tuple(float(s) for s in hp["spacing"]),  # type: ignore[arg-type]
+            hu_min=float(hp["hu_min"]),
+            hu_max=float(hp["hu_max"]),
+        ),
+        patch_size=tuple(int(p) for p in hp["patch_size"]),  # type: ignore[arg-type]
+        licence=licence,
+        extra={
+            "source_checkpoint": src.name,
+            "epoch": int(ckpt.get("epoch", -1)),
+            "global_step": int(ckpt.get("global_step", -1)),
+        },
+    )
+    return save_model_folder(net, card, out_dir)

@@ -122,7 +122,7 @@ def _run_plain(args: argparse.Namespace) -> int:
             shape=args.size,
             spacing=args.spacing,
         )
-        print(f"wrote {args.num_cases} {args.variant} phantom cases and dataset.json to {out}")
+        print(f"wrote {args.num_cases} {args.variant} phantom cases to {out.parent} (datalist: {out.name})")
         return 0
     if args.command == "demo":
         from medct.demo import run_demo

@@ -1,0 +1,176 @@
+"""Supervised 3D CT segmentation: the LightningModule behind `medct fit` for segmentation recipes.
+
+The task receives its network as an argument (Lightning style guide: system vs model) and holds
+only the training logic:
+  * loss: Dice + cross-entropy on softmax outputs (MONAI DiceCELoss; the nnU-Net loss, Isensee et
+    al., Nat. Methods 2021), summed over deep-supervision heads with halving weights when the
+    network returns them;
+  * optimiser: AdamW (Loshchilov & Hutter, ICLR 2019) with nnU-Net's polynomial decay
+    (1 - step/total)^0.9 or cosine decay, stepped per optimiser step over the whole run;
+  * validation: whole preprocessed volumes through MONAI sliding_window_inference with Gaussian
+    blending, per-class Dice (MONAI DiceMetric, background excluded) logged as val/dice_<name>
+    and val/dice_mean, gathered over DDP ranks;
+  * precision: whatever the Trainer says (`precision="bf16-mixed"` autocasts on GPU; fp32 on CPU).
+
+Hyperparameters are saved as plain lists/str/float and the checkpoint carries
+checkpoint["medct"]["net_config"] (registry name + init args of the network, see medct.nets), so it
+opens with torch.load(weights_only=True) and `medct.checkpoint.export_lightning_checkpoint` rebuilds
+the network without the YAML.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import torch
+from monai.inferers import sliding_window_inference
+from monai.losses import DeepSupervisionLoss, DiceCELoss
+from monai.metrics import DiceMetric
+from monai.networks.utils import one_hot
+from torch import Tensor, nn
+
+from medct.transforms import Preprocessing
+
+CHECKPOINT_KEY = "medct"  # checkpoint["medct"]["net_config"]: {"name", "args"} of a medct.nets network
+
+
+class SegmentationTask(pl.LightningModule):
+    """Train `net` to label CT voxels with `labels` (index 0 = background).
+
+    `spacing`, `hu_min`, `hu_max` and `patch_size` describe the data the network sees (linked from
+    the data module by MedCTCLI) and go into the exported model card.
+    """
+
+    def __init__(
+        self,
+        net: nn.Module,
+        labels: Sequence[str] = ("background", "foreground"),
+        spacing: Sequence[float] = (1.5, 1.5, 1.5),
+        hu_min: float = -1000.0,
+        hu_max: float = 1000.0,
+        patch_size: Sequence[int] = (96, 96, 96),
+        lr: float = 1e-3,
+        weight_decay: float = 1e-5,
+        scheduler: Literal["poly", "cosine", "constant"] = "poly",
+        sw_batch_size: int = 2,
+        sw_overlap: float = 0.25,
+        compile: bool = False,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["net"])
+        # JSON primitives only (the Python API may pass tuples): checkpoints stay weights_only-loadable.
+        self.hparams.update(
+            labels=[str(n) for n in labels],
+            spacing=[float(s) for s in spacing],
+            hu_min=float(hu_min),
+            hu_max=float(hu_max),
+            patch_size=[int(p) for p in patch_size],
+        )
+        # How to rebuild the network, saved next to (not inside) the hyperparameters: LightningCLI
+        # feeds a checkpoint's hyperparameters back as init args on --ckpt_path.
+        self.net_config: dict[str, Any] | None = getattr(net, "net_config", None)
+        out_channels = (self.net_config or {}).get("args", {}).get("out_channels")
+        if out_channels is not None and out_channels != len(labels):
+            raise ValueError(f"the network has {out_channels} output channels but there are {len(labels)} labels")
+        self.net = net
+        self.labels = [str(n) for n in labels]
+        self.num_classes = len(self.labels)
+        self.loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
+        self.ds_loss_fn = DeepSupervisionLoss(self.loss_fn, weight_mode="exp")  # weights 1, 1/2, 1/4, ...
+        self.dice_metric = DiceMetric(include_background=False, reduction="none", ignore_empty=True)
+
+    @property
+    def preprocessing(self) -> Preprocessing:
+        hp = self.hparams
+        return Preprocessing(spacing=tuple(hp.spacing), hu_min=hp.hu_min, hu_max=hp.hu_max)  # type: ignore[arg-type]
+
+    def configure_model(self) -> None:
+        if self.hparams.compile:
+            self.net.compile()  # in place: state-dict keys stay those of the plain network
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint[CHECKPOINT_KEY] = {"net_config": self.net_config}
+
+    def forward(self, x: Tensor) -> Tensor:  # (B, 1, D, H, W) -> (B, C, D, H, W) logits
+        return self.net(x)
+
+    # -- training
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        image, label = batch["image"], batch["label"]  # (B, 1, *patch), label values are class indices
+        logits = self.net(image)
+        if logits.ndim == image.ndim + 1:  # deep supervision: (B, heads, C, *patch), full resolution first
+            loss = self.ds_loss_fn(list(torch.unbind(logits, dim=1)), label)
+        else:
+            loss = self.loss_fn(logits, label)
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=image.shape[0])
+        return loss
+
+    def configure_optimizers(self) -> Any:
+        hp = self.hparams
+        opt = torch.optim.AdamW(self.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
+        total = self.trainer.estimated_stepping_batches if self._trainer is not None else math.inf
+        if hp.scheduler == "constant" or not math.isfinite(total):
+            return opt
+        total = max(int(total), 1)
+        if hp.scheduler == "poly":
+            sched: torch.optim.lr_scheduler.LRScheduler = torch.optim.lr_scheduler.PolynomialLR(
+                opt, total_iters=total, power=0.9
+            )
+        else:
+            sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    # -- validation / test
+
+    def _infer(self, image: Tensor) -> Tensor:  # (1, 1, X, Y, Z) -> (1, C, X, Y, Z) logits
+        return sliding_window_inference(
+            image,
+            roi_size=tuple(self.hparams.patch_size),
+            sw_batch_size=self.hparams.sw_batch_size,
+            predictor=self.net,
+            overlap=self.hparams.sw_overlap,
+            mode="gaussian",
+        )
+
+    def _evaluate(self, batch: dict[str, Tensor], prefix: str) -> None:
+        image, label = batch["image"], batch["label"]  # (1, 1, X, Y, Z) whole volumes
+        logits = self._infer(image)
+        self.log(f"{prefix}/loss", self.loss_fn(logits.float(), label), batch_size=1, sync_dist=True)
+        pred = one_hot(logits.argmax(dim=1, keepdim=True), self.num_classes)  # (1, C, X, Y, Z)
+        self.dice_metric(y_pred=pred, y=one_hot(label.long(), self.num_classes))
+
+    def _log_dice(self, prefix: str) -> None:
+        scores = self.dice_metric.get_buffer()  # (N_local, C-1); NaN where a class is absent from the label
+        self.dice_metric.reset()
+        if scores is None or len(scores) == 0:
+            return
+        scores = torch.as_tensor(scores, dtype=torch.float32, device=self.device)
+        if self.trainer.world_size > 1:  # Lightning's sampler gives every rank the same number of volumes
+            scores = self.all_gather(scores).reshape(-1, scores.shape[-1])
+        per_class = scores.nanmean(dim=0)  # (C-1,)
+        for name, value in zip(self.labels[1:], per_class, strict=True):
+            self.log(f"{prefix}/dice_{name}", value, batch_size=1)
+        self.log(f"{prefix}/dice_mean", per_class.nanmean(), prog_bar=True, batch_size=1)
+
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        self._evaluate(batch, "val")
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_dice("val")
+
+    def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        self._evaluate(batch, "test")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_dice("test")
+
+    def predict_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        """Label map in the preprocessed (RAS, resampled) space: (1, 1, X, Y, Z) uint8.
+
+        For predictions on the input's own grid use `medct segment` / medct.inference.
+        """
+        return self._infer(batch["image"]).argmax(dim=1, keepdim=True).to(torch.uint8)

@@ -1,0 +1,92 @@
+"""`medct fit|validate|test|predict --config RECIPE.yaml`: Lightning's CLI with medct's links.
+
+MedCTCLI is LightningCLI (jsonargparse) in subclass mode, so one entry point runs every recipe
+in configs/: the YAML names the task (`model.class_path`) and the data module (`data.class_path`).
+What the data decides is given once, in `data:`, and linked into the task:
+
+  data.init_args.{spacing,hu_min,hu_max,patch_size} -> model.init_args.*      (on parse)
+  data.labels                                         -> model.init_args.labels (on instantiation)
+  data.num_classes -> model.init_args.net.init_args.out_channels               (on instantiation)
+
+A link whose source or target the chosen classes lack is skipped by jsonargparse, so recipes
+with other tasks (pretraining, synthesis) use the same CLI. Resume with `--ckpt_path`; scale out
+with trainer flags (`--trainer.strategy=ddp --trainer.devices=N --trainer.num_nodes=M`).
+Precision defaults to bf16-mixed where a CUDA GPU supports it and to fp32 elsewhere; a recipe
+or `--trainer.precision` overrides it.
+
+Importing this module has no side effects; `run_lightning` does the work.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+
+from lightning.pytorch import LightningDataModule, LightningModule
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+
+from medct.errors import MedCTError
+
+LIGHTNING_VERBS = ("fit", "validate", "test", "predict")
+
+
+def default_precision() -> str:
+    """bf16 autocast on a bf16-capable CUDA GPU, fp32 otherwise (DESIGN.md: Mixed precision)."""
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return "bf16-mixed"
+    return "32-true"
+
+
+class MedCTCLI(LightningCLI):
+    """LightningCLI for medct recipes: any LightningModule/LightningDataModule by class_path."""
+
+    def __init__(self, args: Sequence[str] | None = None, run: bool = True) -> None:
+        super().__init__(
+            model_class=LightningModule,
+            datamodule_class=LightningDataModule,
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            save_config_kwargs={"overwrite": True},
+            args=list(args) if args is not None else None,
+            run=run,
+        )
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        for name in ("spacing", "hu_min", "hu_max", "patch_size"):
+            parser.link_arguments(f"data.init_args.{name}", f"model.init_args.{name}")
+        parser.link_arguments("data.labels", "model.init_args.labels", apply_on="instantiate")
+        parser.link_arguments("data.num_classes", "model.init_args.net.init_args.out_channels", apply_on="instantiate")
+        parser.set_defaults({"trainer.precision": default_precision()})
+
+
+def run_lightning(args: list[str]) -> None:
+    """Run one Lightning verb, e.g. `run_lightning(["fit", "--config", "configs/finetune/seg_phantom.yaml"])`."""
+    if not args or args[0] not in LIGHTNING_VERBS and not args[0].startswith("-"):
+        raise ValueError(f"the first argument must be one of {', '.join(LIGHTNING_VERBS)}, got {args[:1]}")
+    with warnings.catch_warnings():
+        # `medct fit ...` passes its own argv as `args`; LightningCLI would warn that sys.argv is set too.
+        warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
+        try:
+            MedCTCLI(args=args)
+        except MedCTError:
+            raise
+        except Exception as e:
+            # jsonargparse wraps errors raised while instantiating the data module or task in a
+            # ValueError listing every Union member it tried; surface the user's one sentence.
+            cause = _medct_cause(e)
+            if cause is None:
+                raise
+            raise cause from e
+
+
+def _medct_cause(e: BaseException) -> MedCTError | None:
+    seen: set[int] = set()
+    cur: BaseException | None = e
+    while cur is not None and id(cur) not in seen:
+        if isinstance(cur, MedCTError):
+            return cur
+        seen.add(id(cur))
+        cur = cur.__cause__ or cur.__context__
+    return None

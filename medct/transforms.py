@@ -1,0 +1,285 @@
+"""CT preprocessing: the one place that defines orientation, spacing and intensity windows.
+
+CONTRACT (final): `Preprocessing` and `scale_intensity`. The nets/data helper adds MONAI Compose
+builders below (train/val/infer) that must apply exactly these semantics:
+  1. orient to RAS, 2. resample to `spacing` (mm, trilinear for images, nearest for labels),
+  3. clip HU to [hu_min, hu_max] and map linearly to [0, 1] (`scale_intensity`).
+Models never guess intensity ranges: they see what `Preprocessing` produced.
+
+Builders (MONAI dictionary transforms on keys "image"/"label"; Cardoso et al., "MONAI: An
+open-source framework for deep learning in healthcare", 2022):
+  `LoadVolumed`       reads through `medct.io.read_volume` (NIfTI, MHA/NRRD, DICOM series), so training
+                      sees exactly the geometry inference sees, and checks image/label share one grid;
+  `val_transforms`    load -> RAS -> spacing -> HU window -> crop to the body (deterministic);
+  `train_transforms`  the same, then pad to the patch, positive/negative-balanced patch sampling
+                      (nnU-Net's foreground oversampling, Isensee et al., Nat. Methods 2021) and
+                      intensity/affine augmentation;
+  `infer_transforms`  load -> RAS -> spacing -> HU window, MetaTensor kept so the result can be
+                      inverted back onto the input grid.
+Everything before the first random transform is deterministic, which is what MONAI's
+PersistentDataset caches to disk.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Hashable, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """What a model expects of its input; stored in every exported model's medct.json.
+
+    spacing:  target voxel size (mm) along R, A, S after orientation to RAS.
+    hu_min, hu_max: HU window; values are clipped to it and mapped to [0, 1].
+    modality: "CT" (HU) for now; MR/CBCT normalisations come with their issues.
+    """
+
+    spacing: tuple[float, float, float] = (1.5, 1.5, 1.5)
+    hu_min: float = -1000.0
+    hu_max: float = 1000.0
+    modality: str = "CT"
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["spacing"] = list(self.spacing)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Preprocessing:
+        return cls(
+            spacing=tuple(float(s) for s in d["spacing"]),  # type: ignore[arg-type]
+            hu_min=float(d["hu_min"]),
+            hu_max=float(d["hu_max"]),
+            modality=str(d.get("modality", "CT")),
+        )
+
+
+def scale_intensity(hu: np.ndarray, pre: Preprocessing) -> np.ndarray:
+    """Clip HU to the window and map to [0, 1] as float32 (same as MONAI ScaleIntensityRange
+    with a_min=hu_min, a_max=hu_max, b_min=0, b_max=1, clip=True)."""
+    out = (hu.astype(np.float32) - pre.hu_min) / (pre.hu_max - pre.hu_min)
+    return np.clip(out, 0.0, 1.0)
+
+
+# ----------------------------------------------------------------------------- MONAI builders
+# MONAI is imported inside the functions below so that `Preprocessing` (read by the CLI and by
+# model cards) stays importable without torch.
+
+BODY_HU = -500.0  # air is below, every tissue above: the body mask CropForegroundd uses
+BODY_MARGIN_VOXELS = 8  # margin kept around the body after resampling
+MAX_LABEL = 255  # labels are cached as uint8
+
+
+def body_threshold(pre: Preprocessing) -> float:
+    """`BODY_HU` on the [0, 1] scale of `pre`; never below a hair above 0 (the clipped-air value)."""
+    return max(float(scale_intensity(np.array([BODY_HU]), pre)[0]), 1e-3)
+
+
+class AboveThreshold:
+    """Picklable `x > threshold` (DataLoader workers may be spawned, which cannot pickle lambdas)."""
+
+    def __init__(self, threshold: float) -> None:
+        self.threshold = threshold
+
+    def __call__(self, x: Any) -> Any:
+        return x > self.threshold
+
+
+def volume_to_metatensor(vol: Any, dtype: Any = None) -> Any:
+    """`medct.io.Volume` -> MONAI MetaTensor (1, X, Y, Z) with the affine (RAS) in its meta.
+
+    The meta mirrors what MONAI's LoadImage with NibabelReader records, so every MONAI spatial
+    transform (Orientation, Spacing, Invert) reads the same geometry.
+    """
+    import torch
+    from monai.data import MetaTensor
+    from monai.utils import SpaceKeys
+
+    array = np.ascontiguousarray(vol.array if dtype is None else vol.array.astype(dtype, copy=False))
+    affine = torch.as_tensor(vol.affine, dtype=torch.float64)
+    meta = {  # "affine" itself is set by MetaTensor(affine=...)
+        "original_affine": affine.clone(),
+        "spatial_shape": np.asarray(vol.shape),
+        "original_channel_dim": "no_channel",
+        "filename_or_obj": str(vol.meta.get("path", "")),
+        "space": SpaceKeys.RAS,
+    }
+    return MetaTensor(torch.from_numpy(array)[None], affine=affine, meta=meta)  # (1, X, Y, Z)
+
+
+def _check_label_values(array: np.ndarray, where: str) -> None:
+    from medct.errors import InvalidVolumeError
+
+    lo, hi = array.min(), array.max()
+    if np.issubdtype(array.dtype, np.floating) and not np.array_equal(array, np.round(array)):
+        raise InvalidVolumeError(f"{where} holds non-integer values; a label map must hold class indices.")
+    if lo < 0 or hi > MAX_LABEL:
+        raise InvalidVolumeError(f"{where} holds values in [{lo}, {hi}]; class indices must lie in [0, {MAX_LABEL}].")
+
+
+@functools.cache
+def _load_volumed_class() -> type:
+    """Define LoadVolumed on first use: MapTransform needs MONAI (~3 s to import), and this module
+    must stay cheap for readers of `Preprocessing` (model cards, the CLI)."""
+    from monai.transforms import MapTransform
+
+    class LoadVolumed(MapTransform):
+        """Read each key's path with `medct.io.read_volume` into a MetaTensor (1, X, Y, Z).
+
+        Written by hand because MONAI's LoadImaged has its own readers: reading through medct.io
+        gives training the exact geometry (and DICOM handling, and error messages) of inference.
+        Images become float32 HU; `label_keys` become uint8 after checking they are class indices.
+        All loaded keys must share the first key's voxel grid (GeometryMismatchError otherwise).
+        A value that is already a `Volume` is used as is.
+        """
+
+        def __init__(
+            self,
+            keys: Sequence[str] = ("image", "label"),
+            label_keys: Sequence[str] = ("label",),
+            allow_missing_keys: bool = False,
+        ) -> None:
+            super().__init__(keys, allow_missing_keys)
+            self.label_keys = tuple(label_keys)
+
+        def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+            from medct.io import Volume, check_same_grid, read_volume
+
+            d = dict(data)
+            ref: tuple[Hashable, Volume] | None = None
+            for key in self.key_iterator(d):
+                vol = d[key] if isinstance(d[key], Volume) else read_volume(d[key])
+                if ref is None:
+                    ref = (key, vol)
+                else:
+                    case = ref[1].meta.get("path", "case")
+                    check_same_grid(ref[1], vol, what=f"{key} and {ref[0]} of {case}")
+                if key in self.label_keys:
+                    _check_label_values(vol.array, str(vol.meta.get("path", key)))
+                    d[key] = volume_to_metatensor(vol, np.uint8)
+                else:
+                    d[key] = volume_to_metatensor(vol, np.float32)
+            return d
+
+    return LoadVolumed
+
+
+def __getattr__(name: str) -> Any:  # PEP 562: `from medct.transforms import LoadVolumed` imports MONAI then
+    if name == "LoadVolumed":
+        return _load_volumed_class()
+    raise AttributeError(f"module 'medct.transforms' has no attribute {name!r}")
+
+
+def _deterministic(pre: Preprocessing, keys: Sequence[str], crop: bool) -> list[Any]:
+    """Load -> RAS -> spacing -> HU window [-> crop to body]: the cacheable head of every pipeline."""
+    import torch
+    from monai.transforms import CastToTyped, CropForegroundd, Orientationd, ScaleIntensityRanged, Spacingd
+
+    keys = list(keys)
+    has_label = "label" in keys
+    modes = ["nearest" if k == "label" else "bilinear" for k in keys]
+    xs: list[Any] = [
+        _load_volumed_class()(keys=keys, label_keys=("label",)),
+        Orientationd(keys=keys, axcodes="RAS", labels=None),
+        Spacingd(keys=keys, pixdim=tuple(pre.spacing), mode=modes, padding_mode="border"),
+        ScaleIntensityRanged(keys="image", a_min=pre.hu_min, a_max=pre.hu_max, b_min=0.0, b_max=1.0, clip=True),
+    ]
+    if crop:
+        xs.append(
+            CropForegroundd(
+                keys=keys,
+                source_key="image",
+                select_fn=AboveThreshold(body_threshold(pre)),
+                margin=BODY_MARGIN_VOXELS,
+                allow_smaller=True,
+            )
+        )
+    if has_label:  # Spacingd computes in float; labels are small class indices
+        xs.append(CastToTyped(keys="label", dtype=torch.uint8))
+    return xs
+
+
+def val_transforms(pre: Preprocessing, keys: Sequence[str] = ("image", "label")) -> Any:
+    """Whole preprocessed volumes for validation: (1, X', Y', Z') float32 in [0, 1] + labels."""
+    import torch
+    from monai.transforms import Compose, EnsureTyped
+
+    return Compose([*_deterministic(pre, keys, crop=True), EnsureTyped(keys=list(keys), dtype=torch.float32)])
+
+
+def train_transforms(
+    pre: Preprocessing,
+    patch_size: Sequence[int],
+    num_samples: int = 2,
+    pos: float = 1.0,
+    neg: float = 1.0,
+    augment: bool = True,
+    flip_axes: Sequence[int] = (),
+) -> Any:
+    """Training patches: `num_samples` crops (1, *patch_size) per volume, pos:neg centred on labels.
+
+    Augmentation (`augment`): small rotations/scaling, intensity scale/shift, contrast (gamma) and
+    noise. No mirroring by default: flipping axis 0 (R-L in RAS) swaps left and right organs, so
+    `flip_axes` is opt-in (e.g. (1, 2) for the A-P and S-I axes when labels have no laterality issue).
+    """
+    import torch
+    from monai.transforms import (
+        Compose,
+        EnsureTyped,
+        RandAdjustContrastd,
+        RandAffined,
+        RandCropByPosNegLabeld,
+        RandFlipd,
+        RandGaussianNoised,
+        RandScaleIntensityd,
+        RandShiftIntensityd,
+        SpatialPadd,
+    )
+
+    keys = ["image", "label"]
+    patch = tuple(int(p) for p in patch_size)
+    xs: list[Any] = [
+        *_deterministic(pre, keys, crop=True),
+        SpatialPadd(keys=keys, spatial_size=patch, mode="constant"),  # 0 = below hu_min (air) after scaling
+        RandCropByPosNegLabeld(
+            keys=keys,
+            label_key="label",
+            spatial_size=patch,
+            pos=pos,
+            neg=neg,
+            num_samples=num_samples,
+            image_key="image",
+            image_threshold=body_threshold(pre),  # negatives from inside the body, not from air
+        ),
+    ]
+    if augment:
+        xs += [
+            RandAffined(
+                keys=keys,
+                prob=0.2,
+                rotate_range=(0.26, 0.26, 0.26),  # +-15 degrees
+                scale_range=(0.15, 0.15, 0.15),
+                mode=("bilinear", "nearest"),
+                padding_mode="zeros",
+            ),
+            *[RandFlipd(keys=keys, prob=0.5, spatial_axis=int(ax)) for ax in flip_axes],
+            RandScaleIntensityd(keys="image", factors=0.1, prob=0.2),
+            RandShiftIntensityd(keys="image", offsets=0.05, prob=0.2),
+            RandAdjustContrastd(keys="image", prob=0.15, gamma=(0.7, 1.5)),
+            RandGaussianNoised(keys="image", prob=0.15, std=0.01),
+        ]
+    xs.append(EnsureTyped(keys=keys, dtype=torch.float32, track_meta=False))
+    return Compose(xs)
+
+
+def infer_transforms(pre: Preprocessing) -> Any:
+    """Image only, no crop: (1, X', Y', Z') MetaTensor in RAS at `pre.spacing`, invertible with Invertd."""
+    import torch
+    from monai.transforms import Compose, EnsureTyped
+
+    return Compose([*_deterministic(pre, ["image"], crop=False), EnsureTyped(keys="image", dtype=torch.float32)])

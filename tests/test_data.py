@@ -1,0 +1,168 @@
+"""medct.data: datalists (MSD JSON, nnU-Net pairing), splits, the data module, its disk cache."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from medct.data import (
+    PhantomCohort,
+    SegmentationDataModule,
+    find_datalist,
+    pair_nnunet_folder,
+    read_label_names,
+    read_msd_datalist,
+    split_datalist,
+)
+from medct.errors import InputPathError
+from medct.phantom import LABELS, write_cohort
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cohort")
+    write_cohort(root, n=4, seed=1, shape=(32, 32, 32), spacing=(6.0, 6.0, 6.0))
+    return root
+
+
+def _touch(path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"")
+    return path
+
+
+def test_nnunet_pairing_and_unpaired_error(tmp_path):
+    for name in ("b", "a"):
+        _touch(tmp_path / "imagesTr" / f"{name}_0000.nii.gz")
+        _touch(tmp_path / "labelsTr" / f"{name}.nii.gz")
+    items = pair_nnunet_folder(tmp_path)
+    assert [i["image"].rsplit("/", 1)[1] for i in items] == ["a_0000.nii.gz", "b_0000.nii.gz"]
+    assert items[0]["label"].endswith("labelsTr/a.nii.gz")
+
+    _touch(tmp_path / "imagesTr" / "c_0000.nii.gz")
+    _touch(tmp_path / "labelsTr" / "d.nii.gz")
+    with pytest.raises(InputPathError, match=r"unpaired cases \(no label for c; no image for d\)"):
+        pair_nnunet_folder(tmp_path)
+
+
+def test_nnunet_second_channel_and_empty_folder(tmp_path):
+    with pytest.raises(InputPathError, match="neither"):
+        find_datalist(tmp_path)
+    _touch(tmp_path / "imagesTr" / "a_0001.nii.gz")
+    _touch(tmp_path / "labelsTr" / "a.nii.gz")
+    with pytest.raises(InputPathError, match="second input channel"):
+        pair_nnunet_folder(tmp_path)
+
+
+def test_msd_datalist_relative_paths_and_validation(tmp_path):
+    img, lab = _touch(tmp_path / "imagesTr" / "x.nii.gz"), _touch(tmp_path / "labelsTr" / "x.nii.gz")
+    ds = {
+        "labels": {"0": "background", "1": "liver"},
+        "training": [{"image": "./imagesTr/x.nii.gz", "label": "./labelsTr/x.nii.gz"}],
+        "validation": [{"image": "imagesTr/x.nii.gz", "label": "labelsTr/x.nii.gz"}],
+    }
+    (tmp_path / "dataset.json").write_text(json.dumps(ds))
+    train, val = find_datalist(tmp_path)
+    assert train == [{"image": str(img.resolve()), "label": str(lab.resolve())}] and val == train
+    ds["training"].append({"image": "imagesTr/missing.nii.gz", "label": "labelsTr/x.nii.gz"})
+    (tmp_path / "dataset.json").write_text(json.dumps(ds))
+    with pytest.raises(InputPathError, match="missing.nii.gz, which does not exist"):
+        read_msd_datalist(tmp_path / "dataset.json")
+
+
+def test_label_names_msd_and_nnunet_v2(tmp_path):
+    p = tmp_path / "dataset.json"
+    p.write_text(json.dumps({"labels": {"0": "background", "1": "liver", "3": "spleen"}}))
+    assert read_label_names(p) == ["background", "liver", "label_2", "spleen"]
+    p.write_text(json.dumps({"labels": {"background": 0, "kidney": 1, "tumour": 2}}))
+    assert read_label_names(p) == ["background", "kidney", "tumour"]
+
+
+def test_split_is_seeded_disjoint_and_complete():
+    items = [{"image": f"{i}"} for i in range(10)]
+    tr, va = split_datalist(items, val_fraction=0.3, seed=3)
+    assert len(va) == 3 and len(tr) == 7
+    assert sorted(x["image"] for x in tr + va) == sorted(x["image"] for x in items)
+    assert split_datalist(items, 0.3, seed=3) == (tr, va)
+    assert split_datalist(items, 0.3, seed=4) != (tr, va)
+    folds = [split_datalist(items, seed=0, fold=k, num_folds=5)[1] for k in range(5)]
+    assert sorted(x["image"] for f in folds for x in f) == sorted(x["image"] for x in items)
+    with pytest.raises(InputPathError):
+        split_datalist(items[:1])
+
+
+def test_datamodule_batches_and_labels(cohort, tmp_path):
+    dm = SegmentationDataModule(
+        data_dir=str(cohort),
+        spacing=(6.0, 6.0, 6.0),
+        patch_size=(16, 16, 16),
+        batch_size=2,
+        num_samples=2,
+        num_workers=0,
+        val_fraction=0.25,
+        augment=False,  # noise/shift would leave [0, 1]
+    )
+    assert dm.labels == [LABELS[i] for i in range(len(LABELS))] and dm.num_classes == len(LABELS)
+    dm.prepare_data()
+    dm.setup("fit")
+    assert len(dm.train_items) == 3 and len(dm.val_items) == 1
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["image"].shape == (4, 1, 16, 16, 16)  # batch_size * num_samples patches
+    assert batch["image"].dtype == torch.float32 and 0 <= batch["image"].min() <= batch["image"].max() <= 1
+    assert batch["label"].max() < dm.num_classes
+    val = next(iter(dm.val_dataloader()))
+    assert val["image"].shape[:2] == (1, 1) and val["image"].shape == val["label"].shape
+    assert min(val["image"].shape[2:]) > 16  # a whole (body-cropped) volume, not a patch
+
+
+def test_disk_cache_filled_in_prepare_data_and_reused(cohort, tmp_path):
+    def make():
+        return SegmentationDataModule(
+            data_dir=str(cohort),
+            spacing=(6.0, 6.0, 6.0),
+            patch_size=(16, 16, 16),
+            num_workers=0,
+            cache_dir=str(tmp_path / "cache"),
+        )
+
+    dm = make()
+    dm.prepare_data()
+    folder = tmp_path / "cache" / dm.cache_fingerprint()
+    files = sorted(folder.rglob("*.pt"))
+    assert len(list((folder / "train").glob("*.pt"))) == 3 and len(list((folder / "val").glob("*.pt"))) == 1
+    stamps = [f.stat().st_mtime_ns for f in files]
+    dm2 = make()
+    dm2.setup("fit")
+    next(iter(dm2.train_dataloader()))
+    next(iter(dm2.val_dataloader()))
+    assert sorted(folder.rglob("*.pt")) == files and [f.stat().st_mtime_ns for f in files] == stamps
+    # another preprocessing gets its own cache folder
+    other = SegmentationDataModule(data_dir=str(cohort), spacing=(5.0, 5.0, 5.0), patch_size=(16, 16, 16))
+    assert other.cache_fingerprint() != dm.cache_fingerprint()
+
+
+def test_phantom_cohort_written_on_first_use(tmp_path):
+    dm = SegmentationDataModule(
+        data_dir=str(tmp_path / "ph"),
+        phantom=PhantomCohort(n=3, shape=(32, 32, 32), spacing=(6.0, 6.0, 6.0)),
+        spacing=(6.0, 6.0, 6.0),
+        patch_size=(16, 16, 16),
+        num_workers=0,
+    )
+    assert dm.labels[0] == "background" and len(dm.labels) == len(LABELS)  # before the cohort exists
+    dm.prepare_data()
+    assert (tmp_path / "ph" / "dataset.json").is_file()
+    dm.setup("fit")
+    assert len(dm.train_items) + len(dm.val_items) == 3
+
+
+def test_datamodule_argument_errors(tmp_path):
+    with pytest.raises(InputPathError, match="exactly one of"):
+        SegmentationDataModule()
+    with pytest.raises(InputPathError, match="names no labels"):
+        SegmentationDataModule(data_dir=str(tmp_path))
+    dm = SegmentationDataModule(data_dir=str(tmp_path / "nope"), labels=["background", "x"])
+    with pytest.raises(InputPathError, match="does not exist"):
+        dm.setup("fit")

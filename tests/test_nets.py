@@ -1,0 +1,137 @@
+"""medct.nets: registry, shapes, rebuild from net_config, encoder save/load with a strict report."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from medct.errors import InputPathError, ModelFolderError
+from medct.nets import (
+    DEFAULT_NET,
+    create_net,
+    encoder_state_dict,
+    list_nets,
+    load_encoder,
+    save_encoder,
+)
+
+# Tiny variants of every registered network; SwinUNETR needs 64^3 (its 32x-downsampled bottleneck
+# is instance-normalised, which needs more than one voxel).
+TINY = {
+    "unet": ({"channels": [4, 8, 16]}, 32),
+    "resenc_unet": ({"filters": [4, 8, 16]}, 32),
+    "segresnet": ({"init_filters": 8, "blocks_down": [1, 1, 1], "blocks_up": [1, 1]}, 32),
+    "swinunetr": ({"feature_size": 12, "depths": [1, 1, 1, 1]}, 64),
+}
+
+
+def test_registry_lists_every_network_and_default():
+    assert set(list_nets()) >= {"unet", "resenc_unet", "segresnet", "swinunetr"}
+    assert DEFAULT_NET == "resenc_unet"
+    with pytest.raises(KeyError, match="registered networks are"):
+        create_net("no_such_net")
+
+
+@pytest.mark.parametrize("name", sorted(TINY))
+def test_forward_shape_and_rebuild_from_config(name):
+    args, size = TINY[name]
+    torch.manual_seed(0)
+    net = create_net(name, in_channels=1, out_channels=3, **args).eval()
+    x = torch.randn(1, 1, size, size, size)
+    with torch.no_grad():
+        y = net(x)
+        feats = net.encoder_features(x)
+    assert y.shape == (1, 3, size, size, size)
+    assert len(feats) >= 3 and feats[0].shape[0] == 1
+    assert feats[-1].shape[-1] < feats[0].shape[-1]  # shallow to deep
+
+    cfg = net.net_config
+    assert cfg["name"] == name and cfg["args"]["out_channels"] == 3
+    json.dumps(cfg)  # JSON-primitive
+    twin = create_net(cfg["name"], **json.loads(json.dumps(cfg["args"]))).eval()
+    twin.load_state_dict(net.state_dict(), strict=True)
+    with torch.no_grad():
+        assert torch.equal(twin(x), y)
+
+
+@pytest.mark.parametrize("name", sorted(TINY))
+def test_encoder_prefixes_split_state_dict(name):
+    args, _ = TINY[name]
+    net = create_net(name, out_channels=2, **args)
+    enc = encoder_state_dict(net)
+    full = net.state_dict()
+    assert 0 < len(enc) < len(full)
+    # the decoder (everything else) includes the output layer
+    assert any(k not in enc and k.endswith("weight") for k in full)
+
+
+def test_resenc_unet_state_dict_has_no_shared_tensors(tmp_path):
+    """DynUNet's recursive skip_layers duplicates keys; ours must save with safetensors."""
+    net = create_net("resenc_unet", filters=[4, 8, 16])
+    assert not any(k.startswith("skip_layers") for k in net.state_dict())
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(tmp_path / "w.safetensors"))
+
+
+def test_resenc_unet_deep_supervision_output():
+    net = create_net("resenc_unet", filters=[4, 8, 16, 32], deep_supervision=True, deep_supr_num=2).train()
+    y = net(torch.randn(1, 1, 32, 32, 32))
+    assert y.shape == (1, 3, 2, 32, 32, 32)  # (B, 1 + heads, C, D, H, W)
+    net.eval()
+    with torch.no_grad():
+        assert net(torch.randn(1, 1, 32, 32, 32)).shape == (1, 2, 32, 32, 32)
+
+
+def test_encoder_round_trip_into_a_net_with_other_head(tmp_path):
+    torch.manual_seed(0)
+    src = create_net("resenc_unet", out_channels=2, filters=[4, 8, 16])
+    path = save_encoder(src, tmp_path / "enc.safetensors")
+    dst = create_net("resenc_unet", out_channels=5, filters=[4, 8, 16])  # other head, same backbone
+    before_head = dst.output_block.conv.conv.weight.clone()
+    report = load_encoder(dst, path)
+    assert report.ok and report.source_net == "resenc_unet"
+    assert len(report.loaded) == len(encoder_state_dict(src))
+    for k, v in encoder_state_dict(src).items():
+        assert torch.equal(dst.state_dict()[k], v)
+    assert torch.equal(dst.output_block.conv.conv.weight, before_head)  # decoder untouched
+    # an exported model folder works as an encoder source too (its decoder part is ignored)
+    from medct.checkpoint import ModelCard, save_model_folder
+    from medct.transforms import Preprocessing
+
+    card = ModelCard("resenc_unet", src.net_config["args"], {0: "bg", 1: "fg"}, Preprocessing(), (32, 32, 32))
+    folder = save_model_folder(src, card, tmp_path / "model")
+    report = load_encoder(create_net("resenc_unet", out_channels=3, filters=[4, 8, 16]), folder)
+    assert report.ok and len(report.loaded) == len(encoder_state_dict(src))
+
+    x = torch.randn(1, 1, 32, 32, 32)
+    src.eval(), dst.eval()
+    with torch.no_grad():
+        for a, b in zip(src.encoder_features(x), dst.encoder_features(x), strict=True):
+            assert torch.equal(a, b)
+
+
+def test_load_encoder_strict_report_and_error(tmp_path):
+    src = create_net("resenc_unet", filters=[4, 8, 16])
+    state = encoder_state_dict(src)
+    other = create_net("resenc_unet", filters=[4, 8, 32])  # bottleneck width differs
+    with pytest.raises(ModelFolderError, match="does not fit network 'resenc_unet'"):
+        load_encoder(other, state)
+    report = load_encoder(other, state, strict=False)
+    assert report.mismatched and all(k.startswith("bottleneck.") for k in report.mismatched)
+    assert report.loaded and not report.missing
+
+    state_extra = {**state, "decoder.extra.weight": torch.zeros(1)}
+    state_extra.pop(next(iter(state)))
+    report = load_encoder(create_net("resenc_unet", filters=[4, 8, 16]), state_extra, strict=False)
+    assert report.unexpected == ["decoder.extra.weight"] and len(report.missing) == 1
+
+    unet = create_net("unet", channels=[4, 8, 16])
+    with pytest.raises(ModelFolderError):
+        load_encoder(unet, state)
+    with pytest.raises(InputPathError):
+        load_encoder(unet, tmp_path / "nope.safetensors")
+    (tmp_path / "bad.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(ModelFolderError):
+        load_encoder(unet, tmp_path / "bad.safetensors")
