@@ -1,0 +1,81 @@
+"""The notebook API: load a model, segment a volume, read volumes; no CLI needed.
+
+    >>> import medct
+    >>> model = medct.load_model("demo_out/model")           # exported folder
+    >>> labels = medct.segment(model, "scan.nii.gz")          # Volume on the scan's own grid
+    >>> labels = medct.segment(model, array, affine=affine)   # numpy (X, Y, Z) in HU + 4x4 RAS affine
+
+`segment` accepts a path (NIfTI/MHA/NRRD file or DICOM series folder), a `medct.io.Volume`, or
+a numpy array. Every input is checked with `validate_for_inference` (NaN/inf/constant are
+errors), and the result carries the input's exact geometry.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from medct.errors import InvalidVolumeError
+from medct.inference import Predictor
+from medct.io import Volume, read_volume, write_volume
+
+__all__ = ["Predictor", "Volume", "load_model", "read_volume", "segment", "write_volume"]
+
+
+def load_model(model_dir: str | os.PathLike[str], device: str | None = None) -> Predictor:
+    """The Predictor of an exported model folder (model.safetensors + medct.json) on `device`
+    (None: cuda > mps > cpu)."""
+    return Predictor.from_folder(model_dir, device=device)
+
+
+def _as_volume(data: str | os.PathLike[str] | Volume | np.ndarray, affine: np.ndarray | None) -> Volume:
+    if isinstance(data, Volume):
+        if affine is not None:
+            raise ValueError("affine is only for numpy input; a Volume carries its own")
+        return data
+    if isinstance(data, (str, os.PathLike)):
+        if affine is not None:
+            raise ValueError("affine is only for numpy input; a file carries its own")
+        return read_volume(Path(data))
+    if isinstance(data, np.ndarray):
+        if data.ndim != 3:
+            raise InvalidVolumeError(f"A numpy input must be a 3D (X, Y, Z) array, got shape {data.shape}.")
+        if affine is None:
+            warnings.warn(
+                "segment() got a numpy array without an affine: assuming 1 mm isotropic voxels in RAS "
+                "(identity affine); pass affine= for correct spacing and orientation.",
+                UserWarning,
+                stacklevel=3,
+            )
+            aff = np.eye(4)
+        else:
+            aff = np.asarray(affine, dtype=np.float64)
+            if aff.shape != (4, 4) or not np.all(np.isfinite(aff)) or abs(np.linalg.det(aff[:3, :3])) < 1e-12:
+                raise InvalidVolumeError(f"affine must be a finite, invertible 4x4 matrix, got shape {aff.shape}.")
+        return Volume(array=data, affine=aff, meta={"path": "the numpy array"})
+    raise TypeError(f"segment() takes a path, a Volume or a numpy array, not {type(data).__name__}")
+
+
+def segment(
+    model: Predictor | str | os.PathLike[str],
+    data: str | os.PathLike[str] | Volume | np.ndarray,
+    affine: np.ndarray | None = None,
+    overlap: float | None = None,
+    tta: bool = False,
+    device: str | None = None,
+) -> Volume:
+    """Segment one volume; returns a uint8 label map `Volume` on the input's exact grid.
+
+    model:   a Predictor (from `load_model`) or an exported model folder.
+    data:    a path, a Volume, or a numpy (X, Y, Z) array of HU (then `affine`: 4x4 voxel -> RAS mm;
+             without it 1 mm RAS is assumed, with a warning).
+    overlap: sliding-window overlap (None: the model's default); tta: flip test-time augmentation.
+    device:  only used when `model` is a folder.
+    """
+    predictor = model if isinstance(model, Predictor) else Predictor.from_folder(model, device=device)
+    if overlap is not None or tta != predictor.tta:
+        predictor = predictor.with_options(overlap=overlap, tta=tta)
+    return predictor.predict(_as_volume(data, affine))  # predict() runs validate_for_inference

@@ -1,0 +1,249 @@
+"""Predictor: exact output geometry, geometry-path correctness, small volumes, TTA, bad input."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from scipy.spatial.transform import Rotation
+from torch import nn
+
+from medct.checkpoint import ModelCard, save_model_folder
+from medct.errors import InvalidVolumeError
+from medct.inference import Predictor, body_box, network_grid
+from medct.io import Volume
+from medct.metrics import dice_per_label
+from medct.transforms import Preprocessing
+
+PRE = Preprocessing(spacing=(1.5, 1.5, 1.5), hu_min=-1000.0, hu_max=1000.0)
+
+
+def make_affine(
+    rotation: np.ndarray, spacing: tuple[float, float, float], origin: tuple[float, float, float]
+) -> np.ndarray:
+    aff = np.eye(4)
+    aff[:3, :3] = rotation @ np.diag(spacing)
+    aff[:3, 3] = origin
+    return aff
+
+
+# Grids the same world phantom is rasterised on: voxel index -> RAS mm. Origins put the grid centre
+# near the world origin. LPS: i runs to patient left, j to posterior; oblique: rotated ~20-35 deg.
+OBLIQUE = Rotation.from_euler("xyz", [20, -10, 35], degrees=True).as_matrix() @ np.diag([-1.0, -1.0, 1.0])
+GRIDS = {
+    "identity": (np.eye(3), (1.0, 1.0, 1.0), (72, 72, 72)),
+    "lps": (np.diag([-1.0, -1.0, 1.0]), (1.0, 1.0, 1.0), (72, 72, 72)),
+    "lps_oblique_aniso": (OBLIQUE, (0.8, 0.8, 4.0), (90, 90, 18)),
+    "permuted_aniso": (np.eye(3)[:, [2, 0, 1]] @ np.diag([1.0, -1.0, 1.0]), (4.0, 0.8, 0.8), (18, 90, 90)),
+    "wide_lps_aniso": (np.diag([-1.0, -1.0, 1.0]), (1.5, 1.5, 3.0), (80, 80, 30)),  # 120 x 120 x 90 mm
+}
+
+
+def phantom(name: str, air_outside: bool = False) -> tuple[Volume, np.ndarray]:
+    """A world-space phantom rasterised on grid `name`: HU image and its labels.
+
+    Body (label 0, 0 HU) filling a sphere, label 1 a bright ellipsoid (+600 HU) and label 2 a dark
+    one (-600 HU), both off-centre so that any flip or axis swap misplaces them.
+    `air_outside`: -1000 HU beyond the body sphere (else the body fills the grid).
+    """
+    rot, spacing, shape = GRIDS[name]
+    centre_idx = (np.asarray(shape) - 1) / 2.0
+    origin = -(rot @ np.diag(spacing) @ centre_idx)
+    aff = make_affine(rot, spacing, tuple(origin))
+    idx = np.stack(np.meshgrid(*[np.arange(s) for s in shape], indexing="ij"), axis=-1).astype(np.float64)
+    world = idx @ aff[:3, :3].T + aff[:3, 3]  # (X, Y, Z, 3) RAS mm
+    x, y, z = world[..., 0], world[..., 1], world[..., 2]
+    bright = ((x - 9) / 13) ** 2 + ((y + 7) / 10) ** 2 + ((z - 6) / 11) ** 2 <= 1
+    dark = ((x + 10) / 9) ** 2 + ((y - 9) / 11) ** 2 + ((z + 8) / 10) ** 2 <= 1
+    labels = np.zeros(shape, np.uint8)
+    labels[bright] = 1
+    image = np.zeros(shape, np.int16)
+    image[bright] = 600
+    if air_outside:
+        # (no dark class here: air-body edges pass through its intensity)
+        image[x**2 + y**2 + z**2 > 30**2] = -1000
+    else:
+        labels[dark] = 2
+        image[dark] = -600
+    return Volume(image, aff, {"path": f"phantom_{name}"}), labels
+
+
+class IntensityClassifier(nn.Module):
+    """A 'network' that outputs the one-hot of the class whose intensity a voxel is nearest to.
+
+    Position-independent, so its output in network space is the one-hot of the resampled phantom
+    (class boundaries at 50 % partial volume): predict() must carry it back onto the input grid
+    aligned with the phantom's own labels.
+    """
+
+    def __init__(self, centres: list[list[float]]) -> None:
+        super().__init__()
+        self.centres = centres  # per class: the [0, 1] intensities that belong to it
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, 1, D, H, W) -> (B, C, D, H, W)
+        dist = torch.stack([torch.stack([(x[:, 0] - c).abs() for c in cs]).amin(0) for cs in self.centres], dim=1)
+        return F.one_hot(dist.argmin(1), len(self.centres)).movedim(-1, 1).float()
+
+
+def card(num_classes: int = 3, patch: int = 16, modality: str = "CT") -> ModelCard:
+    labels = {i: f"class{i}" for i in range(num_classes)}
+    pre = Preprocessing(spacing=PRE.spacing, hu_min=PRE.hu_min, hu_max=PRE.hu_max, modality=modality)
+    return ModelCard(net_name="unet", net_args={}, labels=labels, preprocessing=pre, patch_size=(patch,) * 3)
+
+
+def classifier() -> IntensityClassifier:
+    # 0 HU -> 0.5 (body) and -1000 HU -> 0 (air) are background; +600 -> 0.8; -600 -> 0.2
+    return IntensityClassifier([[0.5, 0.0], [0.8], [0.2]])
+
+
+@pytest.mark.parametrize("name", list(GRIDS))
+def test_geometry_path_lands_on_input_grid(name: str) -> None:
+    vol, truth = phantom(name)
+    pred = Predictor(classifier(), card(), device="cpu", overlap=0.25, crop_to_body=False).predict(vol)
+    assert pred.shape == vol.shape and np.array_equal(pred.affine, vol.affine) and pred.array.dtype == np.uint8
+    dice = dice_per_label(pred.array, truth, labels=[1, 2])
+    assert min(dice.values()) > 0.95, dice
+    # a mirrored answer would not pass: the same labels flipped along i score far lower
+    assert dice_per_label(pred.array[::-1], truth, labels=[1])[1] < 0.5
+
+
+@pytest.mark.parametrize("name", ["wide_lps_aniso", "lps_oblique_aniso"])
+def test_body_crop_agrees_with_full_volume(name: str) -> None:
+    vol, truth = phantom(name, air_outside=True)
+    lo, hi = body_box(vol)
+    if name == "wide_lps_aniso":
+        assert (hi - lo + 1 < np.asarray(vol.shape)).all()  # the box is smaller than the grid
+    cropped = Predictor(classifier(), card(), device="cpu", crop_to_body=True).predict(vol)
+    full = Predictor(classifier(), card(), device="cpu", crop_to_body=False).predict(vol)
+    assert np.array_equal(cropped.affine, vol.affine)
+    assert dice_per_label(cropped.array, truth, labels=[1])[1] > 0.95
+    assert dice_per_label(cropped.array, full.array, labels=[1])[1] > 0.99
+
+
+def test_body_box_drops_the_couch() -> None:
+    shape = (80, 80, 20)  # 2 mm voxels
+    img = np.full(shape, -1000, np.int16)
+    ii, jj = np.meshgrid(np.arange(80), np.arange(80), indexing="ij")
+    img[((ii - 40) / 25) ** 2 + ((jj - 35) / 15) ** 2 <= 1] = 40  # body: j in [20, 50]
+    img[:, 64:67, :] = 300  # a 6 mm couch plate across the whole width, 28 mm below the body
+    vol = Volume(img, np.diag([2.0, 2.0, 2.0, 1.0]))
+    lo, hi = body_box(vol)
+    assert lo[0] > 0 and hi[0] < 79  # not the plate's full width
+    assert hi[1] < 64  # the plate is out of the box
+    assert lo[1] <= 20 - 8 and hi[1] >= 50 + 7  # the body with its 16 mm margin (8 voxels) is in
+
+
+def test_network_input_matches_monai_infer_transforms() -> None:
+    from medct.transforms import infer_transforms
+
+    for name in ("lps", "lps_oblique_aniso", "permuted_aniso"):
+        vol, _ = phantom(name)
+        vol = vol.with_array(vol.array.astype(np.float32))
+        p = Predictor(classifier(), card(), device="cpu", crop_to_body=False)
+        grid = network_grid(vol.affine, vol.shape, PRE.spacing)
+        ours = p._network_input(vol, grid)[0, 0].numpy()
+        monai = infer_transforms(PRE)({"image": vol})["image"]
+        assert tuple(monai.shape[1:]) == grid.shape
+        np.testing.assert_allclose(np.asarray(monai.affine), grid.affine, atol=1e-6)
+        np.testing.assert_allclose(monai[0].numpy(), ours, atol=1e-5)
+
+
+class TinyNet(nn.Module):
+    """A random conv net (not position-independent across patches: exercises real stitching)."""
+
+    def __init__(self, num_classes: int = 3) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.body = nn.Sequential(nn.Conv3d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv3d(4, num_classes, 3, padding=1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+
+@pytest.mark.parametrize("name", list(GRIDS))
+def test_random_net_output_has_input_grid(name: str) -> None:
+    vol, _ = phantom(name, air_outside=True)
+    out = Predictor(TinyNet(), card(), device="cpu").predict(vol)
+    assert out.shape == vol.shape
+    assert np.array_equal(out.affine, vol.affine)
+    assert out.array.dtype == np.uint8 and out.array.max() <= 2
+
+
+def test_volume_smaller_than_patch() -> None:
+    vol = Volume(np.random.default_rng(0).normal(0, 300, (7, 5, 3)).astype(np.float32), np.diag([2.0, 2.0, 3.0, 1.0]))
+    out = Predictor(TinyNet(), card(patch=32), device="cpu").predict(vol)
+    assert out.shape == (7, 5, 3) and np.array_equal(out.affine, vol.affine)
+
+
+def test_tta_runs_and_keeps_pointwise_answers() -> None:
+    vol, truth = phantom("lps_oblique_aniso")
+    plain = Predictor(classifier(), card(), device="cpu", crop_to_body=False).predict(vol)
+    tta = Predictor(classifier(), card(), device="cpu", crop_to_body=False, tta=True).predict(vol)
+    # a pointwise classifier commutes with flips: TTA must not move anything
+    assert dice_per_label(tta.array, plain.array, labels=[1, 2]) == {1: 1.0, 2: 1.0}
+    out = Predictor(TinyNet(), card(), device="cpu", tta=True, tta_axes=(0, 1, 2)).predict(vol)
+    assert out.shape == vol.shape
+
+
+def test_predict_proba_consistent_with_predict() -> None:
+    vol, _ = phantom("lps", air_outside=True)
+    p = Predictor(TinyNet(), card(), device="cpu")
+    proba = p.predict_proba(vol)
+    assert proba.array.shape == (*vol.shape, 3) and np.array_equal(proba.affine, vol.affine)
+    np.testing.assert_allclose(proba.array.sum(-1), 1.0, atol=1e-5)
+    np.testing.assert_array_equal(proba.array.argmax(-1), p.predict(vol).array)
+
+
+def test_invalid_inputs_rejected() -> None:
+    vol, _ = phantom("identity")
+    bad = vol.with_array(vol.array.astype(np.float32))
+    bad.array[3, 3, 3] = np.nan
+    p = Predictor(TinyNet(), card(), device="cpu")
+    with pytest.raises(InvalidVolumeError):
+        p.predict(bad)
+    with pytest.raises(InvalidVolumeError):
+        p.predict(vol.with_array(np.zeros(vol.shape, np.int16)))  # constant
+    with pytest.raises(ValueError):
+        Predictor(TinyNet(), card(), overlap=1.0)
+
+
+def test_from_folder_round_trip(tmp_path) -> None:
+    from medct.nets import create_net
+
+    net = create_net("unet", out_channels=3, channels=(4, 8), num_res_units=0)
+    c = card()
+    c.net_args = dict(net.net_config["args"])  # type: ignore[attr-defined]
+    folder = save_model_folder(net, c, tmp_path / "model")
+    p = Predictor.from_folder(folder, device="cpu", overlap=0.25, sw_batch_size=3)
+    assert (p.overlap, p.sw_batch_size, p.device.type) == (0.25, 3, "cpu")
+    vol, _ = phantom("lps_oblique_aniso", air_outside=True)
+    direct = Predictor(net, c, device="cpu", overlap=0.25).predict(vol)
+    np.testing.assert_array_equal(p.predict(vol).array, direct.array)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_matches_cpu_and_cpu_stitching() -> None:
+    vol, truth = phantom("lps_oblique_aniso")
+    gpu = Predictor(classifier(), card(), device="cuda", crop_to_body=False).predict(vol)
+    assert dice_per_label(gpu.array, truth, labels=[1, 2])[1] > 0.95
+    cpu = Predictor(classifier(), card(), device="cpu", crop_to_body=False).predict(vol)
+    assert dice_per_label(gpu.array, cpu.array, labels=[1, 2])[1] > 0.99
+
+
+def test_argmax_shortcut_equals_full_resampling() -> None:
+    from medct.inference import argmax_resample_chunks, resample_chunks
+
+    torch.manual_seed(0)
+    # smooth random scores: large uniform regions and borders, like a real network output
+    scores = F.avg_pool3d(torch.randn(4, 20, 18, 16) * 5, 5, stride=1, padding=2)
+    rot = Rotation.from_euler("xyz", [15, 25, -30], degrees=True).as_matrix()
+    index_map = np.eye(4)
+    index_map[:3, :3] = rot @ np.diag([0.6, 0.7, 1.9])
+    index_map[:3, 3] = [4.0, -2.0, 3.0]  # some output voxels fall outside: border padding
+    out_shape = (30, 25, 12)
+    full = torch.cat([c.argmax(0) for _, c in resample_chunks(scores, index_map, out_shape, chunk_voxels=2000)], -1)
+    fast = torch.cat([c for _, c in argmax_resample_chunks(scores, index_map, out_shape, chunk_voxels=2000)], -1)
+    assert fast.shape == out_shape
+    assert (fast.long() == full).float().mean() > 0.9999
