@@ -95,7 +95,7 @@ def _format_of(path: Path) -> str | None:
     return None
 
 
-def _looks_like_dicom(path: Path) -> bool:
+def is_dicom_file(path: Path) -> bool:
     """True when the file has the DICOM Part 10 preamble ('DICM' at byte 128)."""
     try:
         with open(path, "rb") as f:
@@ -211,7 +211,7 @@ def read_volume(path: str | os.PathLike[str], series_uid: str | None = None) -> 
 
         return read_dicom_series(p, series_uid=series_uid)
     fmt = _format_of(p)
-    if fmt is None and _looks_like_dicom(p):
+    if fmt is None and is_dicom_file(p):
         fmt = "dicom"
     if fmt == "nifti":
         return _read_nifti(p)

@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from medct.errors import InputPathError, InvalidVolumeError, MedCTError, UnreadableVolumeError
+from medct.io import is_dicom_file
 
 VOLUME_SUFFIXES = (".nii.gz", ".nii", ".mha", ".mhd", ".nrrd")
 # Files a scan folder commonly holds next to the scans; they are not cases and not errors.
@@ -62,16 +63,6 @@ def volume_suffix(path: Path) -> str:
     """The volume extension of `path` ('.nii.gz', '.mha', ...) or '' if it is none of them."""
     name = path.name.lower()
     return next((s for s in VOLUME_SUFFIXES if name.endswith(s)), "")
-
-
-def is_dicom_file(path: Path) -> bool:
-    """A DICOM Part 10 file: 128-byte preamble then 'DICM'."""
-    try:
-        with open(path, "rb") as f:
-            f.seek(128)
-            return f.read(4) == b"DICM"
-    except OSError:
-        return False
 
 
 def _holds_dicom(folder: Path) -> bool:
