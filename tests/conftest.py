@@ -8,7 +8,9 @@ from pathlib import Path
 import pytest
 
 # ../shared/data from the project root; MEDCT_SHARED_DATA overrides (e.g. a clean clone elsewhere).
-SHARED_DATA = Path(os.environ.get("MEDCT_SHARED_DATA", Path(__file__).resolve().parents[1] / ".." / "shared" / "data")).resolve()
+SHARED_DATA = Path(
+    os.environ.get("MEDCT_SHARED_DATA", Path(__file__).resolve().parents[1] / ".." / "shared" / "data")
+).resolve()
 
 
 @pytest.fixture(scope="session")
