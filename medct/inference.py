@@ -363,9 +363,6 @@ class Predictor:
             in_lo, in_hi = np.zeros(3, int), np.asarray(volume.shape) - 1
         in_to_net = np.linalg.inv(full.affine) @ volume.affine  # input index -> full network index
         net_lo, net_hi = map_box(in_to_net, in_lo, in_hi, full.shape)
-        _al = int(os.environ.get("MEDCT_ALIGN", "0"))  # EXPERIMENT
-        if _al:
-            net_lo = (net_lo // _al) * _al
         grid = full.crop(net_lo, net_hi)  # the network grid restricted to the body box
 
         x = self._network_input(volume, grid)  # (1, 1, D, H, W)
