@@ -55,12 +55,15 @@ PATCH = (96, 96, 96)
 # -950 HU as the window floor: air (about -1000 +- 15 HU on CT, phantom or real) clips to exactly 0,
 # so the network never sees air noise, which InstanceNorm would blow up into lung-like texture.
 HU_WINDOW = (-950.0, 1000.0)
-# The MONAI spleen tutorial's network (UNet 16-32-64-128-256, 2 residual units), through medct's registry.
-# Not resenc_unet: on 2 CPU cores it learns far slower (single-batch overfit, 30 Adam steps: cross-
-# entropy 0.71-1.14 for resenc_unet 8-128 / 16-256 vs 0.10 for unet 16-128), so a few minutes of
-# training gave it no usable labels on the real CT.
+# The MONAI spleen tutorial's network (UNet 16-32-64-128-256, 2 residual units, batch norm), through
+# medct's registry. Not resenc_unet: on 2 CPU cores it learns far slower (single-batch overfit, 30 Adam
+# steps: cross-entropy 0.71-1.14 for resenc_unet 8-128 / 16-256 vs 0.10 for unet 16-128), so a few
+# minutes of training gave it no usable labels on the real CT. Batch norm (the tutorial's) rather than
+# instance norm: with instance norm each patch is normalised by its own statistics, so a barely
+# trained network answers differently for every tiling of the volume (medct's body box moves the
+# tiles), which is the network's instability, not either pipeline's.
 NET_NAME = "unet"
-NET_ARGS = {"channels": [16, 32, 64, 128, 256], "num_res_units": 2}
+NET_ARGS = {"channels": [16, 32, 64, 128, 256], "num_res_units": 2, "norm": "batch"}
 TARGET_SPEEDUP = 2.0
 TARGET_DICE = 0.99
 
@@ -335,11 +338,11 @@ def machine() -> dict[str, object]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="2 repeats per arm, shorter training")
+    parser.add_argument("--quick", action="store_true", help="2 runs per arm instead of 3 (same model)")
     parser.add_argument("--model", default=None, help="exported model folder to use instead of training one")
     parser.add_argument("--repeats", type=int, default=None, help="runs per arm (default: quick 2, full 3)")
-    parser.add_argument("--train-steps", type=int, default=None, help="training steps of the default model")
-    parser.add_argument("--train-cases", type=int, default=4, help="phantoms the default model trains on")
+    parser.add_argument("--train-steps", type=int, default=400, help="training steps of the default model")
+    parser.add_argument("--train-cases", type=int, default=6, help="phantoms the default model trains on")
     parser.add_argument("--child-monai", nargs=3, metavar=("MODEL", "IMAGE", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child_monai:
@@ -349,7 +352,6 @@ def main() -> int:
         print(f"bench/segment.py: {IMAGE} not found (see shared/data/MANIFEST.md); nothing to measure.")
         return 1
     repeats = args.repeats or (2 if args.quick else 3)
-    args.train_steps = args.train_steps or 150
     model_dir, model_info = get_model(args)
 
     medct_bin = Path(sys.executable).with_name("medct")

@@ -11,7 +11,7 @@ from torch import nn
 
 from medct.checkpoint import ModelCard, save_model_folder
 from medct.errors import InvalidVolumeError
-from medct.inference import Predictor, body_box, network_grid
+from medct.inference import Predictor, body_mask, network_grid
 from medct.io import Volume
 from medct.metrics import dice_per_label
 from medct.transforms import Preprocessing
@@ -100,7 +100,7 @@ def classifier() -> IntensityClassifier:
 @pytest.mark.parametrize("name", list(GRIDS))
 def test_geometry_path_lands_on_input_grid(name: str) -> None:
     vol, truth = phantom(name)
-    pred = Predictor(classifier(), card(), device="cpu", overlap=0.25, crop_to_body=False).predict(vol)
+    pred = Predictor(classifier(), card(), device="cpu", overlap=0.25, skip_air=False).predict(vol)
     assert pred.shape == vol.shape and np.array_equal(pred.affine, vol.affine) and pred.array.dtype == np.uint8
     dice = dice_per_label(pred.array, truth, labels=[1, 2])
     assert min(dice.values()) > 0.95, dice
@@ -109,29 +109,43 @@ def test_geometry_path_lands_on_input_grid(name: str) -> None:
 
 
 @pytest.mark.parametrize("name", ["wide_lps_aniso", "lps_oblique_aniso"])
-def test_body_crop_agrees_with_full_volume(name: str) -> None:
+def test_skipping_air_tiles_is_exact_inside_the_body(name: str) -> None:
     vol, truth = phantom(name, air_outside=True)
-    lo, hi = body_box(vol)
-    if name == "wide_lps_aniso":
-        assert (hi - lo + 1 < np.asarray(vol.shape)).all()  # the box is smaller than the grid
-    cropped = Predictor(classifier(), card(), device="cpu", crop_to_body=True).predict(vol)
-    full = Predictor(classifier(), card(), device="cpu", crop_to_body=False).predict(vol)
-    assert np.array_equal(cropped.affine, vol.affine)
-    assert dice_per_label(cropped.array, truth, labels=[1])[1] > 0.95
-    assert dice_per_label(cropped.array, full.array, labels=[1])[1] > 0.99
+    calls: list[int] = []
+
+    class Counting(TinyNet):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            calls.append(x.shape[0])
+            return super().forward(x)
+
+    skip = Predictor(Counting(), card(), device="cpu", overlap=0.25, sw_batch_size=1).predict(vol)
+    n_skip = sum(calls)
+    calls.clear()
+    full = Predictor(Counting(), card(), device="cpu", overlap=0.25, sw_batch_size=1, skip_air=False).predict(vol)
+    if name == "wide_lps_aniso":  # (in the small oblique grid every tile touches the body)
+        assert n_skip < sum(calls)  # some tiles of air were not run
+    body = vol.array > -500
+    assert np.array_equal(skip.affine, vol.affine)
+    assert np.array_equal(skip.array[body], full.array[body])  # the same labels everywhere in the body
+    # and with a geometry-exact 'network': the phantom comes back
+    exact = Predictor(classifier(), card(), device="cpu").predict(vol)
+    assert dice_per_label(exact.array, truth, labels=[1])[1] > 0.95
 
 
-def test_body_box_drops_the_couch() -> None:
-    shape = (80, 80, 20)  # 2 mm voxels
+def test_body_mask_drops_the_couch_and_keeps_the_lungs() -> None:
+    shape = (140, 80, 30)  # RAS, 2 mm voxels
     img = np.full(shape, -1000, np.int16)
-    ii, jj = np.meshgrid(np.arange(80), np.arange(80), indexing="ij")
-    img[((ii - 40) / 25) ** 2 + ((jj - 35) / 15) ** 2 <= 1] = 40  # body: j in [20, 50]
-    img[:, 64:67, :] = 300  # a 6 mm couch plate across the whole width, 28 mm below the body
-    vol = Volume(img, np.diag([2.0, 2.0, 2.0, 1.0]))
-    lo, hi = body_box(vol)
-    assert lo[0] > 0 and hi[0] < 79  # not the plate's full width
-    assert hi[1] < 64  # the plate is out of the box
-    assert lo[1] <= 20 - 8 and hi[1] >= 50 + 7  # the body with its 16 mm margin (8 voxels) is in
+    ii, jj = np.meshgrid(np.arange(140), np.arange(80), indexing="ij")
+    img[((ii - 70) / 35) ** 2 + ((jj - 35) / 22) ** 2 <= 1] = 40  # body: i in [35, 105], j in [13, 57]
+    img[((ii - 70) / 15) ** 2 + ((jj - 35) / 8) ** 2 <= 1] = -850  # a big lung inside it
+    img[:, 59:62, :] = 300  # a 6 mm couch plate across the whole width, just under the body
+    body = body_mask(img, (2.0, 2.0, 2.0), threshold=-500)
+    assert body is not None
+    assert body.touches(np.array([70, 35, 10]), np.array([74, 39, 14]))  # inside the lung: body
+    assert body.touches(np.array([70, 13, 0]), np.array([70, 13, 0]))  # body edge
+    assert not body.touches(np.array([0, 58, 0]), np.array([15, 79, 29]))  # the plate, far from the body
+    assert not body.touches(np.array([0, 0, 0]), np.array([5, 5, 5]))  # air
+    assert body_mask(np.full(shape, -1000), (2.0, 2.0, 2.0), threshold=-500) is None
 
 
 def test_network_input_matches_monai_infer_transforms() -> None:
@@ -140,7 +154,7 @@ def test_network_input_matches_monai_infer_transforms() -> None:
     for name in ("lps", "lps_oblique_aniso", "permuted_aniso"):
         vol, _ = phantom(name)
         vol = vol.with_array(vol.array.astype(np.float32))
-        p = Predictor(classifier(), card(), device="cpu", crop_to_body=False)
+        p = Predictor(classifier(), card(), device="cpu", skip_air=False)
         grid = network_grid(vol.affine, vol.shape, PRE.spacing)
         ours = p._network_input(vol, grid)[0, 0].numpy()
         monai = infer_transforms(PRE)({"image": vol})["image"]
@@ -178,8 +192,8 @@ def test_volume_smaller_than_patch() -> None:
 
 def test_tta_runs_and_keeps_pointwise_answers() -> None:
     vol, truth = phantom("lps_oblique_aniso")
-    plain = Predictor(classifier(), card(), device="cpu", crop_to_body=False).predict(vol)
-    tta = Predictor(classifier(), card(), device="cpu", crop_to_body=False, tta=True).predict(vol)
+    plain = Predictor(classifier(), card(), device="cpu", skip_air=False).predict(vol)
+    tta = Predictor(classifier(), card(), device="cpu", skip_air=False, tta=True).predict(vol)
     # a pointwise classifier commutes with flips: TTA must not move anything
     assert dice_per_label(tta.array, plain.array, labels=[1, 2]) == {1: 1.0, 2: 1.0}
     out = Predictor(TinyNet(), card(), device="cpu", tta=True, tta_axes=(0, 1, 2)).predict(vol)
@@ -226,9 +240,9 @@ def test_from_folder_round_trip(tmp_path) -> None:
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_matches_cpu_and_cpu_stitching() -> None:
     vol, truth = phantom("lps_oblique_aniso")
-    gpu = Predictor(classifier(), card(), device="cuda", crop_to_body=False).predict(vol)
+    gpu = Predictor(classifier(), card(), device="cuda", skip_air=False).predict(vol)
     assert dice_per_label(gpu.array, truth, labels=[1, 2])[1] > 0.95
-    cpu = Predictor(classifier(), card(), device="cpu", crop_to_body=False).predict(vol)
+    cpu = Predictor(classifier(), card(), device="cpu", skip_air=False).predict(vol)
     assert dice_per_label(gpu.array, cpu.array, labels=[1, 2])[1] > 0.99
 
 
@@ -247,3 +261,17 @@ def test_argmax_shortcut_equals_full_resampling() -> None:
     fast = torch.cat([c for _, c in argmax_resample_chunks(scores, index_map, out_shape, chunk_voxels=2000)], -1)
     assert fast.shape == out_shape
     assert (fast.long() == full).float().mean() > 0.9999
+
+
+def test_axis_aligned_fast_paths_match_grid_sample() -> None:
+    from medct.inference import argmax_resample_chunks, resample_chunks, resample_separable
+
+    torch.manual_seed(1)
+    src = F.avg_pool3d(torch.randn(4, 21, 17, 9) * 5, 5, stride=1, padding=2)  # (C, X, Y, Z)
+    index_map = np.diag([-0.7, 0.55, 1.8, 1.0])  # a flip, a zoom in, a zoom out
+    index_map[:3, 3] = [22.0, -1.5, 0.3]  # partly outside the source: border padding
+    out_shape = (34, 36, 7)
+    ref = torch.cat([c for _, c in resample_chunks(src, index_map, out_shape, chunk_voxels=3000)], -1)
+    np.testing.assert_allclose(resample_separable(src, index_map, out_shape).numpy(), ref.numpy(), atol=1e-5)
+    fast = torch.cat([c for _, c in argmax_resample_chunks(src, index_map, out_shape, chunk_voxels=3000)], -1)
+    assert (fast.long() == ref.argmax(0)).float().mean() > 0.9999
