@@ -113,6 +113,26 @@ def map_box(
     return new_lo, np.maximum(new_hi, new_lo)
 
 
+def fold_batch_norm(net: nn.Module) -> nn.Module:
+    """An eval-mode copy of `net` with each Conv -> BatchNorm pair folded into one convolution
+    (torch.fx's `fuse`), or `net` itself when it has no BatchNorm or cannot be traced by torch.fx.
+
+    Same outputs up to float rounding (~1e-5); saves one pass over every activation per folded
+    pair: ~8 % of the bench UNet's CPU time per 96^3 tile (0.206 vs 0.223 s, measured). Instance
+    norm (resenc_unet, segresnet) normalises by each input's own statistics and cannot be folded.
+    """
+    from torch.fx.experimental.optimization import fuse
+
+    if net.training or not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in net.modules()):
+        return net
+    try:
+        return fuse(net)
+    # A network whose forward has data-dependent Python control flow cannot be traced symbolically;
+    # fx raises a variety of errors for that. Folding is only a speed-up, so run it unfolded.
+    except Exception:  # noqa: BLE001
+        return net
+
+
 @dataclass(frozen=True)
 class BodyMask:
     """Coarse mask of the patient's body on a grid: `mask[c]` stands for voxels c * stride ... (c + 1) * stride - 1."""
@@ -256,6 +276,25 @@ def resample_separable(src: torch.Tensor, index_map: np.ndarray, out_shape: Sequ
     return out
 
 
+def mixed_cells(labels: torch.Tensor) -> torch.Tensor:
+    """(X, Y, Z) bool: whether cell (a, b, c), spanning voxels a..a+1, b..b+1, c..c+1, holds more than
+    one label. The last voxel is replicated so that border cells exist.
+
+    Max and min over each cell, one axis at a time on uint8 views: ~10x faster on CPU than the
+    float max_pool3d it replaces (0.13 vs 1.4 s for a 367 x 367 x 267 grid, measured).
+    """
+    lab = torch.cat([labels, labels[-1:]], 0)
+    lab = torch.cat([lab, lab[:, -1:]], 1)
+    lab = torch.cat([lab, lab[:, :, -1:]], 2)  # (X + 1, Y + 1, Z + 1)
+
+    def over_cell(op: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        t = op(lab[:-1], lab[1:])
+        t = op(t[:, :-1], t[:, 1:])
+        return op(t[:, :, :-1], t[:, :, 1:])  # (X, Y, Z)
+
+    return over_cell(torch.maximum) != over_cell(torch.minimum)
+
+
 def argmax_resample_chunks(
     scores: torch.Tensor, index_map: np.ndarray, out_shape: Sequence[int], chunk_voxels: int = CHUNK_VOXELS
 ) -> Iterator[tuple[slice, torch.Tensor]]:
@@ -271,11 +310,7 @@ def argmax_resample_chunks(
     src_shape = torch.tensor(scores.shape[1:], device=scores.device)
     # max(dim).indices, not argmax(dim): same first-maximum rule, ~7x faster over dim 0 on CPU (measured)
     labels = scores.max(dim=0).indices.to(torch.uint8)  # (X, Y, Z)
-    # cell (a, b, c) spans voxels a..a+1 etc.; replicate the last voxel so a cell exists at the border.
-    lab_f = F.pad(labels[None, None].float(), (0, 1, 0, 1, 0, 1), mode="replicate")
-    hi = F.max_pool3d(lab_f, 2, stride=1)
-    lo = -F.max_pool3d(-lab_f, 2, stride=1)
-    mixed = (hi != lo)[0, 0]  # (X, Y, Z) cell has several labels
+    mixed = mixed_cells(labels)  # (X, Y, Z) cell has several labels
     strides = torch.tensor([labels.shape[1] * labels.shape[2], labels.shape[2], 1], device=scores.device)
     lab_flat, mixed_flat = labels.reshape(-1), mixed.reshape(-1)
     if _axis_aligned(index_map):
@@ -345,7 +380,7 @@ class Predictor:
         skip_air: bool = True,
     ) -> None:
         self.device = torch.device(device) if device is not None else auto_device()
-        self.net = net.to(self.device).eval()
+        self.net = fold_batch_norm(net.to(self.device).eval())
         # channels_last_3d on CPU: oneDNN's 3D convolutions run ~15 % faster in NDHWC (measured on
         # the bench's resenc_unet, 96^3 patches, 1.25-1.40 vs 1.59-1.60 CPU-s per patch). Not on
         # GPU: unmeasured there. Note: converts the given module's parameters in place.

@@ -107,7 +107,10 @@ def label_volumes_ml(
 ) -> dict[str, float]:
     """Volume in mL of each named foreground label (0 is background)."""
     voxel_ml = float(np.prod(spacing)) / 1000.0
-    counts = np.bincount(labels.ravel().astype(np.int64), minlength=max(names) + 1)
+    import torch  # loaded already by the inference that made `labels`; kept out of `import medct.cli`
+
+    # torch's bincount counts uint8 directly; numpy's first copies the volume to int64 (~35x slower)
+    counts = torch.bincount(torch.from_numpy(np.ascontiguousarray(labels)).reshape(-1), minlength=max(names) + 1)
     return {name: float(counts[i]) * voxel_ml for i, name in sorted(names.items()) if i != 0}
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 import torch
@@ -275,3 +277,41 @@ def test_axis_aligned_fast_paths_match_grid_sample() -> None:
     np.testing.assert_allclose(resample_separable(src, index_map, out_shape).numpy(), ref.numpy(), atol=1e-5)
     fast = torch.cat([c for _, c in argmax_resample_chunks(src, index_map, out_shape, chunk_voxels=3000)], -1)
     assert (fast.long() == ref.argmax(0)).float().mean() > 0.9999
+
+
+def test_mixed_cells_marks_exactly_the_cells_with_two_labels() -> None:
+    from medct.inference import mixed_cells
+
+    torch.manual_seed(2)
+    labels = (torch.rand(9, 7, 5) * 3).to(torch.uint8)
+    labels[:4, :4, :] = 1  # a uniform block: its inner cells are not mixed
+    got = mixed_cells(labels)
+    padded = F.pad(labels[None, None].float(), (0, 1, 0, 1, 0, 1), mode="replicate")[0, 0]
+    for a, b, c in itertools.product(range(9), range(7), range(5)):
+        assert bool(got[a, b, c]) == (padded[a : a + 2, b : b + 2, c : c + 2].unique().numel() > 1)
+    assert not got[:3, :3, :].any()
+
+
+def test_batch_norm_is_folded_without_changing_the_output() -> None:
+    from monai.networks.nets import UNet
+
+    from medct.inference import fold_batch_norm
+
+    torch.manual_seed(3)
+    net = UNet(3, 1, 3, channels=(4, 8), strides=(2,), num_res_units=1, norm="batch")
+    with torch.no_grad():  # non-trivial running statistics and affine parameters
+        for m in net.modules():
+            if isinstance(m, nn.BatchNorm3d):
+                m.running_mean.uniform_(-1, 1)
+                m.running_var.uniform_(0.5, 2)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.5, 0.5)
+    net.eval()
+    folded = fold_batch_norm(net)
+    n_bn = sum(isinstance(m, nn.BatchNorm3d) for m in net.modules())
+    assert sum(isinstance(m, nn.BatchNorm3d) for m in folded.modules()) < n_bn  # conv->BN pairs went
+    x = torch.rand(2, 1, 16, 16, 16)
+    with torch.inference_mode():
+        torch.testing.assert_close(folded(x), net(x), atol=1e-5, rtol=1e-5)
+    plain = TinyNet().eval()
+    assert fold_batch_norm(plain) is plain  # nothing to fold
