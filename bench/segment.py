@@ -343,6 +343,7 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=None, help="runs per arm (default: quick 2, full 3)")
     parser.add_argument("--train-steps", type=int, default=400, help="training steps of the default model")
     parser.add_argument("--train-cases", type=int, default=6, help="phantoms the default model trains on")
+    parser.add_argument("--out", type=Path, default=RESULT, help="where to write the JSON results")
     parser.add_argument("--child-monai", nargs=3, metavar=("MODEL", "IMAGE", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child_monai:
@@ -442,11 +443,11 @@ def main() -> int:
             "met": met,
         },
     }
-    RESULT.parent.mkdir(parents=True, exist_ok=True)
-    tmp = RESULT.with_suffix(".json.tmp")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = args.out.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(result, indent=2) + "\n")
-    os.replace(tmp, RESULT)
-    print(f"wrote {RESULT.relative_to(ROOT)}")
+    os.replace(tmp, args.out)
+    print(f"wrote {args.out}")
     return 0
 
 
