@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
+from monai.networks.blocks.dynunet_block import UnetResBlock
 from monai.networks.layers.simplelayers import SkipConnection
 from monai.networks.nets import DynUNet, SegResNet, SwinUNETR, UNet
 from torch import Tensor, nn
@@ -147,8 +148,10 @@ class ResEncUNet(DynUNet):
     """Residual-encoder U-Net (nnU-Net ResEnc style) on MONAI DynUNet with `res_block=True`.
 
     One stage per entry of `filters`: 3^3 kernels everywhere, stride 1 at the input stage and 2 at
-    every following one, so the input size must be divisible by 2^(len(filters) - 1). Simpler than
-    nnU-Net's ResEnc presets (one residual block per stage instead of 1-3-4-6-6-6), same topology.
+    every following one, so the input size must be divisible by 2^(len(filters) - 1).
+    `blocks_per_stage`: residual blocks per encoder stage (the first one strides); nnU-Net's ResEnc
+    presets use (1, 3, 4, 6, 6, 6). Default one per stage (DynUNet's own layout: lighter, and the
+    state-dict keys stay MONAI's). The decoder has one block per stage, as in nnU-Net ResEnc.
     With `deep_supervision`, training-mode output is (B, 1 + deep_supr_num, C, D, H, W).
     """
 
@@ -162,10 +165,16 @@ class ResEncUNet(DynUNet):
         deep_supervision: bool = False,
         deep_supr_num: int = 1,
         dropout: float = 0.0,
+        blocks_per_stage: Sequence[int] | None = None,
     ) -> None:
         n = len(filters)
         if n < 3:
             raise ValueError(f"resenc_unet needs at least 3 stages in `filters`, got {list(filters)}")
+        blocks = [1] * n if blocks_per_stage is None else [int(b) for b in blocks_per_stage]
+        if len(blocks) != n or min(blocks) < 1:
+            raise ValueError(
+                f"resenc_unet: `blocks_per_stage` needs one count >= 1 per stage of `filters` ({n}), got {blocks}"
+            )
         strides = [1] + [2] * (n - 1)
         super().__init__(
             spatial_dims=3,
@@ -187,6 +196,22 @@ class ResEncUNet(DynUNet):
         # duplicated state-dict keys sharing storage, which safetensors refuses. The same topology
         # runs as a loop in `forward` below, so the recursive copy is dropped.
         del self.skip_layers
+        # Deeper stages: the stage's strided block, then stride-1 residual blocks of the same width.
+        self.input_block = self._deepen(self.input_block, filters[0], blocks[0])
+        self.downsamples = nn.ModuleList(
+            [self._deepen(b, f, k) for b, f, k in zip(self.downsamples, filters[1:-1], blocks[1:-1], strict=True)]
+        )
+        self.bottleneck = self._deepen(self.bottleneck, filters[-1], blocks[-1])
+
+    def _deepen(self, block: nn.Module, width: int, n_blocks: int) -> nn.Module:
+        """`block` followed by n_blocks - 1 stride-1 UnetResBlocks of `width` channels (or `block` alone)."""
+        if n_blocks == 1:
+            return block
+        extra = [
+            UnetResBlock(3, width, width, 3, 1, self.norm_name, self.act_name, dropout=self.dropout)
+            for _ in range(n_blocks - 1)
+        ]
+        return nn.Sequential(block, *extra)
 
     def encoder_features(self, x: Tensor) -> list[Tensor]:
         """Encoder features, shallow to deep: (B, filters[i], D/2^i, H/2^i, W/2^i) per stage."""

@@ -30,6 +30,7 @@ CONFIGS = sorted((ROOT / "configs").rglob("*.yaml"))
 # Narrow variants of network init args, by argument name.
 NET_SHRINK: dict[str, Any] = {
     "filters": [4, 8, 16],
+    "blocks_per_stage": [1, 2, 2],
     "channels": [4, 8, 16],
     "init_filters": 8,
     "blocks_down": [1, 1, 1],

@@ -135,3 +135,33 @@ def test_load_encoder_strict_report_and_error(tmp_path):
     (tmp_path / "bad.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(ModelFolderError):
         load_encoder(unet, tmp_path / "bad.safetensors")
+
+
+def test_resenc_unet_blocks_per_stage(tmp_path):
+    """nnU-Net ResEnc-style deeper encoder stages: same features and output shapes, more blocks,
+    exported config rebuilds the same network, encoder keys still under encoder_prefixes."""
+    torch.manual_seed(0)
+    plain = create_net("resenc_unet", out_channels=3, filters=[4, 8, 16]).eval()
+    deep = create_net("resenc_unet", out_channels=3, filters=[4, 8, 16], blocks_per_stage=[1, 2, 3]).eval()
+    x = torch.randn(1, 1, 16, 16, 16)
+    with torch.no_grad():
+        assert [f.shape for f in deep.encoder_features(x)] == [f.shape for f in plain.encoder_features(x)]
+        y = deep(x)
+    assert y.shape == (1, 3, 16, 16, 16)
+    n_params = {k: sum(p.numel() for p in m.parameters()) for k, m in (("plain", plain), ("deep", deep))}
+    assert n_params["deep"] > n_params["plain"]
+    new_keys = set(deep.state_dict()) - set(plain.state_dict())
+    assert any(k.startswith("downsamples.0.1.") for k in new_keys)  # stage 1: one extra block
+    assert any(k.startswith("bottleneck.2.") for k in new_keys)  # stage 2: two extra blocks
+    enc = encoder_state_dict(deep)
+    assert new_keys <= set(enc)  # the extra blocks belong to the encoder
+    cfg = json.loads(json.dumps(deep.net_config))
+    twin = create_net(cfg["name"], **cfg["args"]).eval()
+    twin.load_state_dict(deep.state_dict(), strict=True)
+    with torch.no_grad():
+        assert torch.equal(twin(x), y)
+    save_file({k: v.contiguous() for k, v in deep.state_dict().items()}, str(tmp_path / "w.safetensors"))
+    with pytest.raises(ValueError, match="blocks_per_stage"):
+        create_net("resenc_unet", filters=[4, 8, 16], blocks_per_stage=[1, 2])
+    with pytest.raises(ValueError, match="blocks_per_stage"):
+        create_net("resenc_unet", filters=[4, 8, 16], blocks_per_stage=[1, 0, 2])
