@@ -184,24 +184,29 @@ def test_no_dicom_and_missing(tmp_path: Path) -> None:
 
 
 def test_compressed_series(subset20: Path, tmp_path: Path) -> None:
-    """RLE Lossless (pydicom's native encoder) and JPEG 2000 lossless (pylibjpeg-openjpeg) slices.
-
-    JPEG-LS cannot be encoded here (pydicom needs pyjpegls for that); its decoder (pylibjpeg-libjpeg)
-    is installed but not exercised by this test.
-    """
-    from pydicom.uid import JPEG2000Lossless, RLELossless
+    """RLE Lossless (pydicom's native encoder), JPEG 2000 lossless (pylibjpeg-openjpeg) and JPEG-LS
+    lossless (encoded with pyjpegls, a test-only dependency) slices in one series."""
+    from pydicom.pixels import pixel_array
+    from pydicom.uid import JPEG2000Lossless, JPEGLSLossless, RLELossless
 
     names = _names(subset20)
     folder = _copy(subset20, tmp_path / "compressed", names)
-    for i, name in enumerate(names[:6]):
+    syntax_cycle = (RLELossless, JPEG2000Lossless, JPEGLSLossless)
+    for i, name in enumerate(names[:9]):
         ds = pydicom.dcmread(folder / name)
-        ds.compress(RLELossless if i % 2 == 0 else JPEG2000Lossless)
+        ds.compress(syntax_cycle[i % 3])
         ds.save_as(folder / name)
     syntaxes = {pydicom.dcmread(folder / n).file_meta.TransferSyntaxUID for n in names}
-    assert {RLELossless, JPEG2000Lossless} <= syntaxes
+    assert set(syntax_cycle) <= syntaxes
     compressed, original = read_volume(folder), read_volume(subset20)
     np.testing.assert_array_equal(compressed.array, original.array)
     np.testing.assert_array_equal(compressed.affine, original.affine)
+    # Users have no pyjpegls: JPEG-LS must also decode through the runtime dependency pylibjpeg-libjpeg.
+    jls = folder / names[2]
+    assert pydicom.dcmread(jls).file_meta.TransferSyntaxUID == JPEGLSLossless
+    np.testing.assert_array_equal(
+        pixel_array(jls, decoding_plugin="pylibjpeg"), pydicom.dcmread(subset20 / names[2]).pixel_array
+    )
 
 
 def test_rescale_slope_gives_float_hu(subset20: Path, tmp_path: Path) -> None:
