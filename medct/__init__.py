@@ -12,7 +12,7 @@ __version__ = "0.1.0"
 
 # public name -> module that defines it; imported on first attribute access (PEP 562).
 _LAZY = {
-    "Volume": "medct.io",
+    "Volume": "medct.volume",
     "read_volume": "medct.io",
     "write_volume": "medct.io",
     "read_rtstruct": "medct.dicom",

@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,6 +22,7 @@ import torch
 from torch import nn
 
 from medct.errors import ModelFolderError
+from medct.paths import atomic_folder
 from medct.transforms import Preprocessing
 
 WEIGHTS_FILE = "model.safetensors"
@@ -83,21 +82,12 @@ def save_model_folder(net: nn.Module, card: ModelCard, out_dir: str | os.PathLik
     """Write `net` and `card` into `out_dir` atomically (staged in a sibling temp folder)."""
     from safetensors.torch import save_file
 
-    out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_folder(out_dir) as stage:
         # safetensors refuses shared/non-contiguous storage: store contiguous CPU copies.
         state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
         save_file(state, str(stage / WEIGHTS_FILE), metadata={"format": "pt"})
         (stage / CARD_FILE).write_text(json.dumps(card.to_dict(), indent=2) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(stage, out)
-    except BaseException:
-        shutil.rmtree(stage, ignore_errors=True)
-        raise
-    return out
+    return Path(out_dir)
 
 
 def read_model_card(model_dir: str | os.PathLike[str]) -> ModelCard:

@@ -39,10 +39,10 @@ import lightning.pytorch as pl
 from torch.utils.data import DataLoader
 
 from medct.errors import InputPathError
+from medct.paths import VOLUME_SUFFIXES, volume_stem
 from medct.transforms import Preprocessing, train_transforms, val_transforms
 
 DATASET_JSON = "dataset.json"
-IMAGE_SUFFIXES = (".nii.gz", ".nii", ".mha", ".mhd", ".nrrd")
 CACHE_VERSION = 1  # bump when the cached part of the pipelines changes meaning
 
 Datalist = list[dict[str, str]]
@@ -52,10 +52,8 @@ Datalist = list[dict[str, str]]
 
 
 def _strip_suffix(name: str) -> tuple[str, str] | None:
-    for suffix in IMAGE_SUFFIXES:
-        if name.endswith(suffix):
-            return name[: -len(suffix)], suffix
-    return None
+    stem = volume_stem(name)
+    return None if stem is None else (stem, name[len(stem) :])
 
 
 def _resolve(base: Path, rel: str, where: Path) -> str:
@@ -116,7 +114,7 @@ def pair_nnunet_folder(data_dir: str | os.PathLike[str]) -> Datalist:
             parts.append(f"no image for {', '.join(no_image[:5])}" + (" ..." if len(no_image) > 5 else ""))
         raise InputPathError(f"{root} has unpaired cases ({'; '.join(parts)}).")
     if not images:
-        raise InputPathError(f"{images_dir} holds no images ({', '.join(IMAGE_SUFFIXES)}).")
+        raise InputPathError(f"{images_dir} holds no images ({', '.join(VOLUME_SUFFIXES)}).")
     return [{"image": str(images[n].resolve()), "label": str(labels[n].resolve())} for n in sorted(images)]
 
 

@@ -36,7 +36,7 @@ from medct.errors import (
     InvalidVolumeError,
     UnreadableVolumeError,
 )
-from medct.io import LPS_TO_RAS, Volume
+from medct.volume import LPS_TO_RAS, Volume
 
 # Modalities that carry no image slices (a structure set next to its CT is not a second series).
 NON_IMAGE_MODALITIES = frozenset({"RTSTRUCT", "RTPLAN", "RTRECORD", "SEG", "SR", "PR", "KO", "REG", "DOC"})

@@ -32,24 +32,28 @@ from __future__ import annotations
 import copy
 import itertools
 import os
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from medct.body import body_mask, body_threshold
 from medct.checkpoint import ModelCard, load_model_folder
 from medct.errors import InvalidVolumeError
-from medct.io import Volume, validate_for_inference
+from medct.geometry import (
+    Grid,
+    argmax_resample_chunks,
+    axis_aligned,
+    map_box,
+    network_grid,
+    resample_chunks,
+    resample_separable,
+)
+from medct.io import validate_for_inference
+from medct.volume import Volume
 
 DEFAULT_OVERLAP = 0.5  # nnU-Net's tile step of half a patch
-BODY_HU = -500.0  # air < -500 HU < every tissue
-BODY_COARSE_MM = 3.0  # voxel size of the coarse copy the body mask is found on
-BODY_OPEN_MM = 10.0  # opening radius: removes couch plates/rails thinner than ~2 cm
-BODY_MIN_ML = 10.0  # pieces of the opened mask kept as body (arms, ...); couch remnants are smaller
-CHUNK_VOXELS = 1 << 22  # output voxels per resampling chunk: bounds the (N, 3) grid + (C, N) scores
 
 
 def auto_device() -> torch.device:
@@ -59,58 +63,6 @@ def auto_device() -> torch.device:
     if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
         return torch.device("mps")
     return torch.device("cpu")
-
-
-# ----------------------------------------------------------------------------- geometry
-
-
-@dataclass(frozen=True)
-class Grid:
-    """A voxel grid: (3,) shape and (4, 4) voxel -> RAS affine."""
-
-    shape: tuple[int, int, int]
-    affine: np.ndarray
-
-
-def network_grid(affine: np.ndarray, shape: Sequence[int], spacing: Sequence[float]) -> Grid:
-    """The grid MONAI's Orientation(axcodes="RAS") then Spacing(pixdim=spacing) produce for an input.
-
-    Built with nibabel/MONAI's own functions (the ones those transforms call) so that medct and a
-    MONAI pipeline sample the network input at the very same points.
-    """
-    import nibabel as nib
-    from monai.data.utils import compute_shape_offset, zoom_affine
-
-    ornt = nib.orientations.ornt_transform(nib.io_orientation(affine), nib.orientations.axcodes2ornt("RAS"))
-    oriented_affine = affine @ nib.orientations.inv_ornt_aff(ornt, shape)
-    oriented_shape = [0, 0, 0]
-    for src_axis, (dst_axis, _) in enumerate(ornt):
-        oriented_shape[int(dst_axis)] = int(shape[src_axis])
-    new_affine = zoom_affine(oriented_affine, np.asarray(spacing, dtype=np.float64), diagonal=False)
-    out_shape, offset = compute_shape_offset(oriented_shape, oriented_affine, new_affine, scale_extent=False)
-    new_affine[:3, 3] = offset[:3]
-    return Grid(tuple(int(s) for s in out_shape), new_affine)  # type: ignore[arg-type]
-
-
-def _box_corners(lo: Sequence[float], hi: Sequence[float]) -> np.ndarray:
-    """(4, 8) homogeneous corners of the index box lo..hi."""
-    c = np.array(np.meshgrid(*[[a, b] for a, b in zip(lo, hi, strict=True)], indexing="ij"), dtype=np.float64).reshape(
-        3, -1
-    )
-    return np.vstack([c, np.ones((1, 8))])
-
-
-def map_box(
-    index_map: np.ndarray, lo: Sequence[int], hi: Sequence[int], shape: Sequence[int]
-) -> tuple[np.ndarray, np.ndarray]:
-    """Index box of grid A (lo..hi) -> enclosing index box in grid B, clipped to B's `shape`.
-
-    index_map: (4, 4) voxel index of A -> voxel index of B.
-    """
-    pts = (index_map @ _box_corners(lo, hi))[:3]  # (3, 8)
-    new_lo = np.clip(np.floor(pts.min(axis=1) + 1e-6), 0, np.asarray(shape) - 1).astype(int)
-    new_hi = np.clip(np.ceil(pts.max(axis=1) - 1e-6), 0, np.asarray(shape) - 1).astype(int)
-    return new_lo, np.maximum(new_hi, new_lo)
 
 
 def fold_batch_norm(net: nn.Module) -> nn.Module:
@@ -131,218 +83,6 @@ def fold_batch_norm(net: nn.Module) -> nn.Module:
     # fx raises a variety of errors for that. Folding is only a speed-up, so run it unfolded.
     except Exception:  # noqa: BLE001
         return net
-
-
-@dataclass(frozen=True)
-class BodyMask:
-    """Coarse mask of the patient's body on a grid: `mask[c]` stands for voxels c * stride ... (c + 1) * stride - 1."""
-
-    mask: np.ndarray  # (x, y, z) bool on the coarse grid
-    stride: np.ndarray  # (3,) grid voxels per coarse voxel
-
-    def touches(self, lo: np.ndarray, hi: np.ndarray) -> bool:
-        """Whether the inclusive index box lo..hi of the grid contains any body voxel."""
-        c_lo = np.maximum(np.asarray(lo) // self.stride, 0)
-        c_hi = np.minimum(np.asarray(hi) // self.stride, np.asarray(self.mask.shape) - 1)
-        if (c_lo > c_hi).any():
-            return False
-        return bool(self.mask[c_lo[0] : c_hi[0] + 1, c_lo[1] : c_hi[1] + 1, c_lo[2] : c_hi[2] + 1].any())
-
-
-def body_mask(image: np.ndarray, spacing: Sequence[float], threshold: float) -> BodyMask | None:
-    """Where the patient's body is in a RAS-ordered image (axis 2 is the head-foot axis), on a ~3 mm
-    coarse grid; None when no voxel is above `threshold` (nothing to tell body from air).
-
-    Voxels above `threshold`; a grey opening with a box of ~BODY_OPEN_MM radius (cuts off the
-    couch plate and rails, which are thinner than the body); its pieces of >= BODY_MIN_ML (the
-    opening can part arms from the trunk); plus every above-threshold voxel within three opening
-    radii of them (what the opening thinned
-    away: skin, thin chest walls); holes filled in every axial slice (lungs, airways and bowel gas
-    belong to the body); dilated by one coarse voxel (a coarse sample stands for `stride` voxels,
-    so the body's edge can lie up to one coarse voxel beyond it). Falls back to the plain
-    threshold when the opening removes everything (tiny phantoms).
-    """
-    from scipy import ndimage
-
-    sp = np.asarray(spacing, dtype=np.float64)
-    stride = np.maximum(1, np.round(BODY_COARSE_MM / sp)).astype(int)
-    coarse = np.asarray(image[:: stride[0], :: stride[1], :: stride[2]]) > threshold  # (x, y, z)
-    if not coarse.any():
-        return None
-    size = 2 * np.ceil(BODY_OPEN_MM / (sp * stride)).astype(int) + 1
-    # minimum then maximum filter = binary opening with a box; separable in scipy, so fast.
-    opened = ndimage.maximum_filter(ndimage.minimum_filter(coarse.view(np.uint8), size=size), size=size) > 0
-    mask = opened if opened.any() else coarse
-    labels, n = ndimage.label(mask)
-    if n > 1:  # keep every sizeable piece: the opening may split trunk and arms, or thin-walled chests
-        sizes_ml = np.bincount(labels.ravel())[1:] * float(np.prod(sp * stride)) / 1000.0
-        keep = np.flatnonzero((sizes_ml >= BODY_MIN_ML) | (sizes_ml == sizes_ml.max())) + 1
-        mask = np.isin(labels, keep)
-    # The opening also thins the body: take back every above-threshold voxel within 3 opening radii
-    # of the body core (thin chest walls, skin), then fill what they enclose in each axial slice.
-    near = ndimage.maximum_filter(mask.view(np.uint8), size=3 * size - 2) > 0
-    mask |= coarse & near
-    for k in range(mask.shape[2]):
-        mask[:, :, k] = ndimage.binary_fill_holes(mask[:, :, k])
-    return BodyMask(ndimage.binary_dilation(mask, np.ones((3, 3, 3), bool)), stride)
-
-
-def _index_coords(
-    index_map: np.ndarray, out_shape: Sequence[int], device: torch.device, chunk_voxels: int = CHUNK_VOXELS
-) -> Iterator[tuple[slice, torch.Tensor]]:
-    """Source voxel coordinates of every output voxel, chunk by chunk along the output's last axis.
-
-    index_map: (4, 4) output voxel index -> source voxel index. Yields (slice of the last axis,
-    (X, Y, z_chunk, 3) float32 source coordinates in (i, j, k) order).
-    """
-    X, Y, Z = (int(s) for s in out_shape)
-    m = torch.as_tensor(index_map[:3], dtype=torch.float32, device=device)  # (3, 4)
-    ii = torch.arange(X, dtype=torch.float32, device=device)
-    jj = torch.arange(Y, dtype=torch.float32, device=device)
-    base = ii[:, None, None, None] * m[:, 0] + jj[None, :, None, None] * m[:, 1] + m[:, 3]  # (X, Y, 1, 3)
-    step = max(1, chunk_voxels // max(X * Y, 1))
-    for k0 in range(0, Z, step):
-        k1 = min(Z, k0 + step)
-        kk = torch.arange(k0, k1, dtype=torch.float32, device=device)
-        yield slice(k0, k1), base + kk[None, None, :, None] * m[:, 2]  # (X, Y, kc, 3)
-
-
-def _normalised(coords: torch.Tensor, src_shape: Sequence[int]) -> torch.Tensor:
-    """(..., 3) source (i, j, k) coordinates -> grid_sample's [-1, 1] (align_corners=True) in (k, j, i) order."""
-    # (a size-1 axis maps every normalised value to its only voxel, so any finite value will do)
-    scale = torch.tensor([2.0 / max(int(s) - 1, 1) for s in src_shape], device=coords.device)
-    return (coords * scale - 1.0).flip(-1)
-
-
-def resample_chunks(
-    src: torch.Tensor, index_map: np.ndarray, out_shape: Sequence[int], chunk_voxels: int = CHUNK_VOXELS
-) -> Iterator[tuple[slice, torch.Tensor]]:
-    """Trilinear samples of `src` at every voxel of an output grid, chunk by chunk along its last axis.
-
-    src:       (C, X, Y, Z) float tensor on the device to compute on.
-    index_map: (4, 4) output voxel index -> `src` voxel index (composed from the two affines).
-    Yields (slice of the output's last axis, (C, x, y, z_chunk) samples). Outside `src` the nearest
-    border value is used (MONAI Spacingd's default `padding_mode="border"`).
-
-    Written by hand (rather than MONAI SpatialResample) to resample in chunks with one composed
-    float32 transform: the full-resolution C-channel output of a CT never has to exist at once.
-    """
-    src_shape = src.shape[1:]
-    for zs, coords in _index_coords(index_map, out_shape, src.device, chunk_voxels):
-        grid = _normalised(coords, src_shape)[None]  # (1, X, Y, kc, 3)
-        out = F.grid_sample(src[None], grid, mode="bilinear", padding_mode="border", align_corners=True)
-        yield zs, out[0]  # (C, X, Y, kc)
-
-
-def _axis_aligned(index_map: np.ndarray) -> bool:
-    """Whether output axis a maps onto source axis a alone (a diagonal 3x3 part: scaling and flips)."""
-    lin = index_map[:3, :3]
-    return bool(np.allclose(lin - np.diag(np.diag(lin)), 0.0, atol=1e-9))
-
-
-def _axis_coords(
-    index_map: np.ndarray, out_shape: Sequence[int], src_shape: Sequence[int], device: torch.device
-) -> list[torch.Tensor]:
-    """Axis-aligned maps: per output axis, the (n_out,) source coordinates clamped to the source (border padding)."""
-    return [
-        (torch.arange(int(n), dtype=torch.float64, device=device) * float(index_map[a, a]) + float(index_map[a, 3]))
-        .clamp_(0.0, float(int(src_shape[a]) - 1))
-        .float()
-        for a, n in enumerate(out_shape)
-    ]
-
-
-def resample_separable(src: torch.Tensor, index_map: np.ndarray, out_shape: Sequence[int]) -> torch.Tensor:
-    """`resample_chunks` for an axis-aligned `index_map`, all at once: (C, X, Y, Z) -> (C, *out_shape).
-
-    Trilinear interpolation of an axis-aligned grid factorises into three 1-D linear
-    interpolations, each a gather of two slabs and a blend: ~4x faster than grid_sample's 3-D
-    gather (measured on a 512x512x134 CT -> 1.5 mm grid). Same border padding, same numbers up to
-    float rounding.
-    """
-    coords = _axis_coords(index_map, out_shape, src.shape[1:], src.device)
-    out = src
-    # shrink first: the intermediate arrays stay small
-    for axis in sorted(range(3), key=lambda a: int(out_shape[a]) / int(src.shape[1 + a])):
-        n_src = out.shape[1 + axis]
-        c = coords[axis]
-        i0 = c.floor().long().clamp_(max=max(n_src - 2, 0))
-        i1 = (i0 + 1).clamp_(max=n_src - 1)
-        view = [1, 1, 1, 1]
-        view[1 + axis] = -1
-        w = (c - i0.float()).view(view)
-        a = out.index_select(1 + axis, i0)
-        out = a + (out.index_select(1 + axis, i1) - a) * w
-    return out
-
-
-def mixed_cells(labels: torch.Tensor) -> torch.Tensor:
-    """(X, Y, Z) bool: whether cell (a, b, c), spanning voxels a..a+1, b..b+1, c..c+1, holds more than
-    one label. The last voxel is replicated so that border cells exist.
-
-    Max and min over each cell, one axis at a time on uint8 views: ~10x faster on CPU than the
-    float max_pool3d it replaces (0.13 vs 1.4 s for a 367 x 367 x 267 grid, measured).
-    """
-    lab = torch.cat([labels, labels[-1:]], 0)
-    lab = torch.cat([lab, lab[:, -1:]], 1)
-    lab = torch.cat([lab, lab[:, :, -1:]], 2)  # (X + 1, Y + 1, Z + 1)
-
-    def over_cell(op: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
-        t = op(lab[:-1], lab[1:])
-        t = op(t[:, :-1], t[:, 1:])
-        return op(t[:, :, :-1], t[:, :, 1:])  # (X, Y, Z)
-
-    return over_cell(torch.maximum) != over_cell(torch.minimum)
-
-
-def argmax_resample_chunks(
-    scores: torch.Tensor, index_map: np.ndarray, out_shape: Sequence[int], chunk_voxels: int = CHUNK_VOXELS
-) -> Iterator[tuple[slice, torch.Tensor]]:
-    """argmax over classes of the trilinearly resampled `scores`, without resampling most voxels.
-
-    scores: (C, X, Y, Z) class scores; yields (slice of the output's last axis, (x, y, z_chunk) uint8).
-    Exact shortcut: where all 8 source voxels around an output point share one argmax class c,
-    every trilinear mix of them (the same convex weights for every channel) keeps class c on top,
-    so the label is c. Only points in cells with mixed labels (organ borders, a few per cent of a
-    CT) are resampled over all C channels. Same result as `resample_chunks` + argmax, several
-    times faster and without a C-channel full-resolution array.
-    """
-    src_shape = torch.tensor(scores.shape[1:], device=scores.device)
-    # max(dim).indices, not argmax(dim): same first-maximum rule, ~7x faster over dim 0 on CPU (measured)
-    labels = scores.max(dim=0).indices.to(torch.uint8)  # (X, Y, Z)
-    mixed = mixed_cells(labels)  # (X, Y, Z) cell has several labels
-    strides = torch.tensor([labels.shape[1] * labels.shape[2], labels.shape[2], 1], device=scores.device)
-    lab_flat, mixed_flat = labels.reshape(-1), mixed.reshape(-1)
-    if _axis_aligned(index_map):
-        # Axis-aligned: the cell index is a sum of three per-axis terms; no per-voxel coordinates.
-        cx, cy, cz = _axis_coords(index_map, out_shape, scores.shape[1:], scores.device)
-        fx, fy, fz = (c.floor().long() * st for c, st in zip((cx, cy, cz), strides, strict=True))
-        X, Y, Z = (int(n) for n in out_shape)
-        step = max(1, chunk_voxels // max(X * Y, 1))
-        for k0 in range(0, Z, step):
-            k1 = min(Z, k0 + step)
-            cell = fx[:, None, None] + fy[None, :, None] + fz[None, None, k0:k1]  # (x, y, kc)
-            out = lab_flat[cell]
-            need = mixed_flat[cell]
-            if need.any():
-                i, j, k = need.nonzero(as_tuple=True)
-                pts = torch.stack([cx[i], cy[j], cz[k0 + k]], dim=-1)  # (N, 3)
-                grid = _normalised(pts, scores.shape[1:])[None, :, None, None]  # (1, N, 1, 1, 3)
-                vals = F.grid_sample(scores[None], grid, mode="bilinear", padding_mode="border", align_corners=True)
-                out[need] = vals[0, :, :, 0, 0].max(dim=0).indices.to(torch.uint8)  # (C, N) -> (N,)
-            yield slice(k0, k1), out
-        return
-    for zs, coords in _index_coords(index_map, out_shape, scores.device, chunk_voxels):
-        coords = torch.minimum(coords.clamp_(min=0.0), (src_shape - 1).float())  # border padding
-        cell = (coords.floor().long() * strides).sum(-1)  # (x, y, kc) flat index of the cell's low corner
-        out = lab_flat[cell]
-        need = mixed_flat[cell]
-        if need.any():
-            pts = coords[need]  # (N, 3)
-            grid = _normalised(pts, scores.shape[1:])[None, :, None, None]  # (1, N, 1, 1, 3)
-            vals = F.grid_sample(scores[None], grid, mode="bilinear", padding_mode="border", align_corners=True)
-            out[need] = vals[0, :, :, 0, 0].max(dim=0).indices.to(torch.uint8)  # (C, N) -> (N,)
-        yield zs, out
 
 
 # ----------------------------------------------------------------------------- predictor
@@ -477,8 +217,7 @@ class Predictor:
         x = self._network_input(volume, grid)  # (1, 1, D, H, W)
         body = None
         if skip_air and pre.modality.upper() in ("CT", "CBCT"):
-            # BODY_HU on the network's [0, 1] scale (just above 0 when the window starts above it)
-            threshold = max((BODY_HU - pre.hu_min) / (pre.hu_max - pre.hu_min), 1e-3)
+            threshold = body_threshold(pre.hu_min, pre.hu_max)  # BODY_HU on the network's [0, 1] scale
             body = body_mask(x[0, 0].cpu().numpy(), pre.spacing, threshold)
         if any(g < p for g, p in zip(grid.shape, self.card.patch_size, strict=True)):
             body = None  # MONAI pads volumes smaller than a patch: tile coordinates would be shifted
@@ -520,7 +259,7 @@ class Predictor:
         shift = np.eye(4)
         shift[:3, 3] = -lo
         index_map = shift @ grid_to_in
-        if _axis_aligned(index_map):  # the usual case: RAS/LPS/... scans, only flips and scaling
+        if axis_aligned(index_map):  # the usual case: RAS/LPS/... scans, only flips and scaling
             out = resample_separable(src, index_map, grid.shape)[None]
         else:
             out = torch.empty((1, 1, *grid.shape), dtype=torch.float32, device=src.device)

@@ -19,65 +19,21 @@ from __future__ import annotations
 import gzip
 import os
 import re
-import shutil
-import tempfile
 import zlib
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from medct.errors import GeometryMismatchError, InputPathError, InvalidVolumeError, UnreadableVolumeError
+from medct.paths import DICOM_SUFFIXES, NIFTI_SUFFIXES, atomic_files_in
+from medct.volume import LPS_TO_RAS, Volume
 
-# RAS <-> LPS: the two conventions differ by a sign flip of the first two world axes.
-LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+__all__ = ["LPS_TO_RAS", "Volume", "read_volume", "write_volume", "validate_for_inference", "check_same_grid"]
 
-NIFTI_SUFFIXES = (".nii.gz", ".nii")
-ITK_SUFFIXES = {".mha": "mha", ".mhd": "mha", ".nrrd": "nrrd", ".nhdr": "nrrd"}
 # Largest misplacement (mm) of any grid corner for two volumes to count as sharing a grid.
 GRID_TOLERANCE_MM = 1e-4
-
-
-@dataclass
-class Volume:
-    """A 3D image and its geometry.
-
-    array:  (X, Y, Z) voxels in the file's own index order (i, j, k), any dtype.
-    affine: (4, 4) float64, voxel index (i, j, k, 1) -> RAS+ world millimetres; the nibabel and
-            MONAI convention. ITK/DICOM quantities (LPS origin/direction) are derived from it.
-    meta:   free-form facts about the source: path, format, modality, series UID, ...
-    """
-
-    array: np.ndarray
-    affine: np.ndarray
-    meta: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def shape(self) -> tuple[int, int, int]:
-        return tuple(int(s) for s in self.array.shape[:3])  # type: ignore[return-value]
-
-    @property
-    def spacing(self) -> tuple[float, float, float]:
-        """Voxel size in mm along i, j, k (column norms of the affine's linear part)."""
-        return tuple(float(s) for s in np.linalg.norm(self.affine[:3, :3], axis=0))  # type: ignore[return-value]
-
-    @property
-    def direction_lps(self) -> np.ndarray:
-        """(3, 3) ITK direction cosines (columns are the i, j, k axes in LPS world)."""
-        lps = LPS_TO_RAS @ self.affine  # LPS_TO_RAS is its own inverse
-        return lps[:3, :3] / np.asarray(self.spacing)[None, :]
-
-    @property
-    def origin_lps(self) -> np.ndarray:
-        """(3,) ITK origin: world position of voxel (0, 0, 0) in LPS millimetres."""
-        return (LPS_TO_RAS @ self.affine)[:3, 3].copy()
-
-    def with_array(self, array: np.ndarray) -> Volume:
-        """A new volume on the same grid (same affine, copied meta) holding `array`."""
-        if tuple(array.shape[:3]) != self.shape:
-            raise ValueError(f"array shape {array.shape} does not match grid {self.shape}")
-        return Volume(array=array, affine=self.affine.copy(), meta=dict(self.meta))
+# ITK file suffix -> the format name used in messages and metadata
+_ITK_FORMATS = {".mha": "mha", ".mhd": "mha", ".nrrd": "nrrd", ".nhdr": "nrrd"}
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -88,9 +44,9 @@ def _format_of(path: Path) -> str | None:
     name = path.name.lower()
     if name.endswith(NIFTI_SUFFIXES):
         return "nifti"
-    if path.suffix.lower() in ITK_SUFFIXES:
-        return ITK_SUFFIXES[path.suffix.lower()]
-    if path.suffix.lower() in (".dcm", ".dicom", ".ima"):
+    if path.suffix.lower() in _ITK_FORMATS:
+        return _ITK_FORMATS[path.suffix.lower()]
+    if path.suffix.lower() in DICOM_SUFFIXES:
         return "dicom"
     return None
 
@@ -345,19 +301,11 @@ def write_volume(
         raise InputPathError(f"Cannot write {p}: use a .nii, .nii.gz, .mha, .mhd or .nrrd file name.")
     p.parent.mkdir(parents=True, exist_ok=True)
     np_dtype = None if dtype is None else np.dtype(dtype)
-    # A temporary folder (not a temporary file) in the same directory: the writer sees the final file
-    # name, so it picks the right format and an .mhd header names its final .raw/.zraw data file.
-    tmp_dir = Path(tempfile.mkdtemp(prefix=f".tmp-{p.name}-", dir=p.parent))
-    try:
-        tmp = tmp_dir / p.name
+    # A staging folder (not a temporary file name): the writer sees the final file name, so it picks
+    # the right format and an .mhd header names its final .raw/.zraw data file; the header moves last.
+    with atomic_files_in(p.parent, p.name) as stage:
         if fmt == "nifti":
-            _write_nifti(vol, tmp, np_dtype, compress_level)
+            _write_nifti(vol, stage / p.name, np_dtype, compress_level)
         else:
-            _write_itk(vol, tmp, np_dtype, compress_level)
-        # Data files (.raw/.zraw of an .mhd) first, the header last: a reader never finds a header
-        # pointing at missing data.
-        for f in sorted(tmp_dir.iterdir(), key=lambda f: f.name == p.name):
-            os.replace(f, p.parent / f.name)
-    finally:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
+            _write_itk(vol, stage / p.name, np_dtype, compress_level)
     return p

@@ -39,6 +39,7 @@ from monai.networks.nets import DynUNet, SegResNet, SwinUNETR, UNet
 from torch import Tensor, nn
 
 from medct.errors import InputPathError, ModelFolderError
+from medct.paths import atomic_file
 
 DEFAULT_NET = "resenc_unet"
 ENCODER_NET_KEY = "medct_net"  # safetensors metadata: the registry name the encoder came from
@@ -358,7 +359,6 @@ def save_encoder(net: nn.Module, path: str | os.PathLike[str]) -> Path:
     from safetensors.torch import save_file
 
     out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.cpu().contiguous() for k, v in encoder_state_dict(net).items()}
     config = getattr(net, "net_config", {})
     metadata = {
@@ -366,9 +366,8 @@ def save_encoder(net: nn.Module, path: str | os.PathLike[str]) -> Path:
         ENCODER_NET_KEY: str(config.get("name", "")),
         "net_args": json.dumps(config.get("args", {})),
     }
-    tmp = out.with_name(f".{out.name}.tmp")
-    save_file(state, str(tmp), metadata=metadata)
-    os.replace(tmp, out)  # atomic: no half-written encoder file
+    with atomic_file(out) as tmp:  # no half-written encoder file
+        save_file(state, str(tmp), metadata=metadata)
     return out
 
 

@@ -46,7 +46,6 @@ import itertools
 import json
 import math
 import os
-import tempfile
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Literal
@@ -56,6 +55,7 @@ from scipy import ndimage
 
 from medct.errors import MedCTError
 from medct.io import Volume, write_volume
+from medct.paths import write_text_atomic
 
 Variant = Literal["ct", "cbct", "cbct_tst", "mr"]
 ContrastPhase = Literal["native", "arterial", "venous"]
@@ -1431,10 +1431,7 @@ def write_cohort(
         "test": [],
     }
     path = root / "dataset.json"
-    fd, tmp = tempfile.mkstemp(prefix=".dataset-", suffix=".json", dir=root)
-    with os.fdopen(fd, "w") as f:
-        json.dump(dataset, f, indent=2)
-    os.replace(tmp, path)  # atomic: never a half-written dataset.json
+    write_text_atomic(path, json.dumps(dataset, indent=2))  # never a half-written dataset.json
     return path
 
 

@@ -13,13 +13,13 @@ centre). Labels are overlaid with the tab20 colours; the PNG is written atomical
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from medct.errors import GeometryMismatchError
-from medct.io import Volume
+from medct.paths import atomic_file
+from medct.volume import Volume
 
 
 def _to_ras(array: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -113,15 +113,9 @@ def save_preview(
     fig.tight_layout()
 
     out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".png", dir=out.parent)
-    os.close(fd)
     try:
-        fig.savefig(tmp, format="png", dpi=100, facecolor=fig.get_facecolor())
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        with atomic_file(out, suffix=".png") as tmp:
+            fig.savefig(tmp, format="png", dpi=100, facecolor=fig.get_facecolor())
     finally:
         plt.close(fig)
     return out

@@ -18,7 +18,6 @@ import csv
 import io as _io
 import os
 import sys
-import tempfile
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -28,8 +27,8 @@ import numpy as np
 
 from medct.errors import InputPathError, InvalidVolumeError, MedCTError, UnreadableVolumeError
 from medct.io import is_dicom_file
+from medct.paths import volume_suffix, write_text_atomic
 
-VOLUME_SUFFIXES = (".nii.gz", ".nii", ".mha", ".mhd", ".nrrd")
 # Files a scan folder commonly holds next to the scans; they are not cases and not errors.
 IGNORED_SUFFIXES = (".json", ".csv", ".txt", ".md", ".png", ".jpg", ".raw", ".zraw", ".log", ".xlsx")
 
@@ -57,12 +56,6 @@ class RunReport:
     done: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     failed: list[tuple[str, str]] = field(default_factory=list)
-
-
-def volume_suffix(path: Path) -> str:
-    """The volume extension of `path` ('.nii.gz', '.mha', ...) or '' if it is none of them."""
-    name = path.name.lower()
-    return next((s for s in VOLUME_SUFFIXES if name.endswith(s)), "")
 
 
 def _holds_dicom(folder: Path) -> bool:
@@ -121,10 +114,7 @@ def _write_summary(rows: list[dict[str, object]], label_names: list[str], path: 
     writer.writeheader()
     for row in rows:
         writer.writerow(row)
-    fd, tmp = tempfile.mkstemp(prefix=".summary.", suffix=".csv", dir=path.parent)
-    with os.fdopen(fd, "w", newline="") as f:
-        f.write(buf.getvalue())
-    os.replace(tmp, path)
+    write_text_atomic(path, buf.getvalue())
 
 
 def segment_paths(

@@ -70,14 +70,15 @@ def scale_intensity(hu: np.ndarray, pre: Preprocessing) -> np.ndarray:
 # MONAI is imported inside the functions below so that `Preprocessing` (read by the CLI and by
 # model cards) stays importable without torch.
 
-BODY_HU = -500.0  # air is below, every tissue above: the body mask CropForegroundd uses
 BODY_MARGIN_VOXELS = 8  # margin kept around the body after resampling
 MAX_LABEL = 255  # labels are cached as uint8
 
 
 def body_threshold(pre: Preprocessing) -> float:
-    """`BODY_HU` on the [0, 1] scale of `pre`; never below a hair above 0 (the clipped-air value)."""
-    return max(float(scale_intensity(np.array([BODY_HU]), pre)[0]), 1e-3)
+    """medct.body.BODY_HU on the [0, 1] scale of `pre` (CropForegroundd's and the sampler's body mask)."""
+    from medct.body import body_threshold as threshold
+
+    return threshold(pre.hu_min, pre.hu_max)
 
 
 class AboveThreshold:

@@ -13,7 +13,9 @@ from torch import nn
 
 from medct.checkpoint import ModelCard, save_model_folder
 from medct.errors import InvalidVolumeError
-from medct.inference import Predictor, body_mask, network_grid
+from medct.body import body_mask
+from medct.geometry import network_grid
+from medct.inference import Predictor
 from medct.io import Volume
 from medct.metrics import dice_per_label
 from medct.transforms import Preprocessing
@@ -249,7 +251,7 @@ def test_cuda_matches_cpu_and_cpu_stitching() -> None:
 
 
 def test_argmax_shortcut_equals_full_resampling() -> None:
-    from medct.inference import argmax_resample_chunks, resample_chunks
+    from medct.geometry import argmax_resample_chunks, resample_chunks
 
     torch.manual_seed(0)
     # smooth random scores: large uniform regions and borders, like a real network output
@@ -266,7 +268,7 @@ def test_argmax_shortcut_equals_full_resampling() -> None:
 
 
 def test_axis_aligned_fast_paths_match_grid_sample() -> None:
-    from medct.inference import argmax_resample_chunks, resample_chunks, resample_separable
+    from medct.geometry import argmax_resample_chunks, resample_chunks, resample_separable
 
     torch.manual_seed(1)
     src = F.avg_pool3d(torch.randn(4, 21, 17, 9) * 5, 5, stride=1, padding=2)  # (C, X, Y, Z)
@@ -280,7 +282,7 @@ def test_axis_aligned_fast_paths_match_grid_sample() -> None:
 
 
 def test_mixed_cells_marks_exactly_the_cells_with_two_labels() -> None:
-    from medct.inference import mixed_cells
+    from medct.geometry import mixed_cells
 
     torch.manual_seed(2)
     labels = (torch.rand(9, 7, 5) * 3).to(torch.uint8)

@@ -1,0 +1,78 @@
+"""Where the patient's body is: the one body-mask helper of medct.
+
+CT/CBCT voxels above BODY_HU (-500 HU) are tissue, below it air. Used by the training pipelines
+(crop to the body, negatives sampled inside it: `body_threshold`) and by the Predictor (sliding-
+window tiles that touch no body voxel are not run: `body_mask`, which also drops the couch).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+BODY_HU = -500.0  # air < -500 HU < every tissue
+BODY_COARSE_MM = 3.0  # voxel size of the coarse copy the body mask is found on
+BODY_OPEN_MM = 10.0  # opening radius: removes couch plates/rails thinner than ~2 cm
+BODY_MIN_ML = 10.0  # pieces of the opened mask kept as body (arms, ...); couch remnants are smaller
+
+
+def body_threshold(hu_min: float, hu_max: float) -> float:
+    """BODY_HU on the [0, 1] scale of the HU window [hu_min, hu_max]; never below a hair above 0
+    (the value clipped air takes when the window starts above -500 HU)."""
+    return max((BODY_HU - hu_min) / (hu_max - hu_min), 1e-3)
+
+
+@dataclass(frozen=True)
+class BodyMask:
+    """Coarse mask of the patient's body on a grid: `mask[c]` stands for voxels c * stride ... (c + 1) * stride - 1."""
+
+    mask: np.ndarray  # (x, y, z) bool on the coarse grid
+    stride: np.ndarray  # (3,) grid voxels per coarse voxel
+
+    def touches(self, lo: np.ndarray, hi: np.ndarray) -> bool:
+        """Whether the inclusive index box lo..hi of the grid contains any body voxel."""
+        c_lo = np.maximum(np.asarray(lo) // self.stride, 0)
+        c_hi = np.minimum(np.asarray(hi) // self.stride, np.asarray(self.mask.shape) - 1)
+        if (c_lo > c_hi).any():
+            return False
+        return bool(self.mask[c_lo[0] : c_hi[0] + 1, c_lo[1] : c_hi[1] + 1, c_lo[2] : c_hi[2] + 1].any())
+
+
+def body_mask(image: np.ndarray, spacing: Sequence[float], threshold: float) -> BodyMask | None:
+    """Where the patient's body is in a RAS-ordered image (axis 2 is the head-foot axis), on a ~3 mm
+    coarse grid; None when no voxel is above `threshold` (nothing to tell body from air).
+
+    Voxels above `threshold`; a grey opening with a box of ~BODY_OPEN_MM radius (cuts off the
+    couch plate and rails, which are thinner than the body); its pieces of >= BODY_MIN_ML (the
+    opening can part arms from the trunk); plus every above-threshold voxel within three opening
+    radii of them (what the opening thinned
+    away: skin, thin chest walls); holes filled in every axial slice (lungs, airways and bowel gas
+    belong to the body); dilated by one coarse voxel (a coarse sample stands for `stride` voxels,
+    so the body's edge can lie up to one coarse voxel beyond it). Falls back to the plain
+    threshold when the opening removes everything (tiny phantoms).
+    """
+    from scipy import ndimage
+
+    sp = np.asarray(spacing, dtype=np.float64)
+    stride = np.maximum(1, np.round(BODY_COARSE_MM / sp)).astype(int)
+    coarse = np.asarray(image[:: stride[0], :: stride[1], :: stride[2]]) > threshold  # (x, y, z)
+    if not coarse.any():
+        return None
+    size = 2 * np.ceil(BODY_OPEN_MM / (sp * stride)).astype(int) + 1
+    # minimum then maximum filter = binary opening with a box; separable in scipy, so fast.
+    opened = ndimage.maximum_filter(ndimage.minimum_filter(coarse.view(np.uint8), size=size), size=size) > 0
+    mask = opened if opened.any() else coarse
+    labels, n = ndimage.label(mask)
+    if n > 1:  # keep every sizeable piece: the opening may split trunk and arms, or thin-walled chests
+        sizes_ml = np.bincount(labels.ravel())[1:] * float(np.prod(sp * stride)) / 1000.0
+        keep = np.flatnonzero((sizes_ml >= BODY_MIN_ML) | (sizes_ml == sizes_ml.max())) + 1
+        mask = np.isin(labels, keep)
+    # The opening also thins the body: take back every above-threshold voxel within 3 opening radii
+    # of the body core (thin chest walls, skin), then fill what they enclose in each axial slice.
+    near = ndimage.maximum_filter(mask.view(np.uint8), size=3 * size - 2) > 0
+    mask |= coarse & near
+    for k in range(mask.shape[2]):
+        mask[:, :, k] = ndimage.binary_fill_holes(mask[:, :, k])
+    return BodyMask(ndimage.binary_dilation(mask, np.ones((3, 3, 3), bool)), stride)

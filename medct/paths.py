@@ -1,0 +1,101 @@
+"""File names and atomic writes: the one list of volume suffixes and the one way to write a file.
+
+Every file medct writes (volumes, model folders, encoders, CSV/JSON summaries, PNG previews,
+datalists) goes through `atomic_file` or `atomic_folder`: the content is written under a hidden
+temporary name in the target's own folder and moved into place with `os.replace`, which is atomic
+on POSIX and Windows within one file system. A crash, a full disk or Ctrl-C leaves either the old
+file or the new one, never a half-written one, and no temporary file behind.
+
+Importing this module imports nothing heavy (the CLI dispatcher reads the suffixes).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+# Volume file suffixes medct reads and writes, longest first so that ".nii.gz" wins over ".gz".
+NIFTI_SUFFIXES = (".nii.gz", ".nii")
+ITK_SUFFIXES = (".mha", ".mhd", ".nrrd", ".nhdr")
+VOLUME_SUFFIXES = (*NIFTI_SUFFIXES, *ITK_SUFFIXES)
+DICOM_SUFFIXES = (".dcm", ".dicom", ".ima")
+
+
+def volume_suffix(path: str | os.PathLike[str]) -> str:
+    """The volume suffix of `path` in lower case ('.nii.gz', '.mha', ...), or '' if it has none."""
+    name = Path(path).name.lower()
+    return next((s for s in VOLUME_SUFFIXES if name.endswith(s)), "")
+
+
+def volume_stem(path: str | os.PathLike[str]) -> str | None:
+    """The file name without its volume suffix ('case_0001_0000.nii.gz' -> 'case_0001_0000'), None if
+    `path` is not a volume file name."""
+    suffix = volume_suffix(path)
+    return Path(path).name[: -len(suffix)] if suffix else None
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike[str], suffix: str | None = None) -> Iterator[Path]:
+    """Yield a temporary path next to `path`; on a clean exit it replaces `path`, else it is deleted.
+
+    >>> with atomic_file("out/summary.csv") as tmp:
+    ...     tmp.write_text(text)
+
+    `suffix` (default: the target's own) lets writers that pick their format from the extension
+    (matplotlib, SimpleITK) see the right one.
+    """
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    ext = suffix if suffix is not None else "".join(target.suffixes)
+    fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=f".tmp{ext}", dir=target.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def atomic_folder(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield an empty staging folder next to `path`; on a clean exit it replaces the folder `path`
+    (an existing one is removed first), else it is deleted. Used for model folders, whose files
+    must appear together."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        yield stage
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(stage, target)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def atomic_files_in(folder: str | os.PathLike[str], final_name: str) -> Iterator[Path]:
+    """Yield a temporary folder; every file written into it is moved into `folder` on a clean exit,
+    the file named `final_name` last. For formats whose header names a data file (.mhd + .raw):
+    the writer sees the final names, and a reader never finds a header before its data."""
+    dest = Path(folder)
+    dest.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=f".tmp-{final_name}-", dir=dest))
+    try:
+        yield stage
+        for f in sorted(stage.iterdir(), key=lambda f: f.name == final_name):
+            os.replace(f, dest / f.name)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+
+
+def write_text_atomic(path: str | os.PathLike[str], text: str) -> Path:
+    """Write `text` to `path` atomically (UTF-8); returns the path."""
+    with atomic_file(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return Path(path)
