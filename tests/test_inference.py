@@ -11,9 +11,9 @@ import torch.nn.functional as F
 from scipy.spatial.transform import Rotation
 from torch import nn
 
+from medct.body import body_mask
 from medct.checkpoint import ModelCard, save_model_folder
 from medct.errors import InvalidVolumeError
-from medct.body import body_mask
 from medct.geometry import network_grid
 from medct.inference import Predictor
 from medct.io import Volume
