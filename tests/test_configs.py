@@ -37,10 +37,21 @@ NET_SHRINK: dict[str, Any] = {
     "blocks_up": [1, 1],
     "feature_size": 12,
     "depths": [1, 1, 1, 1],
+    "n_stages": 3,
 }
-# Patch side a network class needs at least (SwinUNETR: bottleneck of 2 voxels at 1/32 scale).
-MIN_PATCH = {"medct.nets.MedSwinUNETR": 64}
 TINY_PATCH = 32
+
+
+def _min_patch(class_path: str) -> int:
+    """The tiny input side the registry declares for the network a YAML names (e.g. SwinUNETR: 64)."""
+    from medct.nets import list_nets, net_entry
+
+    for name in list_nets():
+        entry = net_entry(name)
+        target = getattr(entry.builder, "__wrapped__", entry.builder)
+        if f"medct.nets.{target.__name__}" == class_path or f"{target.__module__}.{target.__name__}" == class_path:
+            return entry.tiny_size
+    return 0
 
 
 def _tiny(cfg: dict[str, Any], tmp: Path) -> dict[str, Any]:
@@ -51,7 +62,7 @@ def _tiny(cfg: dict[str, Any], tmp: Path) -> dict[str, Any]:
         net["init_args"][key] = NET_SHRINK[key]
     if "sw_batch_size" in model:
         model["sw_batch_size"] = 1
-    patch = max(TINY_PATCH, MIN_PATCH.get(net.get("class_path", ""), 0))
+    patch = max(TINY_PATCH, _min_patch(net.get("class_path", "")))
 
     data = cfg.get("data", {}).get("init_args", {})
     spacing = data.get("spacing", [4.0, 4.0, 4.0])

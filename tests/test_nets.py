@@ -1,4 +1,8 @@
-"""medct.nets: registry, shapes, rebuild from net_config, encoder save/load with a strict report."""
+"""medct.nets: registry, shapes, rebuild from net_config, encoder save/load with a strict report.
+
+The per-network tests are parametrised over `list_nets()` with each entry's declared tiny
+arguments, so every registered network (a new family, a new variant) runs through all of them.
+"""
 
 from __future__ import annotations
 
@@ -15,24 +19,38 @@ from medct.nets import (
     encoder_state_dict,
     list_nets,
     load_encoder,
+    net_entry,
+    register_net,
     save_encoder,
 )
 
-# Tiny variants of every registered network; SwinUNETR needs 64^3 (its 32x-downsampled bottleneck
-# is instance-normalised, which needs more than one voxel).
-TINY = {
-    "unet": ({"channels": [4, 8, 16]}, 32),
-    "resenc_unet": ({"filters": [4, 8, 16]}, 32),
-    "segresnet": ({"init_filters": 8, "blocks_down": [1, 1, 1], "blocks_up": [1, 1]}, 32),
-    "swinunetr": ({"feature_size": 12, "depths": [1, 1, 1, 1]}, 64),
-}
+# name -> (tiny init args, cube side of a test input), as each registration declares them
+TINY = {name: (net_entry(name).tiny_args, net_entry(name).tiny_size) for name in list_nets()}
 
 
 def test_registry_lists_every_network_and_default():
-    assert set(list_nets()) >= {"unet", "resenc_unet", "segresnet", "swinunetr"}
+    assert set(list_nets()) >= {"unet", "resenc_unet", "resenc_unet_m", "resenc_unet_l", "segresnet", "swinunetr"}
     assert DEFAULT_NET == "resenc_unet"
     with pytest.raises(KeyError, match="registered networks are"):
         create_net("no_such_net")
+    with pytest.raises(ValueError, match="already registered"):
+        register_net("unet")(torch.nn.Identity)
+
+
+def test_named_variants_are_nnunet_resenc_presets():
+    """resenc_unet_m is nnU-Net's ResEnc-M layout; its card stores the variant name, not YAML lists."""
+    net = create_net("resenc_unet_m", out_channels=4)
+    assert net.net_config == {
+        "name": "resenc_unet_m",
+        "args": {"in_channels": 1, "out_channels": 4, "n_stages": 6, "deep_supervision": False, "deep_supr_num": 1},
+    }
+    assert net.filters == [32, 64, 128, 256, 320, 320]
+    blocks = [1] + [len(d) if isinstance(d, torch.nn.Sequential) else 1 for d in net.downsamples]
+    blocks.append(len(net.bottleneck) if isinstance(net.bottleneck, torch.nn.Sequential) else 1)
+    assert blocks == [1, 3, 4, 6, 6, 6]
+    assert net_entry("resenc_unet_m").variant_of == "resenc_unet"
+    with pytest.raises(ValueError, match="n_stages"):
+        create_net("resenc_unet_m", n_stages=2)
 
 
 @pytest.mark.parametrize("name", sorted(TINY))

@@ -1,0 +1,63 @@
+"""Networks: a registry of backbones with a clean encoder/decoder split (see `registry`, `encoder`).
+
+    >>> from medct.nets import create_net, list_nets
+    >>> net = create_net("resenc_unet_m", out_channels=5)     # nnU-Net ResEnc-M
+    >>> net.net_config                                         # what a model card stores
+    {'name': 'resenc_unet_m', 'args': {...}}
+
+One file per family; each subclasses the MONAI network it wraps, so state-dict keys are MONAI's:
+  unet.py         `unet` (MONAI UNet, residual units)
+  resenc_unet.py  `resenc_unet` (default), `resenc_unet_m`, `resenc_unet_l` (nnU-Net ResEnc presets)
+  segresnet.py    `segresnet` (MONAI SegResNet)
+  swinunetr.py    `swinunetr` (MONAI SwinUNETR)
+Every network exposes `encoder_prefixes` and `encoder_features(x)`; `save_encoder` / `load_encoder`
+move pretrained encoders between networks of one backbone. A new family is one more file here
+that registers itself with `register_net(name, tiny_args=..., tiny_size=...)` and is imported below;
+a named variant is a registered subclass (`ResEncUNetM`) that fixes its base's settings.
+"""
+
+from __future__ import annotations
+
+from medct.nets.encoder import (
+    ENCODER_NET_KEY,
+    EncoderLoadReport,
+    encoder_state_dict,
+    load_encoder,
+    save_encoder,
+)
+from medct.nets.registry import (
+    DEFAULT_NET,
+    NetEntry,
+    create_net,
+    create_tiny_net,
+    list_nets,
+    net_entry,
+    record_config,
+    register_net,
+)
+from medct.nets.resenc_unet import ResEncUNet, ResEncUNetL, ResEncUNetM
+from medct.nets.segresnet import MedSegResNet
+from medct.nets.swinunetr import MedSwinUNETR
+from medct.nets.unet import MedUNet
+
+__all__ = [
+    "DEFAULT_NET",
+    "ENCODER_NET_KEY",
+    "EncoderLoadReport",
+    "MedSegResNet",
+    "MedSwinUNETR",
+    "MedUNet",
+    "NetEntry",
+    "ResEncUNet",
+    "ResEncUNetL",
+    "ResEncUNetM",
+    "create_net",
+    "create_tiny_net",
+    "encoder_state_dict",
+    "list_nets",
+    "load_encoder",
+    "net_entry",
+    "record_config",
+    "register_net",
+    "save_encoder",
+]

@@ -1,0 +1,132 @@
+"""Encoder transfer: save a network's encoder once, load it into any network of the same backbone.
+
+Every registered network names its encoder: `encoder_prefixes` (state-dict key prefixes) and
+`encoder_features(x)` (multi-scale features, shallow to deep). A pretrained encoder (SparK,
+contrastive, ...) is written with `save_encoder` (safetensors, the registry name and args as
+metadata) and loaded with `load_encoder`, which returns a strict report of loaded / missing /
+unexpected / shape-mismatched keys.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from medct.errors import InputPathError, ModelFolderError
+from medct.paths import atomic_file
+
+ENCODER_NET_KEY = "medct_net"  # safetensors metadata: the registry name the encoder came from
+
+
+@dataclass
+class EncoderLoadReport:
+    """What `load_encoder` did: keys are the network's state-dict keys."""
+
+    loaded: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)  # encoder keys of the net absent from the source
+    unexpected: list[str] = field(default_factory=list)  # source keys that are not encoder keys of the net
+    mismatched: list[str] = field(default_factory=list)  # present in both with different shapes
+    source_net: str | None = None  # registry name stored with the encoder file, when known
+
+    @property
+    def ok(self) -> bool:
+        return not (self.missing or self.unexpected or self.mismatched)
+
+    def summary(self) -> str:
+        return (
+            f"{len(self.loaded)} loaded, {len(self.missing)} missing, {len(self.unexpected)} unexpected, "
+            f"{len(self.mismatched)} shape-mismatched encoder tensors"
+        )
+
+
+def _encoder_prefixes(net: nn.Module) -> tuple[str, ...]:
+    prefixes = getattr(net, "encoder_prefixes", None)
+    if not prefixes:
+        raise TypeError(
+            f"{type(net).__name__} does not declare `encoder_prefixes`; build it with medct.nets.create_net"
+        )
+    return tuple(prefixes)
+
+
+def encoder_state_dict(net: nn.Module) -> dict[str, Tensor]:
+    """The encoder's tensors of `net` (keys as in `net.state_dict()`), detached."""
+    prefixes = _encoder_prefixes(net)
+    return {k: v.detach() for k, v in net.state_dict().items() if k.startswith(prefixes)}
+
+
+def save_encoder(net: nn.Module, path: str | os.PathLike[str]) -> Path:
+    """Write `net`'s encoder as safetensors (with the registry name and net args as metadata)."""
+    from safetensors.torch import save_file
+
+    out = Path(path)
+    state = {k: v.cpu().contiguous() for k, v in encoder_state_dict(net).items()}
+    config = getattr(net, "net_config", {})
+    metadata = {
+        "format": "pt",
+        ENCODER_NET_KEY: str(config.get("name", "")),
+        "net_args": json.dumps(config.get("args", {})),
+    }
+    with atomic_file(out) as tmp:  # no half-written encoder file
+        save_file(state, str(tmp), metadata=metadata)
+    return out
+
+
+def _read_encoder_file(path: Path) -> tuple[dict[str, Tensor], str | None]:
+    from safetensors import SafetensorError, safe_open
+    from safetensors.torch import load_file
+
+    if path.is_dir():  # an exported model folder: take its full weights, the encoder is selected below
+        path = path / "model.safetensors"
+    if not path.is_file():
+        raise InputPathError(f"Encoder file {path} does not exist.")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+        return load_file(str(path)), (meta.get(ENCODER_NET_KEY) or None)
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise ModelFolderError(f"{path} is not a readable safetensors encoder file ({e}).") from e
+
+
+def load_encoder(
+    net: nn.Module, path_or_state: str | os.PathLike[str] | dict[str, Tensor], strict: bool = True
+) -> EncoderLoadReport:
+    """Copy a pretrained encoder into `net` and report what matched.
+
+    `path_or_state`: a file from `save_encoder`, an exported model folder (its encoder part is
+    used), or a state dict keyed like `net.state_dict()`. With `strict`, any missing, unexpected or
+    shape-mismatched key raises ModelFolderError and nothing is loaded; otherwise the matching
+    tensors are loaded and the rest is only reported.
+    """
+    prefixes = _encoder_prefixes(net)
+    source_net: str | None = None
+    if isinstance(path_or_state, dict):
+        state = dict(path_or_state)
+        where = "the given state dict"
+    else:
+        p = Path(path_or_state).expanduser()
+        state, source_net = _read_encoder_file(p)
+        if p.is_dir():
+            state = {k: v for k, v in state.items() if k.startswith(prefixes)}
+        where = str(p)
+    target = {k: v for k, v in net.state_dict().items() if k.startswith(prefixes)}
+    report = EncoderLoadReport(source_net=source_net)
+    report.missing = sorted(k for k in target if k not in state)
+    report.unexpected = sorted(k for k in state if k not in target)
+    for k in sorted(k for k in target if k in state):
+        (report.loaded if tuple(state[k].shape) == tuple(target[k].shape) else report.mismatched).append(k)
+    if strict and not report.ok:
+        first = (report.missing or report.unexpected or report.mismatched)[0]
+        name = getattr(net, "net_name", type(net).__name__)
+        raise ModelFolderError(
+            f"The encoder in {where} does not fit network '{name}' ({report.summary()}, e.g. '{first}')."
+        )
+    with torch.no_grad():
+        params = dict(net.state_dict(keep_vars=True))
+        for k in report.loaded:
+            params[k].copy_(state[k].to(dtype=params[k].dtype, device=params[k].device))
+    return report

@@ -1,0 +1,106 @@
+"""The network registry: `create_net(name, **args) -> nn.Module` (timm's `create_model` pattern).
+
+A registered name is a network class whose typed keyword arguments are the architecture's knobs.
+A *named variant* (timm's `resnet50` on `ResNet`) is a registered subclass whose __init__ takes
+only the few arguments that still vary and passes fixed settings to its base, e.g.
+`resenc_unet_m` = `ResEncUNetM` (nnU-Net's ResEnc-M depths) on `ResEncUNet`. A class rather than
+timm's function because LightningCLI links `out_channels` into `model.init_args.net`, which
+jsonargparse supports for classes only. YAML names either by `class_path`
+(`medct.nets.ResEncUNet`, `medct.nets.ResEncUNetM`).
+
+Every network built through the registry carries `net.net_config = {"name", "args"}` (JSON-
+primitive arguments of the registered callable), which is what a model card stores and
+`create_net(**net_config)` rebuilds from. Every registration declares `tiny`: arguments and an input
+size that make a small, fast instance for tests; `tests/test_nets.py` runs every registered name
+through the same checks, so a newly added network cannot escape them.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from torch import nn
+
+DEFAULT_NET = "resenc_unet"
+_T = TypeVar("_T", bound=type[nn.Module])
+
+
+@dataclass(frozen=True)
+class NetEntry:
+    """One registered network: how to build it and how to build a tiny one for tests."""
+
+    name: str
+    builder: type[nn.Module]
+    tiny_args: dict[str, Any] = field(default_factory=dict)
+    tiny_size: int = 32  # cube side of a test input (a multiple of the net's total stride)
+    variant_of: str | None = None  # registry name of the registered base class of a variant
+
+
+_NETS: dict[str, NetEntry] = {}
+
+
+def jsonable(value: Any) -> Any:
+    """Tuples -> lists, recursively: net args must survive JSON and torch.load(weights_only=True)."""
+    if isinstance(value, (tuple, list)):
+        return [jsonable(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    return value
+
+
+def record_config(net: nn.Module, cls: type, init_locals: dict[str, Any]) -> None:
+    """Store `net.net_config` = {"name": cls's registry name, "args": cls.__init__'s arguments}.
+
+    Call as `record_config(self, MyNet, locals())` at the end of `MyNet.__init__`. Does nothing
+    when `net` is an instance of a registered subclass (a variant), which records its own.
+    """
+    if type(net) is not cls:
+        return
+    params = inspect.signature(cls.__init__).parameters
+    args = {k: jsonable(init_locals[k]) for k in params if k != "self"}
+    json.dumps(args)  # fail at construction, not at export, if an argument is not JSON-primitive
+    net.net_config = {"name": cls.net_name, "args": args}  # type: ignore[attr-defined]
+
+
+def register_net(name: str, tiny_args: dict[str, Any] | None = None, tiny_size: int = 32) -> Callable[[_T], _T]:
+    """Class decorator: make `cls` buildable as `create_net(name, ...)`.
+
+    tiny_args / tiny_size: arguments and input cube side of a small, fast instance for tests.
+    """
+
+    def deco(cls: _T) -> _T:
+        if name in _NETS:
+            raise ValueError(f"network name '{name}' is already registered to {_NETS[name].builder.__name__}")
+        cls.net_name = name  # type: ignore[attr-defined]
+        base = next((getattr(b, "net_name", None) for b in cls.__mro__[1:] if "net_name" in vars(b)), None)
+        _NETS[name] = NetEntry(name, cls, dict(tiny_args or {}), tiny_size, variant_of=base)
+        return cls
+
+    return deco
+
+
+def list_nets() -> list[str]:
+    """Registered network names, sorted."""
+    return sorted(_NETS)
+
+
+def net_entry(name: str) -> NetEntry:
+    """The registry entry of `name` (KeyError naming the registered networks otherwise)."""
+    if name not in _NETS:
+        raise KeyError(f"unknown network '{name}'; registered networks are: {', '.join(list_nets())}")
+    return _NETS[name]
+
+
+def create_net(name: str, **args: Any) -> nn.Module:
+    """Build the registered network `name` with its keyword arguments (timm's create_model)."""
+    return net_entry(name).builder(**args)
+
+
+def create_tiny_net(name: str, **args: Any) -> nn.Module:
+    """The small test instance of `name`: its declared tiny arguments, overridden by `args`."""
+    entry = net_entry(name)
+    return entry.builder(**{**entry.tiny_args, **args})
