@@ -12,10 +12,10 @@ only the training logic:
     and val/dice_mean, gathered over DDP ranks;
   * precision: whatever the Trainer says (`precision="bf16-mixed"` autocasts on GPU; fp32 on CPU).
 
-Hyperparameters are saved as plain lists/str/float and the checkpoint carries
-checkpoint["medct"]["net_config"] (registry name + init args of the network, see medct.nets), so it
-opens with torch.load(weights_only=True) and `medct.checkpoint.export_lightning_checkpoint` rebuilds
-the network without the YAML.
+Hyperparameters are saved as plain lists/str/float, and every checkpoint carries the model card
+this task builds (`model_card`: network registry name + args, labels, preprocessing with modality,
+patch size, sliding-window settings; `medct.checkpoint.store_card`), so it opens with
+torch.load(weights_only=True) and `medct export` writes the model folder without the YAML.
 """
 
 from __future__ import annotations
@@ -32,16 +32,16 @@ from monai.metrics import DiceMetric
 from monai.networks.utils import one_hot
 from torch import Tensor, nn
 
+from medct.checkpoint import ModelCard, store_card
 from medct.transforms import Preprocessing
-
-CHECKPOINT_KEY = "medct"  # checkpoint["medct"]["net_config"]: {"name", "args"} of a medct.nets network
 
 
 class SegmentationTask(pl.LightningModule):
     """Train `net` to label CT voxels with `labels` (index 0 = background).
 
-    `spacing`, `hu_min`, `hu_max` and `patch_size` describe the data the network sees (linked from
-    the data module by MedCTCLI) and go into the exported model card.
+    `spacing`, `hu_min`, `hu_max`, `modality` and `patch_size` describe the data the network sees
+    (linked from the data module by MedCTCLI) and go into the exported model card, with
+    `sw_overlap` / `sw_batch_size` as the model's default inference settings.
     """
 
     def __init__(
@@ -52,6 +52,7 @@ class SegmentationTask(pl.LightningModule):
         hu_min: float = -1000.0,
         hu_max: float = 1000.0,
         patch_size: Sequence[int] = (96, 96, 96),
+        modality: str = "CT",
         lr: float = 1e-3,
         weight_decay: float = 1e-5,
         scheduler: Literal["poly", "cosine", "constant"] = "poly",
@@ -68,9 +69,10 @@ class SegmentationTask(pl.LightningModule):
             hu_min=float(hu_min),
             hu_max=float(hu_max),
             patch_size=[int(p) for p in patch_size],
+            modality=str(modality),
         )
-        # How to rebuild the network, saved next to (not inside) the hyperparameters: LightningCLI
-        # feeds a checkpoint's hyperparameters back as init args on --ckpt_path.
+        # How to rebuild the network, saved in the model card (not in the hyperparameters: LightningCLI
+        # feeds a checkpoint's hyperparameters back as init args on --ckpt_path).
         self.net_config: dict[str, Any] | None = getattr(net, "net_config", None)
         out_channels = (self.net_config or {}).get("args", {}).get("out_channels")
         if out_channels is not None and out_channels != len(labels):
@@ -85,14 +87,30 @@ class SegmentationTask(pl.LightningModule):
     @property
     def preprocessing(self) -> Preprocessing:
         hp = self.hparams
-        return Preprocessing(spacing=tuple(hp.spacing), hu_min=hp.hu_min, hu_max=hp.hu_max)  # type: ignore[arg-type]
+        return Preprocessing(spacing=tuple(hp.spacing), hu_min=hp.hu_min, hu_max=hp.hu_max, modality=hp.modality)  # type: ignore[arg-type]
+
+    def model_card(self) -> ModelCard:
+        """The card `medct export` writes for this task's network."""
+        if self.net_config is None:
+            raise ValueError("the network was not built by medct.nets.create_net (it has no net_config)")
+        hp = self.hparams
+        return ModelCard(
+            net_name=str(self.net_config["name"]),
+            net_args=dict(self.net_config["args"]),
+            labels=dict(enumerate(self.labels)),
+            preprocessing=self.preprocessing,
+            patch_size=tuple(hp.patch_size),  # type: ignore[arg-type]
+            task="segmentation",
+            inference={"overlap": float(hp.sw_overlap), "sw_batch_size": int(hp.sw_batch_size)},
+        )
 
     def configure_model(self) -> None:
         if self.hparams.compile:
             self.net.compile()  # in place: state-dict keys stay those of the plain network
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint[CHECKPOINT_KEY] = {"net_config": self.net_config}
+        if self.net_config is not None:
+            store_card(checkpoint, self.model_card(), net_prefix="net.")
 
     def forward(self, x: Tensor) -> Tensor:  # (B, 1, D, H, W) -> (B, C, D, H, W) logits
         return self.net(x)

@@ -15,20 +15,39 @@ from __future__ import annotations
 import os
 import warnings
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from medct.errors import InvalidVolumeError
+from medct.errors import InvalidVolumeError, ModelFolderError
 from medct.inference import Predictor
 from medct.io import Volume, read_volume, write_volume
 
 __all__ = ["Predictor", "Volume", "load_model", "read_volume", "segment", "write_volume"]
 
 
-def load_model(model_dir: str | os.PathLike[str], device: str | None = None) -> Predictor:
-    """The Predictor of an exported model folder (model.safetensors + medct.json) on `device`
-    (None: cuda > mps > cpu)."""
-    return Predictor.from_folder(model_dir, device=device)
+# The predictor of each model-card task, as "module:Class" (imported on use; the class has
+# `from_folder(model_dir, device=...)`). A method that exports a new task kind adds its entry here.
+PREDICTORS: dict[str, str] = {
+    "segmentation": "medct.inference:Predictor",
+}
+
+
+def load_model(model_dir: str | os.PathLike[str], device: str | None = None) -> Any:
+    """The predictor of an exported model folder (model.safetensors + medct.json) on `device`
+    (None: cuda > mps > cpu), chosen by the card's task: a segmentation model gives a `Predictor`."""
+    import importlib
+
+    from medct.checkpoint import read_model_card
+
+    card = read_model_card(model_dir)
+    target = PREDICTORS.get(card.task)
+    if target is None:
+        raise ModelFolderError(
+            f"{model_dir} holds a '{card.task}' model, which has no predictor; medct loads {', '.join(sorted(PREDICTORS))} models."
+        )
+    module, name = target.split(":")
+    return getattr(importlib.import_module(module), name).from_folder(model_dir, device=device)
 
 
 def _as_volume(data: str | os.PathLike[str] | Volume | np.ndarray, affine: np.ndarray | None) -> Volume:

@@ -4,8 +4,12 @@ A model folder is what `medct export` writes and `medct segment -m` / `medct.loa
 
     MODEL_DIR/
       model.safetensors   the network's state dict (tensors only)
-      medct.json          ModelCard: architecture name and init args, label names, preprocessing,
-                          patch size, medct version, licence
+      medct.json          ModelCard: task, architecture name and init args, labels/outputs,
+                          preprocessing (spacing, intensity window, modality), patch size,
+                          inference settings, medct version, licence
+
+The card is built by the task that trained the model (each medct LightningModule has
+`model_card()` and stores it in its checkpoints with `store_card`); `medct export` copies it.
 
 Training state (optimizer, epochs) stays in Lightning checkpoints; this format is for shipping.
 """
@@ -27,15 +31,24 @@ from medct.transforms import Preprocessing
 
 WEIGHTS_FILE = "model.safetensors"
 CARD_FILE = "medct.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: "inference" settings and preprocessing.modality; 1: overlap in "extra"
+CHECKPOINT_KEY = "medct"  # Lightning checkpoint["medct"] = {"card": card dict, "net_prefix": "net."}
+TASKS = ("segmentation", "encoder", "classification", "sct", "generation", "motion", "registration")
 
 
 @dataclass
 class ModelCard:
-    """Everything needed to rebuild a network and feed it correctly.
+    """Everything needed to rebuild a network and feed it correctly; written by the task that
+    trained it (`model_card()` of a medct LightningModule), copied by `medct export`.
 
     net_name/net_args: `medct.nets.create_net(net_name, **net_args)` rebuilds the architecture.
-    labels: class index -> name; index 0 is background.
+    labels:        class index -> name (segmentation/classification); index 0 is background.
+    preprocessing: spacing, intensity window and modality of the input (`Preprocessing`).
+    patch_size:    the network's input patch (sliding-window tile) in voxels, RAS order.
+    task:          what the model does; picks its predictor in `medct.load_model` (one of TASKS).
+    inference:     default inference settings, e.g. {"overlap": 0.5, "sw_batch_size": 4}.
+    outputs:       for tasks without labels: what the network returns (channels, units, ...).
+    extra:         provenance (source checkpoint, epoch, ...); never read by inference.
     """
 
     net_name: str
@@ -47,6 +60,12 @@ class ModelCard:
     licence: str = "unspecified"
     medct_version: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+    inference: dict[str, Any] = field(default_factory=dict)
+    outputs: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def modality(self) -> str:
+        return self.preprocessing.modality
 
     def to_dict(self) -> dict[str, Any]:
         from medct import __version__
@@ -54,10 +73,13 @@ class ModelCard:
         return {
             "format_version": FORMAT_VERSION,
             "task": self.task,
+            "modality": self.modality,  # for readers of the JSON; preprocessing.modality is what is read back
             "net": {"name": self.net_name, "args": self.net_args},
             "labels": {str(k): v for k, v in sorted(self.labels.items())},
+            "outputs": self.outputs,
             "preprocessing": self.preprocessing.to_dict(),
             "patch_size": list(self.patch_size),
+            "inference": self.inference,
             "licence": self.licence,
             "medct_version": self.medct_version or __version__,
             "extra": self.extra,
@@ -65,17 +87,38 @@ class ModelCard:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ModelCard:
+        version = int(d.get("format_version", 1))
+        if version > FORMAT_VERSION:
+            raise ValueError(
+                f"format_version {version} is newer than this medct reads ({FORMAT_VERSION}); upgrade medct"
+            )
+        extra = dict(d.get("extra", {}))
+        if version == 1:  # format 1 kept inference settings (when any) in "extra"
+            inference = {k: extra[k] for k in ("overlap", "sw_batch_size") if k in extra}
+        else:
+            inference = dict(d.get("inference", {}))
         return cls(
             net_name=str(d["net"]["name"]),
             net_args=dict(d["net"]["args"]),
-            labels={int(k): str(v) for k, v in d["labels"].items()},
+            labels={int(k): str(v) for k, v in d.get("labels", {}).items()},
             preprocessing=Preprocessing.from_dict(d["preprocessing"]),
             patch_size=tuple(int(p) for p in d["patch_size"]),  # type: ignore[arg-type]
             task=str(d.get("task", "segmentation")),
             licence=str(d.get("licence", "unspecified")),
             medct_version=str(d.get("medct_version", "")),
-            extra=dict(d.get("extra", {})),
+            extra=extra,
+            inference=inference,
+            outputs=dict(d.get("outputs", {})),
         )
+
+
+def store_card(checkpoint: dict[str, Any], card: ModelCard, net_prefix: str = "net.") -> None:
+    """Put `card` into a Lightning checkpoint (call from a task's `on_save_checkpoint`).
+
+    net_prefix: the state-dict prefix of the exported network inside the task (its attribute
+    name plus a dot). JSON primitives only, so the checkpoint stays weights_only-loadable.
+    """
+    checkpoint[CHECKPOINT_KEY] = {"card": json.loads(json.dumps(card.to_dict())), "net_prefix": net_prefix}
 
 
 def save_model_folder(net: nn.Module, card: ModelCard, out_dir: str | os.PathLike[str]) -> Path:
@@ -134,15 +177,14 @@ def load_model_folder(
 
 
 def export_lightning_checkpoint(
-    ckpt_path: str | os.PathLike[str], out_dir: str | os.PathLike[str], licence: str = "unspecified"
+    ckpt_path: str | os.PathLike[str], out_dir: str | os.PathLike[str], licence: str | None = None
 ) -> Path:
     """Turn a Lightning checkpoint of a medct task into a model folder (safetensors + medct.json).
 
-    The checkpoint is read with `torch.load(weights_only=True)`. It must hold
-    checkpoint["medct"]["net_config"] ({"name", "args"} of a medct.nets network) and the task
-    hyperparameters `labels`, `spacing`, `hu_min`, `hu_max`, `patch_size` (what
-    medct.finetune.segmentation.SegmentationTask saves). The network's tensors are the state-dict
-    entries under "net.".
+    The checkpoint is read with `torch.load(weights_only=True)`. The task wrote its model card and
+    the state-dict prefix of its network into checkpoint["medct"] (`store_card`); the card is
+    copied as it is (plus the source checkpoint, epoch and step, and `licence` when given), the
+    tensors under the prefix are the network's. Nothing here knows a task's argument names.
     """
     from medct.errors import InputPathError
     from medct.nets import create_net
@@ -157,36 +199,29 @@ def export_lightning_checkpoint(
         raise ModelFolderError(f"{src} is not a loadable Lightning checkpoint ({first}).") from e
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
         raise ModelFolderError(f"{src} is not a Lightning checkpoint (it has no state_dict).")
-    hp = dict(ckpt.get("hyper_parameters", {}))
-    hp["net_config"] = (ckpt.get("medct") or {}).get("net_config")
-    missing = [k for k in ("net_config", "labels", "spacing", "hu_min", "hu_max", "patch_size") if hp.get(k) is None]
-    if missing:
+    stored = ckpt.get(CHECKPOINT_KEY) or {}
+    if "card" not in stored:
         raise ModelFolderError(
-            f"{src} lacks {', '.join(missing)}; was it trained with a medct task on a medct.nets network?"
+            f"{src} holds no medct model card; was it written by a medct task with medct >= 0.2 (`medct fit`)?"
         )
-    cfg = hp["net_config"]
-    state = {k[len("net.") :]: v for k, v in ckpt["state_dict"].items() if k.startswith("net.")}
     try:
-        net = create_net(str(cfg["name"]), **dict(cfg["args"]))
+        card = ModelCard.from_dict(stored["card"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise ModelFolderError(f"{src} holds an invalid medct model card ({type(e).__name__}: {e}).") from e
+    prefix = str(stored.get("net_prefix", "net."))
+    state = {k[len(prefix) :]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
+    try:
+        net = create_net(card.net_name, **card.net_args)
         net.load_state_dict(state, strict=True)
     except (KeyError, TypeError, ValueError, RuntimeError) as e:
         first = str(e).splitlines()[0]
-        raise ModelFolderError(f"{src}: cannot rebuild network '{cfg.get('name')}' from its weights ({first}).") from e
-    card = ModelCard(
-        net_name=str(cfg["name"]),
-        net_args=dict(cfg["args"]),
-        labels={i: str(n) for i, n in enumerate(hp["labels"])},
-        preprocessing=Preprocessing(
-            spacing=tuple(float(s) for s in hp["spacing"]),  # type: ignore[arg-type]
-            hu_min=float(hp["hu_min"]),
-            hu_max=float(hp["hu_max"]),
-        ),
-        patch_size=tuple(int(p) for p in hp["patch_size"]),  # type: ignore[arg-type]
-        licence=licence,
-        extra={
-            "source_checkpoint": src.name,
-            "epoch": int(ckpt.get("epoch", -1)),
-            "global_step": int(ckpt.get("global_step", -1)),
-        },
-    )
+        raise ModelFolderError(f"{src}: cannot rebuild network '{card.net_name}' from its weights ({first}).") from e
+    if licence is not None:
+        card.licence = licence
+    card.extra = {
+        **card.extra,
+        "source_checkpoint": src.name,
+        "epoch": int(ckpt.get("epoch", -1)),
+        "global_step": int(ckpt.get("global_step", -1)),
+    }
     return save_model_folder(net, card, out_dir)

@@ -1,18 +1,36 @@
-"""Segmentation datalists, disk caching and the LightningDataModule that feeds `medct fit`.
+"""Datalists, splits, disk caching and the one generic LightningDataModule that feeds `medct fit`.
 
-Datalists are MONAI-style lists of {"image": path, "label": path} dicts, read from
-  * an MSD `dataset.json` ("training" list of relative paths, optional "validation" list and
-    "labels" {"0": "background", ...}; Antonelli et al., "The Medical Segmentation Decathlon",
-    Nat. Commun. 2022), or
+Every task reads its data through `VolumeDataModule` with the keys it needs (`KEY_SETS`):
+
+  keys                 task                        what an item holds
+  ("image",)           pretraining                 a volume (unlabelled folders of NIfTI/MHA/NRRD
+                                                   files and DICOM series folders work as they are)
+  ("image", "label")   segmentation                a volume and its label map on the same grid
+  ("image", "target")  paired synthesis (sCT)      two volumes on one grid (e.g. CBCT and its CT)
+  ("image", "text")    text-to-CT, CLIP            a volume and its report (a string, or a .txt path)
+  ("fixed", "moving")  registration                two volumes; their grids may differ
+  ("phases",)          4D motion                   ordered phase volumes on one grid (a list of
+                                                   paths or one 4D NIfTI), stacked as channels
+
+Datalists are MONAI-style lists of dicts with those keys, read from
+  * an MSD `dataset.json` ("training" list of paths relative to the JSON, optional "validation"
+    list, "labels" {"0": "background", ...}, "modality" {"0": "CT"}; Antonelli et al., "The Medical
+    Segmentation Decathlon", Nat. Commun. 2022), given as `datalist` or found in `data_dir`;
   * an nnU-Net raw folder: imagesTr/NAME_0000.nii.gz paired with labelsTr/NAME.nii.gz (Isensee et
     al., Nat. Methods 2021); nnU-Net v2's dataset.json ("labels" {"background": 0, ...}) names the
-    classes.
+    classes;
+  * for ("image",) only: any folder of volumes (`list_volume_folder`).
 Without a "validation" list the training list is split by a seeded shuffle: a fraction, or fold
 k of n.
 
-Caching (`cache_dir`): the deterministic head of the pipelines (load, RAS, spacing, HU window,
-body crop, pad) runs once per case and is stored by MONAI's PersistentDataset under
-`cache_dir/<fingerprint of the preprocessing>/{train,val}/`. DDP safety: the cache is filled in
+What the data decides is linked by MedCTCLI into the task (`medct.lightning_cli.DATA_LINKS`):
+spacing, hu_min, hu_max, patch_size and modality on parse; labels and num_classes (into the
+network's out_channels) on instantiation. A task that lacks one of these arguments simply does
+not receive it.
+
+Caching (`cache_dir`): the deterministic head of the pipelines (load, RAS, spacing, intensity
+window, body crop) runs once per case and is stored by MONAI's PersistentDataset under
+`cache_dir/<fingerprint of keys + preprocessing>/{train,val}/`. DDP safety: the cache is filled in
 `prepare_data`, which Lightning runs on local rank 0 only while the other ranks wait at a barrier;
 `setup` on every rank then only reads. (MONAI writes each entry to a temp file and moves it into
 place, so even an unexpected second writer cannot leave a half-written entry.) The cache is keyed
@@ -38,14 +56,26 @@ from typing import Any
 import lightning.pytorch as pl
 from torch.utils.data import DataLoader
 
-from medct.errors import InputPathError
+from medct.errors import ConfigError, InputPathError
 from medct.paths import VOLUME_SUFFIXES, volume_stem
-from medct.transforms import Preprocessing, train_transforms, val_transforms
+from medct.transforms import Preprocessing, generic_transforms, train_transforms, val_transforms
 
 DATASET_JSON = "dataset.json"
-CACHE_VERSION = 1  # bump when the cached part of the pipelines changes meaning
+CACHE_VERSION = 2  # bump when the cached part of the pipelines changes meaning
 
-Datalist = list[dict[str, str]]
+Datalist = list[dict[str, Any]]
+
+# The key sets a task may ask for (see the module docstring), and what each key holds.
+KEY_SETS: tuple[tuple[str, ...], ...] = (
+    ("image",),
+    ("image", "label"),
+    ("image", "target"),
+    ("image", "text"),
+    ("fixed", "moving"),
+    ("phases",),
+)
+PATH_KEYS = ("image", "label", "target", "fixed", "moving")
+MODALITY_OF_VARIANT = {"ct": "CT", "cbct": "CBCT", "cbct_tst": "CBCT", "mr": "MR"}
 
 
 # ----------------------------------------------------------------------------- datalists
@@ -63,8 +93,30 @@ def _resolve(base: Path, rel: str, where: Path) -> str:
     return str(p)
 
 
+def _resolve_item(item: dict[str, Any], base: Path, where: Path) -> dict[str, Any]:
+    """Paths of a datalist entry made absolute; a "text" that names a .txt file is read."""
+    entry = dict(item)
+    for key in PATH_KEYS:
+        if key in entry:
+            entry[key] = _resolve(base, str(entry[key]), where)
+    if "phases" in entry:
+        phases = entry["phases"]
+        entry["phases"] = (
+            [_resolve(base, str(p), where) for p in phases]
+            if isinstance(phases, list)
+            else _resolve(base, str(phases), where)
+        )
+    text = entry.get("text")
+    if isinstance(text, str) and text.endswith(".txt") and (base / text).is_file():
+        entry["text"] = (base / text).read_text(encoding="utf-8").strip()
+    return entry
+
+
 def read_msd_datalist(dataset_json: str | os.PathLike[str], key: str = "training") -> Datalist | None:
-    """The `key` list of an MSD dataset.json with absolute paths, or None if it has no such list."""
+    """The `key` list of an MSD-style dataset.json with absolute paths, or None if it has no such list.
+
+    Entries are dicts of any of the keys in KEY_SETS; paths are relative to the JSON's folder.
+    """
     path = Path(dataset_json)
     try:
         meta = json.loads(path.read_text())
@@ -73,15 +125,28 @@ def read_msd_datalist(dataset_json: str | os.PathLike[str], key: str = "training
     items = meta.get(key)
     if items is None:
         return None
-    if not isinstance(items, list) or not all(isinstance(i, dict) and "image" in i for i in items):
+    if not isinstance(items, list) or not all(isinstance(i, dict) for i in items):
         raise InputPathError(f'{path}: \'{key}\' must be a list of {{"image": ..., "label": ...}} entries.')
-    out = []
-    for item in items:
-        entry = {"image": _resolve(path.parent, item["image"], path)}
-        if "label" in item:
-            entry["label"] = _resolve(path.parent, item["label"], path)
-        out.append(entry)
-    return out
+    return [_resolve_item(item, path.parent, path) for item in items]
+
+
+def list_volume_folder(folder: str | os.PathLike[str]) -> Datalist:
+    """{"image": path} for every volume file and DICOM series folder directly under `folder`
+    (sorted; hidden entries skipped): an unlabelled folder as a pretraining datalist."""
+    from medct.io import is_dicom_file
+
+    root = Path(folder)
+    items: Datalist = []
+    for entry in sorted(root.iterdir()):
+        if entry.name.startswith("."):
+            continue
+        if entry.is_file() and volume_stem(entry) is not None:
+            items.append({"image": str(entry.resolve())})
+        elif entry.is_dir() and any(f.is_file() and is_dicom_file(f) for f in entry.rglob("*")):
+            items.append({"image": str(entry.resolve())})
+    if not items:
+        raise InputPathError(f"{root} holds no volumes ({', '.join(VOLUME_SUFFIXES)}) or DICOM series folders.")
+    return items
 
 
 def pair_nnunet_folder(data_dir: str | os.PathLike[str]) -> Datalist:
@@ -139,8 +204,11 @@ def read_label_names(dataset_json: str | os.PathLike[str]) -> list[str] | None:
     return [by_index.get(i, f"label_{i}") for i in range(max(by_index) + 1)]
 
 
-def find_datalist(data_dir: str | os.PathLike[str]) -> tuple[Datalist, Datalist | None]:
-    """(training, validation or None) of a dataset folder: MSD dataset.json first, else nnU-Net pairing."""
+def find_datalist(
+    data_dir: str | os.PathLike[str], keys: Sequence[str] = ("image", "label")
+) -> tuple[Datalist, Datalist | None]:
+    """(training, validation or None) of a dataset folder: MSD dataset.json first, else nnU-Net
+    pairing (keys with "label"), else every volume in the folder (keys ("image",))."""
     root = Path(data_dir)
     if not root.is_dir():
         raise InputPathError(f"Dataset folder {root} does not exist.")
@@ -149,6 +217,10 @@ def find_datalist(data_dir: str | os.PathLike[str]) -> tuple[Datalist, Datalist 
         train = read_msd_datalist(ds_json, "training")
         if train is not None:
             return train, read_msd_datalist(ds_json, "validation")
+    if tuple(keys) == ("image",) and not (root / "imagesTr").is_dir():
+        return list_volume_folder(root), None
+    if tuple(keys) == ("image",):
+        return list_volume_folder(root / "imagesTr"), None
     return pair_nnunet_folder(root), None
 
 
@@ -170,7 +242,7 @@ def split_datalist(
         raise InputPathError(f"A dataset needs at least 2 labelled cases to split off validation; it has {n}.")
     if fold is not None:
         if not 0 <= fold < num_folds:
-            raise ValueError(f"fold must lie in [0, {num_folds}), got {fold}")
+            raise ConfigError(f"data.fold must lie in [0, {num_folds}) for {num_folds} folds, got {fold}.")
         val = order[fold::num_folds]
         val_ids = {id(x) for x in val}
         return [x for x in order if id(x) not in val_ids], val
@@ -192,31 +264,41 @@ class PhantomCohort:
     spacing: tuple[float, float, float] = (3.0, 3.0, 3.0)
 
 
-class SegmentationDataModule(pl.LightningDataModule):
-    """Training patches and whole validation volumes for one segmentation dataset.
+class VolumeDataModule(pl.LightningDataModule):
+    """Training patches and whole validation volumes for any task, by the keys it needs.
 
-    Give `data_dir` (MSD dataset.json or nnU-Net imagesTr/labelsTr) or `datalist` (an MSD-style
-    JSON whose paths are relative to its own folder). `labels` names the classes by index
-    (0 = background); by default they come from dataset.json (or the phantom's label table).
-    One training step sees batch_size * num_samples patches; validation yields one whole
-    preprocessed volume per batch, (1, 1, X, Y, Z).
+    Args:
+        keys: one of KEY_SETS, e.g. ["image"] (pretraining) or ["fixed", "moving"]. Defaults to ["image"].
+        data_dir: a dataset folder (dataset.json, nnU-Net imagesTr/labelsTr, or a plain folder of
+            volumes for ["image"]); exactly one of data_dir / datalist. Defaults to None.
+        datalist: an MSD-style JSON whose paths are relative to its own folder. Defaults to None.
+        spacing: target voxel size in mm (R, A, S). Defaults to (1.5, 1.5, 1.5).
+        hu_min, hu_max: intensity window mapped to [0, 1]. Defaults to -1000 and 1000.
+        modality: "CT", "CBCT" or "MR"; None: from the phantom variant or dataset.json's
+            "modality", else "CT". Defaults to None.
+        patch_size: training crop in voxels. Defaults to (96, 96, 96).
+        batch_size: volumes per training step (each gives num_samples crops). Defaults to 2.
+        num_samples: crops per volume. Defaults to 2.
+        augment: intensity/affine augmentation in training. Defaults to True.
+        num_workers: DataLoader workers. Defaults to 4.
+        cache_dir: disk cache of the deterministic preprocessing (None = no cache). Defaults to None.
+        val_fraction, fold, num_folds, seed: the split when the datalist has no validation list.
+        phantom: write this synthetic cohort into data_dir when it holds no dataset.json. Defaults to None.
     """
 
     def __init__(
         self,
+        keys: Sequence[str] = ("image",),
         data_dir: str | None = None,
         datalist: str | None = None,
-        labels: list[str] | None = None,
         spacing: tuple[float, float, float] = (1.5, 1.5, 1.5),
         hu_min: float = -1000.0,
         hu_max: float = 1000.0,
+        modality: str | None = None,
         patch_size: tuple[int, int, int] = (96, 96, 96),
         batch_size: int = 2,
         num_samples: int = 2,
-        pos: float = 1.0,
-        neg: float = 1.0,
         augment: bool = True,
-        flip_axes: tuple[int, ...] = (),
         num_workers: int = 4,
         cache_dir: str | None = None,
         val_fraction: float = 0.2,
@@ -226,50 +308,66 @@ class SegmentationDataModule(pl.LightningDataModule):
         phantom: PhantomCohort | None = None,
     ) -> None:
         super().__init__()
+        self.keys = tuple(str(k) for k in keys)
+        if self.keys not in KEY_SETS:
+            known = ", ".join(str(list(k)) for k in KEY_SETS)
+            raise ConfigError(f"data.keys {list(self.keys)} is not a known key set; use one of {known}.")
         if (data_dir is None) == (datalist is None):
             raise InputPathError("Give exactly one of data.data_dir (a dataset folder) or data.datalist (a JSON file).")
         if phantom is not None and data_dir is None:
             raise InputPathError("A phantom cohort needs data.data_dir, the folder to write it into.")
+        if phantom is not None and phantom.variant not in MODALITY_OF_VARIANT:
+            raise ConfigError(
+                f"data.phantom.variant must be one of {sorted(MODALITY_OF_VARIANT)}, got '{phantom.variant}'."
+            )
+        _check_positive("data.spacing", spacing, float)
+        _check_positive("data.patch_size", patch_size, int)
+        if not hu_max > hu_min:
+            raise ConfigError(f"data.hu_max ({hu_max}) must be greater than data.hu_min ({hu_min}).")
+        if not 0.0 < val_fraction < 1.0:
+            raise ConfigError(f"data.val_fraction must lie strictly between 0 and 1, got {val_fraction}.")
+        for name, value in (("batch_size", batch_size), ("num_samples", num_samples)):
+            if int(value) < 1:
+                raise ConfigError(f"data.{name} must be at least 1, got {value}.")
+        if int(num_workers) < 0:
+            raise ConfigError(f"data.num_workers must be 0 or more, got {num_workers}.")
         self.data_dir = data_dir
         self.datalist = datalist
-        self.pre = Preprocessing(spacing=tuple(float(s) for s in spacing), hu_min=hu_min, hu_max=hu_max)  # type: ignore[arg-type]
+        self.phantom = phantom
+        self.modality = str(modality) if modality is not None else self._default_modality()
+        self.pre = Preprocessing(
+            spacing=tuple(float(s) for s in spacing),  # type: ignore[arg-type]
+            hu_min=float(hu_min),
+            hu_max=float(hu_max),
+            modality=self.modality,
+        )
         self.spacing = list(self.pre.spacing)
         self.hu_min, self.hu_max = float(hu_min), float(hu_max)
         self.patch_size = [int(p) for p in patch_size]
-        self.batch_size = batch_size
-        self.num_samples = num_samples
-        self.pos, self.neg = pos, neg
+        self.batch_size = int(batch_size)
+        self.num_samples = int(num_samples)
         self.augment = augment
-        self.flip_axes = tuple(flip_axes)
-        self.num_workers = num_workers
+        self.num_workers = int(num_workers)
         self.cache_dir = cache_dir
         self.val_fraction, self.fold, self.num_folds, self.seed = val_fraction, fold, num_folds, seed
-        self.phantom = phantom
-        self.labels: list[str] = list(labels) if labels is not None else self._default_labels()
-        if len(self.labels) < 2:
-            raise InputPathError(f"Segmentation needs background plus at least one class; labels are {self.labels}.")
         self.train_items: Datalist = []
         self.val_items: Datalist = []
-
-    @property
-    def num_classes(self) -> int:
-        """Output channels of the network: background + classes."""
-        return len(self.labels)
 
     def _json_path(self) -> Path:
         return Path(self.datalist) if self.datalist is not None else Path(str(self.data_dir)) / DATASET_JSON
 
-    def _default_labels(self) -> list[str]:
-        if self.phantom is None and not self._json_path().parent.is_dir():
-            raise InputPathError(f"Dataset folder {self._json_path().parent} does not exist.")
-        names = read_label_names(self._json_path())
-        if names is None and self.phantom is not None:
-            from medct.phantom import LABELS
-
-            names = _phantom_label_names(LABELS)
-        if names is None:
-            raise InputPathError(f"{self._json_path()} names no labels; set data.labels (background first).")
-        return names
+    def _default_modality(self) -> str:
+        if self.phantom is not None:
+            return MODALITY_OF_VARIANT[self.phantom.variant]
+        path = self._json_path()
+        if path.is_file():
+            try:
+                found = json.loads(path.read_text()).get("modality")
+            except (OSError, ValueError):
+                found = None
+            if isinstance(found, dict) and found:
+                return str(found.get("0", next(iter(found.values())))).upper()
+        return "CT"
 
     # -- Lightning hooks
 
@@ -337,28 +435,39 @@ class SegmentationDataModule(pl.LightningDataModule):
                 raise InputPathError(f"{path} has no 'training' list.")
             val = read_msd_datalist(path, "validation")
         else:
-            train, val = find_datalist(str(self.data_dir))
-        missing = [x["image"] for x in train + (val or []) if "label" not in x]
-        if missing:
-            raise InputPathError(f"{len(missing)} training cases have no label, e.g. {missing[0]}.")
+            train, val = find_datalist(str(self.data_dir), self.keys)
+        for key in self.keys:
+            lacking = [x for x in train + (val or []) if key not in x]
+            if lacking:
+                first = next((str(v) for v in lacking[0].values()), "an entry")
+                raise InputPathError(
+                    f"{len(lacking)} cases have no '{key}' (this task needs {list(self.keys)}), e.g. {first}."
+                )
         if val:
             return train, val
         return split_datalist(train, self.val_fraction, self.seed, self.fold, self.num_folds)
 
     def cache_fingerprint(self) -> str:
         """Short hash of everything the cached tensors depend on (a new folder when any changes)."""
-        key = {"v": CACHE_VERSION, "pre": self.pre.to_dict(), "patch": self.patch_size}
+        key = {"v": CACHE_VERSION, "keys": list(self.keys), "pre": self.pre.to_dict(), "patch": self.patch_size}
         return hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
+
+    def transforms(self, split: str) -> Any:
+        """The MONAI Compose for `split` ("train" or "val"); everything up to the first random
+        transform is deterministic (what the disk cache stores)."""
+        return generic_transforms(
+            self.pre,
+            self.keys,
+            self.patch_size,
+            train=split == "train",
+            num_samples=self.num_samples,
+            augment=self.augment,
+        )
 
     def _dataset(self, items: Datalist, split: str) -> Any:
         from monai.data import Dataset, PersistentDataset
 
-        if split == "train":
-            xform = train_transforms(
-                self.pre, self.patch_size, self.num_samples, self.pos, self.neg, self.augment, self.flip_axes
-            )
-        else:
-            xform = val_transforms(self.pre)
+        xform = self.transforms(split)
         if self.cache_dir is None:
             return Dataset(items, xform)
         folder = Path(self.cache_dir) / self.cache_fingerprint() / split
@@ -368,14 +477,118 @@ class SegmentationDataModule(pl.LightningDataModule):
     def describe(self) -> dict[str, Any]:
         """Plain summary (for logs and tests)."""
         return {
+            "keys": list(self.keys),
             "train": len(self.train_items),
             "val": len(self.val_items),
-            "labels": self.labels,
             "preprocessing": self.pre.to_dict(),
             "patch_size": self.patch_size,
             "steps_per_epoch": math.ceil(len(self.train_items) / self.batch_size),
             "phantom": asdict(self.phantom) if self.phantom else None,
         }
+
+
+class SegmentationDataModule(VolumeDataModule):
+    """`VolumeDataModule` with keys ("image", "label"), class names, and foreground-balanced crops.
+
+    `labels` names the classes by index (0 = background); by default they come from dataset.json
+    (or the phantom's label table). One training step sees batch_size * num_samples patches,
+    pos:neg of them centred on a labelled voxel (nnU-Net's foreground oversampling);
+    validation yields one whole preprocessed volume per batch, (1, 1, X, Y, Z).
+
+    Args (besides VolumeDataModule's):
+        labels: class names by index, background first. Defaults to None (from the dataset).
+        pos, neg: ratio of label-centred to body-centred crops. Defaults to 1.0 and 1.0.
+        flip_axes: RAS axes to mirror in augmentation; none by default (laterality). Defaults to ().
+    """
+
+    def __init__(
+        self,
+        data_dir: str | None = None,
+        datalist: str | None = None,
+        labels: list[str] | None = None,
+        spacing: tuple[float, float, float] = (1.5, 1.5, 1.5),
+        hu_min: float = -1000.0,
+        hu_max: float = 1000.0,
+        modality: str | None = None,
+        patch_size: tuple[int, int, int] = (96, 96, 96),
+        batch_size: int = 2,
+        num_samples: int = 2,
+        pos: float = 1.0,
+        neg: float = 1.0,
+        augment: bool = True,
+        flip_axes: tuple[int, ...] = (),
+        num_workers: int = 4,
+        cache_dir: str | None = None,
+        val_fraction: float = 0.2,
+        fold: int | None = None,
+        num_folds: int = 5,
+        seed: int = 0,
+        phantom: PhantomCohort | None = None,
+    ) -> None:
+        super().__init__(
+            keys=("image", "label"),
+            data_dir=data_dir,
+            datalist=datalist,
+            spacing=spacing,
+            hu_min=hu_min,
+            hu_max=hu_max,
+            modality=modality,
+            patch_size=patch_size,
+            batch_size=batch_size,
+            num_samples=num_samples,
+            augment=augment,
+            num_workers=num_workers,
+            cache_dir=cache_dir,
+            val_fraction=val_fraction,
+            fold=fold,
+            num_folds=num_folds,
+            seed=seed,
+            phantom=phantom,
+        )
+        if any(a not in (0, 1, 2) for a in flip_axes):
+            raise ConfigError(f"data.flip_axes holds RAS axes 0, 1 or 2, got {list(flip_axes)}.")
+        self.pos, self.neg = pos, neg
+        self.flip_axes = tuple(flip_axes)
+        self.labels: list[str] = list(labels) if labels is not None else self._default_labels()
+        if len(self.labels) < 2:
+            raise InputPathError(f"Segmentation needs background plus at least one class; labels are {self.labels}.")
+
+    @property
+    def num_classes(self) -> int:
+        """Output channels of the network: background + classes."""
+        return len(self.labels)
+
+    def _default_labels(self) -> list[str]:
+        if self.phantom is None and not self._json_path().parent.is_dir():
+            raise InputPathError(f"Dataset folder {self._json_path().parent} does not exist.")
+        names = read_label_names(self._json_path())
+        if names is None and self.phantom is not None:
+            from medct.phantom import LABELS
+
+            names = _phantom_label_names(LABELS)
+        if names is None:
+            raise InputPathError(f"{self._json_path()} names no labels; set data.labels (background first).")
+        return names
+
+    def transforms(self, split: str) -> Any:
+        if split == "train":
+            return train_transforms(
+                self.pre, self.patch_size, self.num_samples, self.pos, self.neg, self.augment, self.flip_axes
+            )
+        return val_transforms(self.pre)
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "labels": self.labels}
+
+
+def _check_positive(name: str, values: Sequence[Any], kind: type) -> None:
+    """ConfigError unless `values` are three positive numbers (spacing, patch size)."""
+    try:
+        vals = [kind(v) for v in values]
+    except (TypeError, ValueError):
+        raise ConfigError(f"{name} must be three positive numbers, got {values!r}.") from None
+    if len(vals) != 3 or min(vals) <= 0:
+        raise ConfigError(f"{name} must be three positive numbers, got {list(values)}.")
 
 
 def _phantom_label_names(labels: Any) -> list[str]:

@@ -35,3 +35,7 @@ class GeometryMismatchError(MedCTError):
 
 class ModelFolderError(MedCTError):
     """An exported model folder is missing files or holds corrupt weights/metadata."""
+
+
+class ConfigError(MedCTError):
+    """A recipe or command-line option has a value medct cannot use (bad fold, unknown net, ...)."""

@@ -39,8 +39,8 @@ import torch
 from torch import nn
 
 from medct.body import body_mask, body_threshold
-from medct.checkpoint import ModelCard, load_model_folder
-from medct.errors import InvalidVolumeError
+from medct.checkpoint import ModelCard, load_model_folder, read_model_card
+from medct.errors import InvalidVolumeError, ModelFolderError
 from medct.geometry import (
     Grid,
     argmax_resample_chunks,
@@ -94,8 +94,8 @@ class Predictor:
     net:           a segmentation `nn.Module`, (B, 1, D, H, W) -> (B, C, D, H, W) logits.
     card:          its ModelCard (preprocessing, patch size, labels).
     device:        "cuda", "mps", "cpu" or None (auto: cuda > mps > cpu).
-    overlap:       sliding-window overlap in [0, 1); None -> card.extra["overlap"] or 0.5.
-    sw_batch_size: patches per forward pass; None -> card.extra["sw_batch_size"] or 4.
+    overlap:       sliding-window overlap in [0, 1); None -> card.inference["overlap"] or 0.5.
+    sw_batch_size: patches per forward pass; None -> card.inference["sw_batch_size"] or 4.
     tta:           flip test-time augmentation over `tta_axes` (2^len(axes) passes).
     tta_axes:      network-space (RAS) axes to mirror; default A-P and S-I only, because a left-right
                    mirror turns a left organ into a right one for a model that learned laterality.
@@ -128,11 +128,13 @@ class Predictor:
         if self.channels_last:
             self.net = self.net.to(memory_format=torch.channels_last_3d)
         self.card = card
-        self.overlap = float(card.extra.get("overlap", DEFAULT_OVERLAP) if overlap is None else overlap)
+        if card.task != "segmentation":
+            raise ModelFolderError(f"This is a '{card.task}' model; segmentation needs a 'segmentation' model.")
+        self.overlap = float(card.inference.get("overlap", DEFAULT_OVERLAP) if overlap is None else overlap)
         if not 0.0 <= self.overlap < 1.0:
             raise ValueError(f"overlap must be in [0, 1), got {self.overlap}")
         # 4 patches per pass: on CPU 2-8 measured within noise of each other, 1 was ~20 % slower.
-        self.sw_batch_size = int(card.extra.get("sw_batch_size", 4) if sw_batch_size is None else sw_batch_size)
+        self.sw_batch_size = int(card.inference.get("sw_batch_size", 4) if sw_batch_size is None else sw_batch_size)
         self.tta = bool(tta)
         self.tta_axes = tuple(int(a) for a in tta_axes)
         self.amp = (self.device.type == "cuda") if amp is None else bool(amp)
@@ -150,6 +152,11 @@ class Predictor:
     ) -> Predictor:
         """A Predictor for an exported model folder (model.safetensors + medct.json)."""
         dev = torch.device(device) if device is not None else auto_device()
+        card = read_model_card(model_dir)
+        if card.task != "segmentation":
+            raise ModelFolderError(
+                f"{model_dir} holds a '{card.task}' model; segmentation needs a 'segmentation' model folder."
+            )
         net, card = load_model_folder(model_dir, device="cpu")
         return cls(net, card, device=dev, overlap=overlap, sw_batch_size=sw_batch_size, tta=tta, amp=amp)
 

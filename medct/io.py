@@ -20,6 +20,7 @@ import gzip
 import os
 import re
 import zlib
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +29,15 @@ from medct.errors import GeometryMismatchError, InputPathError, InvalidVolumeErr
 from medct.paths import DICOM_SUFFIXES, NIFTI_SUFFIXES, atomic_files_in
 from medct.volume import LPS_TO_RAS, Volume
 
-__all__ = ["LPS_TO_RAS", "Volume", "read_volume", "write_volume", "validate_for_inference", "check_same_grid"]
+__all__ = [
+    "LPS_TO_RAS",
+    "Volume",
+    "read_volume",
+    "write_volume",
+    "validate_for_inference",
+    "check_same_grid",
+    "read_phases",
+]
 
 # Largest misplacement (mm) of any grid corner for two volumes to count as sharing a grid.
 GRID_TOLERANCE_MM = 1e-4
@@ -180,6 +189,39 @@ def read_volume(path: str | os.PathLike[str], series_uid: str | None = None) -> 
     raise UnreadableVolumeError(
         f"{p} is not a supported image (use .nii, .nii.gz, .mha, .mhd, .nrrd or a DICOM series folder)."
     )
+
+
+def read_phases(source: str | os.PathLike[str] | Sequence[str | os.PathLike[str]]) -> list[Volume]:
+    """The ordered phases of a 4D scan: a list of 3D volume paths (in that order) or one 4D NIfTI
+    (phases along its 4th axis). Every phase must share the first one's grid; at least 2 phases.
+    """
+    if isinstance(source, (str, os.PathLike)):
+        p = Path(source).expanduser()
+        if not p.exists():
+            raise InputPathError(f"{p} does not exist.")
+        if not p.name.lower().endswith(NIFTI_SUFFIXES):
+            raise InvalidVolumeError(f"{p}: a 4D scan in one file must be a 4D NIfTI; else list its phase files.")
+        import nibabel as nib
+
+        try:
+            img = nib.load(p)
+            data = np.asanyarray(img.dataobj)
+        except Exception as e:  # nibabel raises many types for broken files
+            raise UnreadableVolumeError(f"{p} is not a readable NIfTI image ({_one_line(e)}).") from e
+        if data.ndim != 4:
+            raise InvalidVolumeError(f"{p} has shape {data.shape}; a 4D scan needs (X, Y, Z, phases).")
+        affine = np.asarray(img.affine, dtype=np.float64)
+        vols = [
+            Volume(np.ascontiguousarray(data[..., t]), affine.copy(), {"path": f"{p}[{t}]", "format": "nifti"})
+            for t in range(data.shape[3])
+        ]
+    else:
+        vols = [read_volume(v) for v in source]
+    if len(vols) < 2:
+        raise InvalidVolumeError(f"A 4D scan needs at least 2 phases, got {len(vols)}.")
+    for v in vols[1:]:
+        check_same_grid(vols[0], v, what=f"phases {vols[0].meta.get('path')} and {v.meta.get('path')}")
+    return vols
 
 
 def validate_for_inference(vol: Volume) -> None:

@@ -2,14 +2,16 @@
 
 MedCTCLI is LightningCLI (jsonargparse) in subclass mode, so one entry point runs every recipe
 in configs/: the YAML names the task (`model.class_path`) and the data module (`data.class_path`).
-What the data decides is given once, in `data:`, and linked into the task:
+What the data decides is given once, in `data:`, and linked into the task (`DATA_LINKS`):
 
-  data.init_args.{spacing,hu_min,hu_max,patch_size} -> model.init_args.*      (on parse)
-  data.labels                                         -> model.init_args.labels (on instantiation)
-  data.num_classes -> model.init_args.net.init_args.out_channels               (on instantiation)
+  data.init_args.{spacing,hu_min,hu_max,patch_size} -> model.init_args.*        (on parse)
+  data.modality   (resolved: phantom variant, dataset.json, else CT) -> model.init_args.modality
+  data.labels                                         -> model.init_args.labels   (on instantiation)
+  data.num_classes -> model.init_args.net.init_args.out_channels                 (on instantiation)
 
-A link whose source or target the chosen classes lack is skipped by jsonargparse, so recipes
-with other tasks (pretraining, synthesis) use the same CLI. Resume with `--ckpt_path`; scale out
+A task (or data module) that lacks a link's source or target simply does not take part in it:
+links are added for the classes the YAML names, so a pretraining task with neither `labels` nor
+a network `out_channels` uses the same CLI (tested in tests/test_lightning_cli.py). Resume with `--ckpt_path`; scale out
 with trainer flags (`--trainer.strategy=ddp --trainer.devices=N --trainer.num_nodes=M`).
 Precision defaults to bf16-mixed where a CUDA GPU supports it and to fp32 elsewhere; a recipe
 or `--trainer.precision` overrides it.
@@ -28,6 +30,17 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from medct.errors import MedCTError
 
 LIGHTNING_VERBS = ("fit", "validate", "test", "predict")
+
+# (source in the data module, target in the task, when): the names the CLI links from data into the model.
+DATA_LINKS: tuple[tuple[str, str, str], ...] = (
+    ("data.init_args.spacing", "model.init_args.spacing", "parse"),
+    ("data.init_args.hu_min", "model.init_args.hu_min", "parse"),
+    ("data.init_args.hu_max", "model.init_args.hu_max", "parse"),
+    ("data.init_args.patch_size", "model.init_args.patch_size", "parse"),
+    ("data.modality", "model.init_args.modality", "instantiate"),
+    ("data.labels", "model.init_args.labels", "instantiate"),
+    ("data.num_classes", "model.init_args.net.init_args.out_channels", "instantiate"),
+)
 
 
 def default_precision() -> str:
@@ -54,10 +67,8 @@ class MedCTCLI(LightningCLI):
         )
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        for name in ("spacing", "hu_min", "hu_max", "patch_size"):
-            parser.link_arguments(f"data.init_args.{name}", f"model.init_args.{name}")
-        parser.link_arguments("data.labels", "model.init_args.labels", apply_on="instantiate")
-        parser.link_arguments("data.num_classes", "model.init_args.net.init_args.out_channels", apply_on="instantiate")
+        for source, target, when in DATA_LINKS:
+            parser.link_arguments(source, target, apply_on=when)
         parser.set_defaults({"trainer.precision": default_precision()})
 
 

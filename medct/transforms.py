@@ -170,9 +170,48 @@ def _load_volumed_class() -> type:
     return LoadVolumed
 
 
+@functools.cache
+def _load_phasesd_class() -> type:
+    """Define LoadPhasesd on first use (MONAI import, see `_load_volumed_class`)."""
+    from monai.transforms import MapTransform
+
+    class LoadPhasesd(MapTransform):
+        """Read a 4D scan's phases (`medct.io.read_phases`: a list of paths or one 4D NIfTI) into
+        one MetaTensor (T, X, Y, Z) float32: phases as channels, so every spatial transform moves
+        them together. Written by hand: MONAI has no reader for an ordered list of phase files."""
+
+        def __init__(self, keys: Sequence[str] = ("phases",)) -> None:
+            super().__init__(keys)
+
+        def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+            import torch
+
+            from medct.io import read_phases
+
+            d = dict(data)
+            for key in self.key_iterator(d):
+                vols = read_phases(d[key])
+                first = volume_to_metatensor(vols[0], np.float32)  # (1, X, Y, Z) with the grid's meta
+                stacked = torch.stack([torch.from_numpy(np.asarray(v.array, dtype=np.float32)) for v in vols])
+                d[key] = _with_meta(stacked, first)
+            return d
+
+    return LoadPhasesd
+
+
+def _with_meta(array: Any, like: Any) -> Any:
+    """A MetaTensor holding `array` (T, X, Y, Z) with the affine and meta of `like`."""
+    from monai.data import MetaTensor
+
+    meta = {k: v for k, v in like.meta.items() if k != "affine"}  # the affine is given on its own
+    return MetaTensor(array, affine=like.affine, meta=meta)
+
+
 def __getattr__(name: str) -> Any:  # PEP 562: `from medct.transforms import LoadVolumed` imports MONAI then
     if name == "LoadVolumed":
         return _load_volumed_class()
+    if name == "LoadPhasesd":
+        return _load_phasesd_class()
     raise AttributeError(f"module 'medct.transforms' has no attribute {name!r}")
 
 
@@ -284,3 +323,110 @@ def infer_transforms(pre: Preprocessing) -> Any:
     from monai.transforms import Compose, EnsureTyped
 
     return Compose([*_deterministic(pre, ["image"], crop=False), EnsureTyped(keys="image", dtype=torch.float32)])
+
+
+def generic_transforms(
+    pre: Preprocessing,
+    keys: Sequence[str],
+    patch_size: Sequence[int],
+    train: bool,
+    num_samples: int = 1,
+    augment: bool = True,
+) -> Any:
+    """The pipeline of `medct.data.VolumeDataModule` for any of its key sets.
+
+    Volumes (image, target, fixed, moving, label, phases) are loaded, oriented to RAS, resampled to
+    `pre.spacing` (labels nearest), intensity-windowed (all but labels) and cropped to the body
+    (`medct.body`). Keys on one grid share every spatial step; "fixed" and "moving" may lie on
+    different grids, so each is cropped on its own and, in training, padded/cropped to the patch
+    at its centre (registration aligns them; random crops of each would not overlap). "text" is
+    passed through. Training adds `num_samples` random patches per volume (same place for keys
+    on one grid) and, with `augment`, small affine and intensity changes of the "image"/"phases".
+    """
+    import torch
+    from monai.transforms import (
+        CastToTyped,
+        Compose,
+        CropForegroundd,
+        EnsureTyped,
+        Orientationd,
+        RandAdjustContrastd,
+        RandAffined,
+        RandGaussianNoised,
+        RandScaleIntensityd,
+        RandShiftIntensityd,
+        RandSpatialCropSamplesd,
+        ResizeWithPadOrCropd,
+        ScaleIntensityRanged,
+        Spacingd,
+        SpatialPadd,
+    )
+
+    keys = list(keys)
+    vols = [k for k in keys if k != "text"]
+    separate = set(vols) == {"fixed", "moving"}  # the one key set whose grids may differ
+    patch = tuple(int(p) for p in patch_size)
+    threshold = AboveThreshold(body_threshold(pre))
+    xs: list[Any] = []
+    if "phases" in vols:
+        xs.append(_load_phasesd_class()(keys=["phases"]))
+    elif separate:
+        xs += [_load_volumed_class()(keys=[k], label_keys=()) for k in vols]
+    else:
+        xs.append(_load_volumed_class()(keys=vols, label_keys=("label",)))
+    xs += [
+        Orientationd(keys=vols, axcodes="RAS", labels=None),
+        Spacingd(
+            keys=vols,
+            pixdim=tuple(pre.spacing),
+            mode=["nearest" if k == "label" else "bilinear" for k in vols],
+            padding_mode="border",
+        ),
+        ScaleIntensityRanged(
+            keys=[k for k in vols if k != "label"], a_min=pre.hu_min, a_max=pre.hu_max, b_min=0.0, b_max=1.0, clip=True
+        ),
+    ]
+    groups = [[k] for k in vols] if separate else [vols]
+    for group in groups:
+        xs.append(
+            CropForegroundd(
+                keys=group,
+                source_key=group[0],
+                select_fn=threshold,
+                margin=BODY_MARGIN_VOXELS,
+                allow_smaller=True,
+                start_coord_key=None,  # not carried into batches (two crops would overwrite each other's)
+                end_coord_key=None,
+            )
+        )
+    if "label" in vols:
+        xs.append(CastToTyped(keys="label", dtype=torch.uint8))
+    if train:
+        if separate:
+            xs.append(ResizeWithPadOrCropd(keys=vols, spatial_size=patch, mode="constant"))
+        else:
+            xs += [
+                SpatialPadd(keys=vols, spatial_size=patch, mode="constant"),  # 0 = below the window (air)
+                RandSpatialCropSamplesd(keys=vols, roi_size=patch, num_samples=num_samples, random_size=False),
+            ]
+        intensity = [k for k in vols if k in ("image", "phases")]
+        if augment and intensity:
+            if not separate:
+                xs.append(
+                    RandAffined(
+                        keys=vols,
+                        prob=0.2,
+                        rotate_range=(0.26, 0.26, 0.26),  # +-15 degrees
+                        scale_range=(0.15, 0.15, 0.15),
+                        mode=["nearest" if k == "label" else "bilinear" for k in vols],
+                        padding_mode="zeros",
+                    )
+                )
+            xs += [
+                RandScaleIntensityd(keys=intensity, factors=0.1, prob=0.2),
+                RandShiftIntensityd(keys=intensity, offsets=0.05, prob=0.2),
+                RandAdjustContrastd(keys=intensity, prob=0.15, gamma=(0.7, 1.5)),
+                RandGaussianNoised(keys=intensity, prob=0.15, std=0.01),
+            ]
+    xs.append(EnsureTyped(keys=vols, dtype=torch.float32, track_meta=not train))
+    return Compose(xs)

@@ -19,3 +19,40 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"real scans not found at {SHARED_DATA} (see shared/data/MANIFEST.md)")
     return SHARED_DATA
+
+
+def make_model_folder(
+    out: Path,
+    labels: dict[int, str] | None = None,
+    spacing: tuple[float, float, float] = (4.0, 4.0, 4.0),
+    patch: int = 32,
+    channels: tuple[int, ...] = (4, 8, 16),
+    modality: str = "CT",
+    inference: dict | None = None,
+    seed: int = 0,
+) -> Path:
+    """A tiny untrained segmentation model folder (MONAI UNet): enough to exercise every code path."""
+    import torch
+
+    from medct.checkpoint import ModelCard, save_model_folder
+    from medct.nets import create_net
+    from medct.transforms import Preprocessing
+
+    labels = labels or {0: "background", 1: "blob", 2: "rod"}
+    torch.manual_seed(seed)
+    net = create_net("unet", in_channels=1, out_channels=len(labels), channels=list(channels), num_res_units=1)
+    card = ModelCard(
+        net_name="unet",
+        net_args=dict(net.net_config["args"]),
+        labels=labels,
+        preprocessing=Preprocessing(spacing=spacing, modality=modality),
+        patch_size=(patch,) * 3,
+        inference=dict(inference or {}),
+    )
+    return save_model_folder(net, card, out)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny untrained 3-class CT model folder at 4 mm with 32^3 patches (one per test module)."""
+    return make_model_folder(tmp_path_factory.mktemp("model") / "tiny")

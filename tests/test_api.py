@@ -7,29 +7,11 @@ import warnings
 
 import numpy as np
 import pytest
-import torch
 
 import medct
-from medct.checkpoint import ModelCard, save_model_folder
 from medct.errors import InvalidVolumeError
 from medct.inference import Predictor
 from medct.io import Volume, write_volume
-from medct.nets import create_net
-from medct.transforms import Preprocessing
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory):
-    torch.manual_seed(0)
-    net = create_net("unet", out_channels=3, channels=(4, 8), num_res_units=0)
-    card = ModelCard(
-        net_name="unet",
-        net_args=dict(net.net_config["args"]),  # type: ignore[attr-defined]
-        labels={0: "background", 1: "a", 2: "b"},
-        preprocessing=Preprocessing(spacing=(2.0, 2.0, 2.0)),
-        patch_size=(16, 16, 16),
-    )
-    return save_model_folder(net, card, tmp_path_factory.mktemp("m") / "model")
 
 
 def scan() -> Volume:

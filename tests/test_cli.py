@@ -21,28 +21,6 @@ from medct.io import Volume, read_volume, write_volume
 LABELS = {0: "background", 1: "blob", 2: "rod"}
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny untrained model folder: enough to exercise every code path quickly."""
-    import torch
-
-    from medct.checkpoint import ModelCard, save_model_folder
-    from medct.nets import create_net
-    from medct.transforms import Preprocessing
-
-    torch.manual_seed(0)
-    args = {"in_channels": 1, "out_channels": 3, "channels": [4, 8, 16], "num_res_units": 1}
-    net = create_net("unet", **args)
-    card = ModelCard(
-        net_name="unet",
-        net_args=args,
-        labels=LABELS,
-        preprocessing=Preprocessing(spacing=(4.0, 4.0, 4.0)),
-        patch_size=(32, 32, 32),
-    )
-    return save_model_folder(net, card, tmp_path_factory.mktemp("model") / "tiny")
-
-
 def _ct(shape: tuple[int, int, int] = (40, 36, 20), spacing: tuple[float, float, float] = (2.0, 2.5, 4.0)) -> Volume:
     rng = np.random.default_rng(0)
     array = rng.normal(0, 50, shape).astype(np.float32) - 500

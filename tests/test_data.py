@@ -166,3 +166,136 @@ def test_datamodule_argument_errors(tmp_path):
     dm = SegmentationDataModule(data_dir=str(tmp_path / "nope"), labels=["background", "x"])
     with pytest.raises(InputPathError, match="does not exist"):
         dm.setup("fit")
+
+
+# ----------------------------------------------------------------------------- generic key sets
+
+
+def _vol(tmp_path, name, shape=(24, 20, 16), spacing=(6.0, 6.0, 6.0), value=None, seed=0, lps=False):
+    import numpy as np
+
+    from medct.io import write_volume
+    from medct.volume import Volume
+
+    rng = np.random.default_rng(seed)
+    arr = np.full(shape, -1000, np.int16)
+    arr[3:-3, 3:-3, 2:-2] = rng.normal(40, 100, [s - d for s, d in zip(shape, (6, 6, 4), strict=True)])
+    if value is not None:
+        arr[:] = value
+    aff = np.diag([*spacing, 1.0])
+    if lps:
+        aff[:2] *= -1
+    return str(write_volume(Volume(arr, aff), tmp_path / name))
+
+
+def _json(tmp_path, training):
+    path = tmp_path / "list.json"
+    path.write_text(json.dumps({"training": training}))
+    return str(path)
+
+
+def _module(**kw):
+    from medct.data import VolumeDataModule
+
+    args = dict(spacing=(6.0, 6.0, 6.0), patch_size=(16, 16, 16), batch_size=2, num_samples=1, num_workers=0)
+    return VolumeDataModule(**{**args, **kw})
+
+
+def test_image_only_from_a_plain_folder_with_dicom(tmp_path, shared_data):
+    import shutil
+
+    folder = tmp_path / "scans"
+    folder.mkdir()
+    for i in range(2):
+        _vol(folder, f"s{i}.nii.gz", seed=i)
+    shutil.copytree(shared_data / "popi_phase00_10slices_dicom", folder / "dicom_series")
+    (folder / "notes.txt").write_text("not a scan")
+    dm = _module(keys=["image"], data_dir=str(folder), val_fraction=0.34)
+    dm.setup("fit")
+    assert len(dm.train_items) + len(dm.val_items) == 3  # two NIfTI files and one DICOM series folder
+    assert all(set(x) == {"image"} for x in dm.train_items)
+    batch = next(iter(dm.train_dataloader()))
+    assert set(batch) == {"image"} and batch["image"].shape == (2, 1, 16, 16, 16)
+    assert dm.modality == "CT"
+
+
+def test_image_target_and_text_keys(tmp_path):
+    items = [
+        {"image": _vol(tmp_path, f"cbct{i}.nii.gz", seed=i), "target": _vol(tmp_path, f"ct{i}.nii.gz", seed=10 + i)}
+        for i in range(3)
+    ]
+    dm = _module(keys=["image", "target"], datalist=_json(tmp_path, items))
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["image"].shape == batch["target"].shape == (2, 1, 16, 16, 16)
+    (tmp_path / "r0.txt").write_text("Liver 1500 mL.\n")
+    items = [{"image": x["image"], "text": "r0.txt" if i == 0 else f"report {i}"} for i, x in enumerate(items)]
+    dm = _module(keys=["image", "text"], datalist=_json(tmp_path, items), augment=False)
+    dm.setup("fit")
+    texts = [x["text"] for x in dm.train_items + dm.val_items]
+    assert "Liver 1500 mL." in texts  # a .txt path is read
+    batch = next(iter(dm.train_dataloader()))
+    assert (
+        isinstance(batch["text"], list) and len(batch["text"]) == 2 and all(isinstance(t, str) for t in batch["text"])
+    )
+    with pytest.raises(InputPathError, match="have no 'target'"):
+        _module(keys=["image", "target"], datalist=_json(tmp_path, [{"image": items[0]["image"]}] * 2)).setup("fit")
+
+
+def test_fixed_moving_may_lie_on_different_grids(tmp_path):
+    items = [
+        {
+            "fixed": _vol(tmp_path, f"f{i}.nii.gz", seed=i),
+            "moving": _vol(tmp_path, f"m{i}.mha", shape=(30, 28, 10), spacing=(4.0, 4.0, 9.0), seed=i, lps=True),
+        }
+        for i in range(2)
+    ]
+    dm = _module(keys=["fixed", "moving"], datalist=_json(tmp_path, items), batch_size=1)
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["fixed"].shape == batch["moving"].shape == (1, 1, 16, 16, 16)
+    val = next(iter(dm.val_dataloader()))  # whole volumes, each on its own RAS grid at 6 mm
+    assert val["fixed"].shape[2:] != val["moving"].shape[2:]
+
+
+def test_phases_from_files_and_from_one_4d_nifti(tmp_path):
+    import nibabel as nib
+    import numpy as np
+
+    phases = [_vol(tmp_path, f"p{t}.nii.gz", seed=t) for t in range(3)]
+    four_d = np.stack([nib.load(p).get_fdata() for p in phases], axis=-1).astype(np.int16)
+    nib.save(nib.Nifti1Image(four_d, np.diag([6.0, 6.0, 6.0, 1.0])), tmp_path / "fourd.nii.gz")
+    items = [{"phases": phases}, {"phases": str(tmp_path / "fourd.nii.gz")}]
+    dm = _module(keys=["phases"], datalist=_json(tmp_path, items), augment=False, batch_size=1)
+    dm.setup("fit")
+    a = next(iter(dm.val_dataloader()))["phases"]
+    assert a.shape[:2] == (1, 3)  # three phases as channels
+    from medct.transforms import generic_transforms
+
+    xf = generic_transforms(dm.pre, ["phases"], dm.patch_size, train=False)
+    from_files, from_4d = xf(items[0])["phases"], xf(items[1])["phases"]
+    assert torch.allclose(from_files, from_4d)
+    other = _vol(tmp_path, "other.nii.gz", shape=(20, 20, 16))
+    from medct.errors import GeometryMismatchError, InvalidVolumeError
+    from medct.io import read_phases
+
+    with pytest.raises(GeometryMismatchError, match="different shapes"):
+        read_phases([phases[0], other])
+    with pytest.raises(InvalidVolumeError, match="at least 2 phases"):
+        read_phases([phases[0]])
+
+
+def test_unknown_keys_and_bad_values_are_config_errors(tmp_path):
+    from medct.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="not a known key set"):
+        _module(keys=["image", "mask"], data_dir=str(tmp_path))
+    for kw, match in [
+        ({"spacing": (0.0, 1.0, 1.0)}, "data.spacing"),
+        ({"patch_size": (16, 16)}, "data.patch_size"),
+        ({"hu_min": 100.0, "hu_max": 100.0}, "hu_max"),
+        ({"val_fraction": 1.0}, "val_fraction"),
+        ({"batch_size": 0}, "batch_size"),
+    ]:
+        with pytest.raises(ConfigError, match=match):
+            _module(keys=["image"], data_dir=str(tmp_path), **kw)

@@ -82,7 +82,7 @@ def test_overfits_one_case_then_exports_identical_model(cohort, tmp_path):
     ckpt = tmp_path / "task.ckpt"
     trainer.save_checkpoint(ckpt)
     raw = torch.load(ckpt, map_location="cpu", weights_only=True)  # no pickled objects inside
-    assert raw["medct"]["net_config"]["name"] == "resenc_unet"
+    assert raw["medct"]["card"]["net"]["name"] == "resenc_unet" and raw["medct"]["net_prefix"] == "net."
     assert raw["hyper_parameters"]["labels"] == dm.labels
 
     out = export_lightning_checkpoint(ckpt, tmp_path / "model", licence="CC0-1.0")
@@ -134,8 +134,11 @@ def test_export_errors(tmp_path):
     with pytest.raises(ModelFolderError, match="not a loadable Lightning checkpoint"):
         export_lightning_checkpoint(tmp_path / "junk.ckpt", tmp_path / "m")
     torch.save({"state_dict": {}, "hyper_parameters": {"lr": 0.1}}, tmp_path / "foreign.ckpt")
-    with pytest.raises(ModelFolderError, match="lacks net_config"):
+    with pytest.raises(ModelFolderError, match="holds no medct model card"):
         export_lightning_checkpoint(tmp_path / "foreign.ckpt", tmp_path / "m")
+    torch.save({"state_dict": {}, "medct": {"card": {"net": {}}}}, tmp_path / "bad_card.ckpt")
+    with pytest.raises(ModelFolderError, match="invalid medct model card"):
+        export_lightning_checkpoint(tmp_path / "bad_card.ckpt", tmp_path / "m")
     assert not (tmp_path / "m").exists()
 
 
@@ -161,10 +164,13 @@ model:
     net:
       class_path: medct.nets.ResEncUNet
       init_args: {{filters: [4, 8, 16]}}
+    sw_overlap: 0.5
+    sw_batch_size: 3
 data:
   class_path: medct.data.SegmentationDataModule
   init_args:
     data_dir: {cohort}
+    modality: CBCT
     spacing: [6.0, 6.0, 6.0]
     hu_min: -200.0
     hu_max: 300.0
@@ -179,7 +185,7 @@ data:
     last = next((tmp_path / "runs").rglob("last.ckpt"))
     raw = torch.load(last, map_location="cpu", weights_only=True)
     hp = raw["hyper_parameters"]
-    assert raw["medct"]["net_config"]["args"]["out_channels"] == len(hp["labels"]) == 12  # linked from the data
+    assert raw["medct"]["card"]["net"]["args"]["out_channels"] == len(hp["labels"]) == 12  # linked from the data
     assert hp["hu_min"] == -200.0 and hp["patch_size"] == [16, 16, 16] and hp["spacing"] == [6.0, 6.0, 6.0]
 
     run_lightning(["fit", "--config", str(cfg), "--trainer.max_steps=4", "--ckpt_path", str(last)])
@@ -190,4 +196,7 @@ data:
 
     net, card = load_model_folder(export_lightning_checkpoint(resumed_ckpt, tmp_path / "model"))
     assert card.preprocessing.hu_min == -200.0 and len(card.labels) == 12
+    # the recipe's sliding-window settings and the data's modality reach the exported card
+    assert card.inference == {"overlap": 0.5, "sw_batch_size": 3} and card.modality == "CBCT"
+    assert card.task == "segmentation" and card.extra["global_step"] == 4
     assert net(torch.rand(1, 1, 16, 16, 16)).shape == (1, 12, 16, 16, 16)

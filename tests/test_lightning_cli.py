@@ -1,0 +1,84 @@
+"""MedCTCLI's data -> model links (`DATA_LINKS`) with a task that lacks some of the linked names.
+
+A pretraining-like task takes only `patch_size` and a network without `out_channels`; the data
+module has no `labels` / `num_classes`. The recipe must run, and the names it has must arrive.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+from torch import Tensor, nn
+
+from medct.lightning_cli import DATA_LINKS, run_lightning
+from medct.phantom import write_cohort
+
+SEEN: dict[str, object] = {}
+
+
+class TinyEncoder(nn.Module):
+    """A network with no out_channels argument (nothing to link into it)."""
+
+    def __init__(self, width: int = 4) -> None:
+        super().__init__()
+        self.conv = nn.Conv3d(1, width, 3, padding=1)
+        self.out = nn.Conv3d(width, 1, 1)
+
+    def forward(self, x: Tensor) -> Tensor:  # (B, 1, X, Y, Z) -> (B, 1, X, Y, Z)
+        return self.out(torch.relu(self.conv(x)))
+
+
+class ReconstructionTask(pl.LightningModule):
+    """Learns to reproduce its input: takes patch_size (linked) but no labels, spacing or modality."""
+
+    def __init__(self, net: nn.Module, patch_size: Sequence[int] = (8, 8, 8), lr: float = 1e-3) -> None:
+        super().__init__()
+        self.net = net
+        self.patch_size = [int(p) for p in patch_size]
+        SEEN["patch_size"] = self.patch_size
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        x = batch["image"]
+        SEEN["batch_keys"] = sorted(batch)
+        SEEN["shape"] = tuple(x.shape)
+        return nn.functional.mse_loss(self.net(x), x)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self.parameters(), lr=1e-3)
+
+
+def test_links_are_documented() -> None:
+    targets = {t.split(".")[-1] for _, t, _ in DATA_LINKS}
+    assert {"spacing", "hu_min", "hu_max", "patch_size", "modality", "labels", "out_channels"} <= targets
+
+
+def test_task_without_labels_spacing_or_out_channels_runs(tmp_path: Path) -> None:
+    write_cohort(tmp_path / "scans", n=3, seed=0, shape=(24, 24, 24), spacing=(8.0, 8.0, 8.0))
+    cfg = tmp_path / "recon.yaml"
+    cfg.write_text(
+        f"""
+trainer: {{accelerator: cpu, devices: 1, max_steps: 1, limit_val_batches: 0, enable_progress_bar: false,
+          logger: false, enable_checkpointing: false, default_root_dir: {tmp_path / "runs"}}}
+model:
+  class_path: tests.test_lightning_cli.ReconstructionTask
+  init_args:
+    net: {{class_path: tests.test_lightning_cli.TinyEncoder}}
+data:
+  class_path: medct.data.VolumeDataModule
+  init_args:
+    keys: [image]
+    data_dir: {tmp_path / "scans" / "imagesTr"}
+    spacing: [8.0, 8.0, 8.0]
+    patch_size: [16, 16, 16]
+    batch_size: 1
+    num_samples: 1
+    num_workers: 0
+"""
+    )
+    SEEN.clear()
+    run_lightning(["fit", "--config", str(cfg)])
+    assert SEEN["patch_size"] == [16, 16, 16]  # linked from data.patch_size
+    assert SEEN["batch_keys"] == ["image"] and SEEN["shape"] == (1, 1, 16, 16, 16)
