@@ -24,10 +24,11 @@ from __future__ import annotations
 import warnings
 from collections.abc import Sequence
 
+from jsonargparse import ArgumentError
 from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
-from medct.errors import MedCTError
+from medct.errors import ConfigError, MedCTError
 
 LIGHTNING_VERBS = ("fit", "validate", "test", "predict")
 
@@ -52,6 +53,16 @@ def default_precision() -> str:
     return "32-true"
 
 
+def condense_parser_error(message: str) -> str:
+    """The informative lines of a jsonargparse error, joined into one sentence."""
+    skip = ("Subtypes:", "Errors:", "Given value", "- Expected a <class 'NoneType'>", "Does not validate against any")
+    lines = [ln.strip() for ln in message.splitlines() if ln.strip()]
+    kept = [ln.lstrip("- ") for ln in lines if not ln.startswith(skip)]
+    text = " ".join(kept) if kept else message.strip()
+    text = text.replace(": :", ":").rstrip(".")
+    return f"Invalid recipe value: {text}." if len(text) < 400 else f"Invalid recipe value: {text[:397]}..."
+
+
 class MedCTCLI(LightningCLI):
     """LightningCLI for medct recipes: any LightningModule/LightningDataModule by class_path."""
 
@@ -62,6 +73,8 @@ class MedCTCLI(LightningCLI):
             subclass_mode_model=True,
             subclass_mode_data=True,
             save_config_kwargs={"overwrite": True},
+            # raise instead of printing the whole usage text: run_lightning turns it into one sentence
+            parser_kwargs={"exit_on_error": False},
             args=list(args) if args is not None else None,
             run=run,
         )
@@ -83,6 +96,8 @@ def run_lightning(args: list[str]) -> None:
             MedCTCLI(args=args)
         except MedCTError:
             raise
+        except ArgumentError as e:
+            raise ConfigError(condense_parser_error(str(e))) from e
         except Exception as e:
             # jsonargparse wraps errors raised while instantiating the data module or task in a
             # ValueError listing every Union member it tried; surface the user's one sentence.

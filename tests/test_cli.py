@@ -279,3 +279,44 @@ def test_segment_mr_dicom_rejected_for_ct_model(
         ds.save_as(series / f.name)
     code, err = _run(capsys, "segment", "-m", str(model_dir), "-i", str(series), "-o", str(tmp_path / "o"))
     assert code == 1 and "expects CT" in err
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["segment", "-m", "m", "-i", "i", "-o", "o", "--overlap", "1.0"], "the overlap must lie in [0, 1)"),
+        (["segment", "-m", "m", "-i", "i", "-o", "o", "--overlap", "half"], "expected a number in [0, 1)"),
+        (["segment", "-m", "m", "-i", "i", "-o", "o", "--sw-batch-size", "0"], "whole number >= 1"),
+        (["segment", "-m", "m", "-i", "i", "-o", "o", "--device", "gpu"], "cpu, mps, cuda or cuda:N"),
+        (["phantom", "-o", "p", "--size", "1,2"], "one or three positive numbers"),
+        (["phantom", "-o", "p", "--spacing", "0"], "one or three positive numbers"),
+        (["phantom", "-o", "p", "-n", "0"], "whole number >= 1"),
+        (["demo", "--epochs", "-3"], "whole number >= 1"),
+    ],
+)
+def test_bad_option_values_are_one_line(argv: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and "Traceback" not in err
+    errors = [line for line in err.splitlines() if ": error:" in line]
+    assert len(errors) == 1 and message in errors[0], err
+
+
+def test_bad_recipe_values_are_one_sentence(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """An unknown network, a non-number, a missing config and a bad fold: one line, exit 1."""
+    from medct.phantom import write_cohort
+
+    recipe = str(Path(__file__).resolve().parents[1] / "configs" / "finetune" / "seg_phantom.yaml")
+    write_cohort(tmp_path / "c", n=3, shape=(24, 24, 24), spacing=(8.0, 8.0, 8.0))
+    cases = [
+        (["--model.init_args.net.class_path=medct.nets.NoSuchNet"], "has no attribute 'NoSuchNet'"),
+        (["--model.init_args.lr=abc"], "Got value: abc"),
+        ([f"--data.init_args.data_dir={tmp_path / 'c'}", "--data.init_args.fold=7"], "data.fold must lie in [0, 5)"),
+        ([f"--data.init_args.data_dir={tmp_path / 'c'}", "--data.init_args.keys=[image]"], "keys"),
+    ]
+    for extra, message in cases:
+        code, err = _run(capsys, "fit", "--config", recipe, "--trainer.fast_dev_run=true", *extra)
+        assert code == 1 and message in _one_error_line(err), err
+    code, err = _run(capsys, "fit", "--config", str(tmp_path / "nope.yaml"))
+    assert code == 1 and "does not exist" in _one_error_line(err)

@@ -1,0 +1,43 @@
+"""`medct segment -m MODEL -i INPUT -o OUT`: segment a file, a folder of scans or a DICOM folder."""
+
+from __future__ import annotations
+
+import argparse
+
+from medct.commands import types
+
+HELP = "segment a file, a folder of scans or a DICOM folder with an exported model"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-m", "--model", required=True, help="exported model folder (model.safetensors + medct.json)")
+    p.add_argument("-i", "--input", required=True, help="a volume file, a folder of volumes, or a DICOM series folder")
+    p.add_argument("-o", "--output", required=True, help="output folder (label maps, summary.csv, previews)")
+    p.add_argument("--device", type=types.device, default=None, help="cuda, mps or cpu (default: best available)")
+    p.add_argument(
+        "--overlap", type=types.overlap, default=None, help="sliding-window overlap in [0, 1) (default: model's)"
+    )
+    p.add_argument("--sw-batch-size", type=types.positive_int, default=None, help="patches per forward pass")
+    p.add_argument("--tta", action="store_true", help="flip test-time augmentation (slower, smoother)")
+    p.add_argument("--overwrite", action="store_true", help="recompute cases whose output already exists")
+    p.add_argument("--preview", action="store_true", help="write a PNG (three planes, label overlay) per case")
+    p.add_argument("--series-uid", default=None, help="pick one series from a DICOM folder holding several")
+
+
+def run(args: argparse.Namespace) -> int:
+    from medct.runner import segment_paths
+
+    report = segment_paths(
+        model_dir=args.model,
+        input_path=args.input,
+        output_dir=args.output,
+        device=args.device,
+        overlap=args.overlap,
+        sw_batch_size=args.sw_batch_size,
+        tta=args.tta,
+        overwrite=args.overwrite,
+        preview=args.preview,
+        series_uid=args.series_uid,
+        debug=args.debug,
+    )
+    return 0 if not report.failed else 1

@@ -1,0 +1,56 @@
+"""argparse value types: a bad option value becomes one sentence (argparse's usage + error line,
+exit code 2), never a traceback from deep inside a command."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def triplet(text: str) -> tuple[float, float, float]:
+    """'1.5' -> (1.5, 1.5, 1.5); '0.8,0.8,3' (or 0.8x0.8x3) -> (0.8, 0.8, 3.0); all > 0."""
+    try:
+        parts = [float(p) for p in text.replace("x", ",").split(",") if p]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected one or three numbers, got '{text}'") from None
+    if len(parts) == 1:
+        parts = parts * 3
+    if len(parts) != 3 or min(parts) <= 0:
+        raise argparse.ArgumentTypeError(f"expected one or three positive numbers, got '{text}'")
+    return parts[0], parts[1], parts[2]
+
+
+def int_triplet(text: str) -> tuple[int, int, int]:
+    """Like `triplet`, for whole numbers >= 2 (voxel counts)."""
+    a, b, c = triplet(text)
+    if any(v != int(v) or v < 2 for v in (a, b, c)):
+        raise argparse.ArgumentTypeError(f"expected one or three whole numbers >= 2, got '{text}'")
+    return int(a), int(b), int(c)
+
+
+def overlap(text: str) -> float:
+    """A sliding-window overlap: a fraction in [0, 1)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got '{text}'") from None
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"the overlap must lie in [0, 1), got {text}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got '{text}'") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text}")
+    return value
+
+
+def device(text: str) -> str:
+    """cpu, mps, cuda or cuda:N."""
+    ok = text in ("cpu", "mps", "cuda") or (text.startswith("cuda:") and text[5:].isdigit())
+    if not ok:
+        raise argparse.ArgumentTypeError(f"expected cpu, mps, cuda or cuda:N, got '{text}'")
+    return text
