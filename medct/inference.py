@@ -65,6 +65,14 @@ def auto_device() -> torch.device:
     return torch.device("cpu")
 
 
+def stitch_device(device: torch.device, num_classes: int, voxels: int, free_bytes: int) -> torch.device:
+    """Where MONAI stitches the sliding-window output: on `device` if the float32 output and its
+    weight map ((C + 2) x voxels x 4 bytes) take under half of its free memory, else in host memory
+    (the patches still run on `device`)."""
+    need = (num_classes + 2) * voxels * 4
+    return device if need < free_bytes // 2 else torch.device("cpu")
+
+
 def fold_batch_norm(net: nn.Module) -> nn.Module:
     """An eval-mode copy of `net` with each Conv -> BatchNorm pair folded into one convolution
     (torch.fx's `fuse`), or `net` itself when it has no BatchNorm or cannot be traced by torch.fx.
@@ -319,11 +327,8 @@ class Predictor:
 
         if self.device.type != "cuda":
             return run(x, self.device)
-        # Output + weight map in float32 on the GPU if they take under half its free memory,
-        # else stitch in host memory (patches still run on the GPU).
         free, _ = torch.cuda.mem_get_info(self.device)
-        need = (self.num_classes + 2) * x[0, 0].numel() * 4
-        stitch = self.device if need < free // 2 else torch.device("cpu")
+        stitch = stitch_device(self.device, self.num_classes, x[0, 0].numel(), free)
         try:
             return run(x, stitch)
         except torch.cuda.OutOfMemoryError:

@@ -85,15 +85,16 @@ class MedCTCLI(LightningCLI):
         parser.set_defaults({"trainer.precision": default_precision()})
 
 
-def run_lightning(args: list[str]) -> None:
-    """Run one Lightning verb, e.g. `run_lightning(["fit", "--config", "configs/finetune/seg_phantom.yaml"])`."""
+def run_lightning(args: list[str]) -> MedCTCLI:
+    """Run one Lightning verb, e.g. `run_lightning(["fit", "--config", "configs/finetune/seg_phantom.yaml"])`;
+    returns the CLI object (its `trainer`, `model` and `datamodule` after the run)."""
     if not args or args[0] not in LIGHTNING_VERBS and not args[0].startswith("-"):
         raise ValueError(f"the first argument must be one of {', '.join(LIGHTNING_VERBS)}, got {args[:1]}")
     with warnings.catch_warnings():
         # `medct fit ...` passes its own argv as `args`; LightningCLI would warn that sys.argv is set too.
         warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
         try:
-            MedCTCLI(args=args)
+            return MedCTCLI(args=args)
         except MedCTError:
             raise
         except ArgumentError as e:

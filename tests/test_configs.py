@@ -88,7 +88,7 @@ def _tiny(cfg: dict[str, Any], tmp: Path) -> dict[str, Any]:
 def test_recipe_runs_fast_dev_run(config, tmp_path):
     tiny = tmp_path / config.name
     tiny.write_text(yaml.safe_dump(_tiny(yaml.safe_load(config.read_text()), tmp_path)))
-    run_lightning(
+    cli = run_lightning(
         [
             "fit",
             "--config",
@@ -100,6 +100,18 @@ def test_recipe_runs_fast_dev_run(config, tmp_path):
             f"--trainer.default_root_dir={tmp_path / 'runs'}",
         ]
     )
+    trainer = cli.trainer
+    assert trainer.state.finished and trainer.global_step == 1  # one optimiser step was taken
+    loss = trainer.callback_metrics.get("train/loss")
+    assert loss is not None and torch.isfinite(loss)
+    if trainer.val_dataloaders is not None:  # fast_dev_run also runs one validation batch
+        assert any(k.startswith("val/") for k in trainer.callback_metrics)
+    if hasattr(cli.model, "model_card"):  # what `medct export` would write rebuilds the trained network
+        from medct.nets import create_net
+
+        card = cli.model.model_card()
+        twin = create_net(card.net_name, **card.net_args)
+        twin.load_state_dict(cli.model.net.state_dict(), strict=True)
 
 
 def test_configs_exist():

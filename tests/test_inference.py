@@ -240,14 +240,38 @@ def test_from_folder_round_trip(tmp_path) -> None:
     np.testing.assert_array_equal(p.predict(vol).array, direct.array)
 
 
+def test_stitch_device_moves_to_host_when_the_output_would_not_fit() -> None:
+    from medct.inference import stitch_device
+
+    gpu = torch.device("cuda")
+    voxels = 100 * 100 * 100  # 12 classes: (12 + 2) * 4 B * 1e6 = 56 MB
+    assert stitch_device(gpu, 12, voxels, free_bytes=10 * 2**30) == gpu
+    assert stitch_device(gpu, 12, voxels, free_bytes=100 * 2**20).type == "cpu"  # 56 MB > half of 100 MiB
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_cuda_matches_cpu_and_cpu_stitching() -> None:
+def test_cuda_matches_cpu_and_cpu_stitching(monkeypatch: pytest.MonkeyPatch) -> None:
+    import monai.inferers
+
     vol, truth = phantom("lps_oblique_aniso")
     gpu = Predictor(classifier(), card(), device="cuda", skip_air=False).predict(vol)
     assert dice_per_label(gpu.array, truth, labels=[1, 2])[1] > 0.95
     cpu = Predictor(classifier(), card(), device="cpu", skip_air=False).predict(vol)
     assert dice_per_label(gpu.array, cpu.array, labels=[1, 2])[1] > 0.99
+    # force host stitching: the GPU reports no free memory; patches still run on the GPU
+    stitched_on: list[str] = []
+    real = monai.inferers.sliding_window_inference
+
+    def spy(*args, **kwargs):  # type: ignore[no-untyped-def]
+        stitched_on.append(torch.device(kwargs["device"]).type)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(monai.inferers, "sliding_window_inference", spy)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (0, 80 * 2**30))
+    host = Predictor(classifier(), card(), device="cuda", skip_air=False).predict(vol)
+    assert stitched_on == ["cpu"]
+    np.testing.assert_array_equal(host.array, gpu.array)
 
 
 def test_argmax_shortcut_equals_full_resampling() -> None:
