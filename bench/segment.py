@@ -79,7 +79,7 @@ def train_model(out_dir: Path, steps: int, n_cases: int, seed: int = 0) -> dict[
 
     from medct.checkpoint import ModelCard, save_model_folder
     from medct.nets import create_net
-    from medct.phantom import LABELS, make_phantom
+    from medct.phantom import LABELS, Appearance, GridSpec, make_phantom
     from medct.transforms import Preprocessing, scale_intensity
 
     torch.manual_seed(seed)
@@ -88,7 +88,8 @@ def train_model(out_dir: Path, steps: int, n_cases: int, seed: int = 0) -> dict[
     start = time.perf_counter()
     images, labels = [], []
     for s in range(n_cases):  # whole torsos (384 x 384 x 288 mm) at the model spacing, RAS
-        case = make_phantom(seed=1000 + s, shape=(256, 256, 192), spacing=SPACING, phase=("native", "venous")[s % 2])
+        grid = GridSpec(shape=(256, 256, 192), spacing=SPACING)
+        case = make_phantom(1000 + s, grid, Appearance(phase=("native", "venous")[s % 2]))
         images.append(scale_intensity(case.image.array, pre))
         labels.append(case.label.array.astype(np.int64))
     t_data = time.perf_counter() - start

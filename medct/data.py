@@ -75,7 +75,6 @@ KEY_SETS: tuple[tuple[str, ...], ...] = (
     ("phases",),
 )
 PATH_KEYS = ("image", "label", "target", "fixed", "moving")
-MODALITY_OF_VARIANT = {"ct": "CT", "cbct": "CBCT", "cbct_tst": "CBCT", "mr": "MR"}
 
 
 # ----------------------------------------------------------------------------- datalists
@@ -316,10 +315,8 @@ class VolumeDataModule(pl.LightningDataModule):
             raise InputPathError("Give exactly one of data.data_dir (a dataset folder) or data.datalist (a JSON file).")
         if phantom is not None and data_dir is None:
             raise InputPathError("A phantom cohort needs data.data_dir, the folder to write it into.")
-        if phantom is not None and phantom.variant not in MODALITY_OF_VARIANT:
-            raise ConfigError(
-                f"data.phantom.variant must be one of {sorted(MODALITY_OF_VARIANT)}, got '{phantom.variant}'."
-            )
+        if phantom is not None and phantom.variant not in ("ct", "cbct", "cbct_tst", "mr"):
+            raise ConfigError(f"data.phantom.variant must be ct, cbct, cbct_tst or mr, got '{phantom.variant}'.")
         _check_positive("data.spacing", spacing, float)
         _check_positive("data.patch_size", patch_size, int)
         if not hu_max > hu_min:
@@ -358,6 +355,8 @@ class VolumeDataModule(pl.LightningDataModule):
 
     def _default_modality(self) -> str:
         if self.phantom is not None:
+            from medct.phantom import MODALITY_OF_VARIANT
+
             return MODALITY_OF_VARIANT[self.phantom.variant]
         path = self._json_path()
         if path.is_file():

@@ -13,6 +13,8 @@ from medct.errors import MedCTError
 from medct.phantom import (
     FOV_MM,
     LABELS,
+    Appearance,
+    GridSpec,
     PhantomCase,
     describe,
     grid_affine,
@@ -23,6 +25,21 @@ from medct.phantom import (
 )
 
 ORGANS = [k for k in LABELS if k not in (0, 11)]
+GRID_FIELDS = {"shape", "spacing", "axcodes", "oblique_deg", "center_mm"}
+
+
+def _specs(kw: dict) -> tuple[GridSpec, Appearance]:
+    """Flat keyword arguments -> the two frozen specs make_phantom takes."""
+    grid = GridSpec(**{k: v for k, v in kw.items() if k in GRID_FIELDS})
+    return grid, Appearance(**{k: v for k, v in kw.items() if k not in GRID_FIELDS})
+
+
+def _case(seed: int, lesions: bool | int | None = None, **kw) -> PhantomCase:
+    return make_phantom(seed, *_specs(kw), lesions=lesions)
+
+
+def _breathing(seed: int, n_phases: int, amplitude_mm: float | None = None, period_s: float | None = None, **kw):
+    return make_breathing(seed, n_phases, *_specs(kw), amplitude_mm=amplitude_mm, period_s=period_s)
 
 
 def _volumes_ml(case: PhantomCase) -> np.ndarray:
@@ -36,12 +53,12 @@ def _centroid_world(case: PhantomCase, label: int) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def native() -> PhantomCase:
-    return make_phantom(1, shape=(64, 64, 64), phase="native", lesions=1)
+    return _case(1, shape=(64, 64, 64), phase="native", lesions=1)
 
 
 @pytest.fixture(scope="module")
 def venous() -> PhantomCase:
-    return make_phantom(1, shape=(64, 64, 64), phase="venous", lesions=1)
+    return _case(1, shape=(64, 64, 64), phase="venous", lesions=1)
 
 
 def test_label_set_is_fixed():
@@ -62,9 +79,9 @@ def test_label_set_is_fixed():
 
 
 def test_deterministic_per_seed_and_seeds_differ():
-    a = make_phantom(7, shape=(40, 40, 40))
-    b = make_phantom(7, shape=(40, 40, 40))
-    c = make_phantom(8, shape=(40, 40, 40))
+    a = _case(7, shape=(40, 40, 40))
+    b = _case(7, shape=(40, 40, 40))
+    c = _case(8, shape=(40, 40, 40))
     assert np.array_equal(a.image.array, b.image.array)
     assert np.array_equal(a.label.array, b.label.array)
     assert a.text == b.text and a.params == b.params
@@ -98,7 +115,7 @@ def test_every_organ_present_with_plausible_native_hu(native):
 
 
 def test_contrast_phases(native, venous):
-    arterial = make_phantom(1, shape=(64, 64, 64), phase="arterial", lesions=1)
+    arterial = _case(1, shape=(64, 64, 64), phase="arterial", lesions=1)
 
     def mean(c: PhantomCase, k: int) -> float:
         return float(c.image.array[c.label.array == k].mean())
@@ -136,7 +153,7 @@ def test_organ_volumes_plausible(venous):
 )
 def test_geometry(axcodes, oblique):
     shape, spacing = (40, 36, 32), (9.0, 10.0, 11.0)
-    c = make_phantom(2, shape=shape, spacing=spacing, axcodes=axcodes, oblique_deg=oblique, center_mm=(5.0, -3.0, 10.0))
+    c = _case(2, shape=shape, spacing=spacing, axcodes=axcodes, oblique_deg=oblique, center_mm=(5.0, -3.0, 10.0))
     for v in (c.image, c.label):
         assert v.shape == shape
         np.testing.assert_allclose(v.spacing, spacing)
@@ -152,14 +169,14 @@ def test_geometry(axcodes, oblique):
 
 
 def test_same_patient_on_different_grids():
-    ref = _volumes_ml(make_phantom(4, shape=(64, 64, 64), lesions=0))
+    ref = _volumes_ml(_case(4, shape=(64, 64, 64), lesions=0))
     grids = [
         dict(shape=(48, 48, 48)),  # 8 mm
         dict(shape=(96, 80, 64), spacing=(4.0, 4.8, 6.0), axcodes="LPS"),
         dict(shape=(56, 56, 56), spacing=(7.0, 7.0, 7.0), axcodes="LPS", oblique_deg=(0.0, 0.0, 25.0)),
     ]
     for g in grids:
-        v = _volumes_ml(make_phantom(4, lesions=0, **g))
+        v = _volumes_ml(_case(4, lesions=0, **g))
         for k in (1, 2, 3, 4, 5, 6, 7, 8):
             assert abs(v[k] / ref[k] - 1.0) < 0.1, (g, LABELS[k], v[k], ref[k])
 
@@ -167,12 +184,12 @@ def test_same_patient_on_different_grids():
 def test_left_right_is_patient_left_right():
     # RAS+: +x points to the patient's Right, so patient-left organs have world x < 0.
     for axcodes in ("RAS", "LPS"):
-        c = make_phantom(3, shape=(48, 48, 48), axcodes=axcodes)
+        c = _case(3, shape=(48, 48, 48), axcodes=axcodes)
         x = {k: _centroid_world(c, k)[0] for k in (1, 2, 3, 4, 5, 7, 8)}
         assert x[2] < 0 and x[3] < 0 and x[7] < 0 and x[5] < 0  # spleen, left kidney, left lung, stomach
         assert x[1] > 0 and x[4] > 0 and x[8] > 0  # liver, right kidney, right lung
     # in the LPS array, index 0 grows towards the patient's Left: the spleen sits at higher i than the liver
-    lps = make_phantom(3, shape=(48, 48, 48), axcodes="LPS")
+    lps = _case(3, shape=(48, 48, 48), axcodes="LPS")
     assert nib.aff2axcodes(lps.label.affine)[0] == "L"
     i = {k: np.argwhere(lps.label.array == k)[:, 0].mean() for k in (1, 2)}
     assert i[2] > i[1]
@@ -184,7 +201,7 @@ def test_text_reports_liver_volume_and_lesions(venous):
     in_liver = "liver lobe" in venous.text
     assert f"Liver {v[1] + (v[11] if in_liver else 0.0):.0f} mL" in venous.text  # lesions count to their organ
     assert "portal venous phase" in venous.text
-    none = make_phantom(1, shape=(48, 48, 48), lesions=0)
+    none = _case(1, shape=(48, 48, 48), lesions=0)
     assert not np.any(none.label.array == 11)
     assert "No focal liver or renal lesion" in none.text
     assert venous.image.meta["text"] == venous.text
@@ -209,9 +226,9 @@ def test_describe_counts_lesions_from_labels():
 
 
 def test_cbct_variants(venous):
-    ct = make_phantom(1, shape=(64, 64, 64), lesions=1)
-    cb = make_phantom(1, shape=(64, 64, 64), variant="cbct", lesions=1)
-    tst = make_phantom(1, shape=(64, 64, 64), variant="cbct_tst", lesions=1)
+    ct = _case(1, shape=(64, 64, 64), lesions=1)
+    cb = _case(1, shape=(64, 64, 64), variant="cbct", lesions=1)
+    tst = _case(1, shape=(64, 64, 64), variant="cbct_tst", lesions=1)
     assert np.array_equal(cb.label.array, ct.label.array)
     assert cb.image.meta["modality"] == "CBCT"
     # truncated circular field of view (radius 150 / 125 mm about the grid's S axis), exactly -1000 outside
@@ -238,8 +255,8 @@ def test_cbct_variants(venous):
 
 
 def test_mr_variant():
-    ct = make_phantom(1, shape=(64, 64, 64))
-    mr = make_phantom(1, shape=(64, 64, 64), variant="mr")
+    ct = _case(1, shape=(64, 64, 64))
+    mr = _case(1, shape=(64, 64, 64), variant="mr")
     a, lab = mr.image.array, mr.label.array
     assert np.array_equal(lab, ct.label.array)
     assert mr.image.meta["modality"] == "MR"
@@ -253,14 +270,14 @@ def test_mr_variant():
 
 def test_breathing_moves_diaphragm_and_organs():
     amp = 16.0
-    phases = make_breathing(5, n_phases=4, shape=(48, 48, 64), amplitude_mm=amp, period_s=4.0)
+    phases = _breathing(5, 4, shape=(48, 48, 64), amplitude_mm=amp, period_s=4.0)
     assert len(phases) == 4
     shifts = [c.image.meta["diaphragm_shift_mm"] for c in phases]
     assert shifts[0] == 0.0 and shifts[2] == pytest.approx(amp)
     assert all(c.image.meta["amplitude_mm"] == amp for c in phases)
     assert phases[1].image.meta["time_s"] == pytest.approx(1.0)
     # phase 0 is the end-exhale reference: the same case as make_phantom
-    ref = make_phantom(5, shape=(48, 48, 64))
+    ref = _case(5, shape=(48, 48, 64))
     assert np.array_equal(ref.label.array, phases[0].label.array)
     assert np.array_equal(ref.image.array, phases[0].image.array)
     inhale = phases[2]
@@ -309,7 +326,7 @@ def test_write_cohort_reads_back(tmp_path):
     np.testing.assert_allclose(img.affine, lab.affine, atol=1e-4)
     np.testing.assert_allclose(img.spacing, (12.0, 12.0, 12.0), atol=1e-4)
     assert set(np.unique(lab.array)) <= set(LABELS)
-    again = make_phantom(first["seed"], shape=(32, 32, 32), spacing=(12.0, 12.0, 12.0), dtype="int16")
+    again = _case(first["seed"], shape=(32, 32, 32), spacing=(12.0, 12.0, 12.0), dtype="int16")
     assert np.array_equal(np.asarray(img.array), again.image.array)
     assert np.array_equal(np.asarray(lab.array), again.label.array)
     assert ds["training"][0]["seed"] != ds["training"][1]["seed"]
@@ -330,4 +347,4 @@ def test_write_cohort_reads_back(tmp_path):
 def test_user_errors_are_medct_errors(kwargs):
     args = dict(shape=(24, 24, 24)) | kwargs
     with pytest.raises(MedCTError):
-        make_phantom(0, **args)
+        _case(0, **args)

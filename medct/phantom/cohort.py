@@ -1,0 +1,67 @@
+"""Cohorts on disk (`write_cohort`): nnU-Net/MSD layout with a dataset.json and per-case text."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from medct.errors import MedCTError
+from medct.io import write_volume
+from medct.paths import write_text_atomic
+from medct.phantom.appearance import _check
+from medct.phantom.render import make_phantom
+from medct.phantom.spec import LABELS, Appearance, ContrastPhase, GridSpec, Variant
+
+
+def write_cohort(
+    out_dir: str | os.PathLike[str],
+    n: int = 20,
+    variant: Variant = "ct",
+    seed: int = 0,
+    shape: tuple[int, int, int] = (96, 96, 96),
+    spacing: tuple[float, float, float] | None = None,
+    phase: ContrastPhase = "venous",
+    lesions: bool | int | None = None,
+    axcodes: str = "RAS",
+    noise_hu: float = 12.0,
+) -> Path:
+    """Write n cases as imagesTr/case_XXXX_0000.nii.gz + labelsTr/case_XXXX.nii.gz and an MSD-style
+    dataset.json (labels, modality, training list with per-case text and seed). Returns the
+    dataset.json path. Images are int16 (CT/CBCT) or float32 (MR); labels uint8."""
+    if n < 1:
+        raise MedCTError(f"A cohort needs at least one case, got n={n}.")
+    _check(variant, phase, noise_hu, "float32")
+    grid = GridSpec(shape=tuple(shape), spacing=None if spacing is None else tuple(spacing), axcodes=axcodes)  # type: ignore[arg-type]
+    look = Appearance(variant=variant, phase=phase, noise_hu=noise_hu, dtype="float32" if variant == "mr" else "int16")
+    grid.affine()  # a bad shape/spacing/axcodes fails before anything is written
+    root = Path(out_dir).expanduser()
+    (root / "imagesTr").mkdir(parents=True, exist_ok=True)
+    (root / "labelsTr").mkdir(parents=True, exist_ok=True)
+    training = []
+    for i in range(n):
+        case_seed = int(np.random.SeedSequence([int(seed), i]).generate_state(1)[0])
+        c = make_phantom(case_seed, grid, look, lesions)
+        img_rel, lab_rel = f"imagesTr/case_{i:04d}_0000.nii.gz", f"labelsTr/case_{i:04d}.nii.gz"
+        write_volume(c.image, root / img_rel)
+        write_volume(c.label, root / lab_rel)
+        training.append({"image": img_rel, "label": lab_rel, "text": c.text, "seed": case_seed})
+    modality = look.modality
+    dataset = {
+        "name": f"medct_phantom_{variant}",
+        "description": f"medct synthetic phantom cohort ({variant}, {phase} phase), cohort seed {seed}",
+        "reference": "medct.phantom",
+        "licence": "CC0 (synthetic)",
+        "tensorImageSize": "3D",
+        "modality": {"0": modality},
+        "labels": {str(k): v for k, v in LABELS.items()},
+        "numTraining": n,
+        "numTest": 0,
+        "training": training,
+        "test": [],
+    }
+    path = root / "dataset.json"
+    write_text_atomic(path, json.dumps(dataset, indent=2))  # never a half-written dataset.json
+    return path
