@@ -8,7 +8,8 @@ tests can call it. Behaviour a user of TotalSegmentator/nnU-Net expects:
 - outputs that exist are skipped unless `overwrite`; each output is written atomically, so no
   half-written file is ever left behind;
 - output label maps carry the input's exact geometry; NIfTI/MHA/NRRD inputs keep their format,
-  DICOM series are written as NIfTI;
+  DICOM series are written as NIfTI, or with `output_format` "dicom-seg" / "rtstruct" as a
+  DICOM-SEG or RTSTRUCT file referencing the source series (`medct.dicom_out`; DICOM inputs only);
 - `summary.csv` lists every case with its status and the volume of each label in mL.
 """
 
@@ -25,9 +26,10 @@ from pathlib import Path
 
 import numpy as np
 
-from medct.errors import InputPathError, InvalidVolumeError, MedCTError, UnreadableVolumeError
+from medct.errors import ConfigError, InputPathError, InvalidVolumeError, MedCTError, UnreadableVolumeError
 from medct.io import is_dicom_file
 from medct.paths import volume_suffix, write_text_atomic
+from medct.volume import Volume
 
 # Files a scan folder commonly holds next to the scans; they are not cases and not errors.
 IGNORED_SUFFIXES = (".json", ".csv", ".txt", ".md", ".png", ".jpg", ".raw", ".zraw", ".log", ".xlsx")
@@ -129,13 +131,17 @@ def segment_paths(
     preview: bool = False,
     series_uid: str | None = None,
     debug: bool = False,
+    output_format: str = "nifti",
 ) -> RunReport:
     """Segment every case under `input_path` into `output_dir`; see the module docstring."""
     from tqdm import tqdm
 
+    from medct.dicom_out import OUTPUT_FORMATS
     from medct.inference import Predictor
-    from medct.io import read_volume, validate_for_inference, write_volume
+    from medct.io import read_volume, validate_for_inference
 
+    if output_format not in OUTPUT_FORMATS:
+        raise ConfigError(f"--output-format must be one of {', '.join(OUTPUT_FORMATS)}, got '{output_format}'.")
     cases = discover_cases(input_path)  # path errors surface before the model loads
     predictor = Predictor.from_folder(model_dir, device=device, overlap=overlap, sw_batch_size=sw_batch_size, tta=tta)
     card = predictor.card
@@ -146,12 +152,17 @@ def segment_paths(
     report = RunReport()
     rows: list[dict[str, object]] = []
     for case in tqdm(cases, desc="segment", unit="case", file=sys.stderr, disable=len(cases) < 2):
-        out_path = out_dir / f"{case.name}{case.output_suffix}"
+        suffix = case.output_suffix if output_format == "nifti" else DICOM_OUTPUT_SUFFIX[output_format]
+        out_path = out_dir / f"{case.name}{suffix}"
         row: dict[str, object] = {"case": case.name, "input": str(case.path), "output": str(out_path), "error": ""}
         start = time.perf_counter()
         try:
+            if output_format != "nifti" and case.kind != "dicom":
+                raise InvalidVolumeError(
+                    f"'{case.path}' is not a DICOM series; --output-format {output_format} needs DICOM input."
+                )
             if out_path.exists() and not overwrite:
-                labels = read_volume(out_path)
+                labels = _read_output(out_path, output_format, case, series_uid)
                 row["status"] = "skipped (exists)"
                 report.skipped.append(case.name)
             else:
@@ -161,7 +172,7 @@ def segment_paths(
                 _check_modality(image.meta.get("modality"), card.preprocessing.modality, case.path)
                 validate_for_inference(image)
                 labels = predictor.predict(image)
-                write_volume(labels, out_path)
+                _write_output(labels, image, card.labels, out_path, output_format)
                 if preview:
                     from medct.preview import save_preview
 
@@ -191,6 +202,45 @@ def segment_paths(
     for name, message in report.failed:
         print(f"  failed {name}: {message}", file=sys.stderr)
     return report
+
+
+DICOM_OUTPUT_SUFFIX = {"dicom-seg": "_seg.dcm", "rtstruct": "_rtstruct.dcm"}
+
+
+def _write_output(labels: Volume, image: Volume, names: dict[int, str], path: Path, output_format: str) -> None:
+    from medct.io import write_volume
+
+    if output_format == "nifti":
+        write_volume(labels, path)
+        return
+    from medct.dicom_out import write_dicom_seg, write_rtstruct
+
+    writer = write_dicom_seg if output_format == "dicom-seg" else write_rtstruct
+    writer(labels, image, names, path)
+
+
+def _read_output(path: Path, output_format: str, case: Case, series_uid: str | None) -> Volume:
+    """An existing output read back as a label map (for the summary of a skipped case)."""
+    from medct.io import read_volume
+
+    if output_format == "nifti":
+        return read_volume(path)
+    from medct.dicom import read_rtstruct
+    from medct.dicom_out import read_dicom_seg
+
+    reference = read_volume(case.path, series_uid=series_uid)
+    if output_format == "dicom-seg":
+        return read_dicom_seg(path, reference)[0]
+    labels, by_label = read_rtstruct(path, reference)
+    # read_rtstruct numbers ROIs by their order; the summary wants the card's numbers, which the
+    # RTSTRUCT keeps as ROINumber: re-read the mapping from the file's ROI numbers.
+    import pydicom
+
+    number_of = {str(r.ROIName): int(r.ROINumber) for r in pydicom.dcmread(path).StructureSetROISequence}
+    lut = np.zeros(256, np.uint8)
+    for label, name in by_label.items():
+        lut[label] = number_of[name]
+    return labels.with_array(lut[np.asarray(labels.array)])
 
 
 def _check_modality(found: object, expected: str, path: Path) -> None:

@@ -25,13 +25,18 @@ def make_model_folder(
     out: Path,
     labels: dict[int, str] | None = None,
     spacing: tuple[float, float, float] = (4.0, 4.0, 4.0),
-    patch: int = 32,
+    patch: int | tuple[int, int, int] = 32,
     channels: tuple[int, ...] = (4, 8, 16),
     modality: str = "CT",
     inference: dict | None = None,
     seed: int = 0,
+    constant_class: int | None = None,
 ) -> Path:
-    """A tiny untrained segmentation model folder (MONAI UNet): enough to exercise every code path."""
+    """A tiny untrained segmentation model folder (MONAI UNet): enough to exercise every code path.
+
+    constant_class: every weight zeroed and the output bias set so that each tile it runs says this
+    class; with air-tile skipping the label map is then the union of the tiles that touch the
+    body (smooth blocks instead of a random network's speckle)."""
     import torch
 
     from medct.checkpoint import ModelCard, save_model_folder
@@ -41,12 +46,18 @@ def make_model_folder(
     labels = labels or {0: "background", 1: "blob", 2: "rod"}
     torch.manual_seed(seed)
     net = create_net("unet", in_channels=1, out_channels=len(labels), channels=list(channels), num_res_units=1)
+    if constant_class is not None:
+        with torch.no_grad():
+            for p in net.parameters():
+                p.zero_()
+            last_bias = [p for name, p in net.named_parameters() if name.endswith("bias")][-1]
+            last_bias[constant_class] = 5.0
     card = ModelCard(
         net_name="unet",
         net_args=dict(net.net_config["args"]),
         labels=labels,
         preprocessing=Preprocessing(spacing=spacing, modality=modality),
-        patch_size=(patch,) * 3,
+        patch_size=(patch,) * 3 if isinstance(patch, int) else tuple(patch),
         inference=dict(inference or {}),
     )
     return save_model_folder(net, card, out)

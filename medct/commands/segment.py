@@ -22,6 +22,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true", help="recompute cases whose output already exists")
     p.add_argument("--preview", action="store_true", help="write a PNG (three planes, label overlay) per case")
     p.add_argument("--series-uid", default=None, help="pick one series from a DICOM folder holding several")
+    p.add_argument(
+        "--output-format",
+        default="nifti",
+        choices=["nifti", "dicom-seg", "rtstruct"],
+        help="label maps as NIfTI/MHA/NRRD (like the input; DICOM -> .nii.gz), or for DICOM inputs a "
+        "DICOM-SEG or RTSTRUCT file referencing the source series (default: nifti)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -39,5 +46,6 @@ def run(args: argparse.Namespace) -> int:
         preview=args.preview,
         series_uid=args.series_uid,
         debug=args.debug,
+        output_format=args.output_format,
     )
     return 0 if not report.failed else 1
