@@ -125,9 +125,11 @@ def save_model_folder(net: nn.Module, card: ModelCard, out_dir: str | os.PathLik
     """Write `net` and `card` into `out_dir` atomically (staged in a sibling temp folder)."""
     from safetensors.torch import save_file
 
+    from medct.nets import unique_state_dict
+
     with atomic_folder(out_dir) as stage:
-        # safetensors refuses shared/non-contiguous storage: store contiguous CPU copies.
-        state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
+        # safetensors refuses shared/non-contiguous storage: one name per tensor, contiguous CPU copies.
+        state = {k: v.cpu().contiguous() for k, v in unique_state_dict(net).items()}
         save_file(state, str(stage / WEIGHTS_FILE), metadata={"format": "pt"})
         (stage / CARD_FILE).write_text(json.dumps(card.to_dict(), indent=2) + "\n")
     return Path(out_dir)
@@ -154,7 +156,7 @@ def load_model_folder(
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    from medct.nets import create_net
+    from medct.nets import create_net, load_unique_state_dict
 
     card = read_model_card(model_dir)
     weights = Path(model_dir) / WEIGHTS_FILE
@@ -169,7 +171,7 @@ def load_model_folder(
     except (KeyError, TypeError, ValueError) as e:
         raise ModelFolderError(f"{model_dir}: cannot build network '{card.net_name}' from medct.json ({e}).") from e
     try:
-        net.load_state_dict(state, strict=True)
+        load_unique_state_dict(net, state)
     except RuntimeError as e:
         first = str(e).splitlines()[0]
         raise ModelFolderError(f"{weights} does not match network '{card.net_name}' ({first}).") from e

@@ -183,3 +183,25 @@ def test_resenc_unet_blocks_per_stage(tmp_path):
         create_net("resenc_unet", filters=[4, 8, 16], blocks_per_stage=[1, 2])
     with pytest.raises(ValueError, match="blocks_per_stage"):
         create_net("resenc_unet", filters=[4, 8, 16], blocks_per_stage=[1, 0, 2])
+
+
+@pytest.mark.parametrize("name", sorted(TINY))
+def test_model_folder_and_encoder_round_trip(name, tmp_path):
+    """Every registered net survives safetensors (shared tensors, e.g. nnU-Net's aliases, included):
+    the model folder rebuilds the same outputs and the encoder file loads strictly into a twin."""
+    from medct.checkpoint import ModelCard, load_model_folder, save_model_folder
+    from medct.transforms import Preprocessing
+
+    args, size = TINY[name]
+    torch.manual_seed(0)
+    net = create_net(name, out_channels=3, **args).eval()
+    card = ModelCard(name, net.net_config["args"], {0: "bg", 1: "a", 2: "b"}, Preprocessing(), (size,) * 3)
+    again, _ = load_model_folder(save_model_folder(net, card, tmp_path / "m"))
+    x = torch.randn(1, 1, size, size, size)
+    with torch.no_grad():
+        assert torch.equal(again(x), net(x))
+    twin = create_net(name, out_channels=5, **args)
+    report = load_encoder(twin, save_encoder(net, tmp_path / "enc.safetensors"))
+    assert report.ok and report.loaded
+    for k, v in encoder_state_dict(net).items():
+        assert torch.equal(twin.state_dict()[k], v)

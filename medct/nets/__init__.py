@@ -10,6 +10,7 @@ One file per family; each subclasses the MONAI network it wraps, so state-dict k
   resenc_unet.py  `resenc_unet` (default), `resenc_unet_m`, `resenc_unet_l` (nnU-Net ResEnc presets)
   segresnet.py    `segresnet` (MONAI SegResNet)
   swinunetr.py    `swinunetr` (MONAI SwinUNETR)
+  nnunet.py       `nnunet_resenc`, `nnunet_plain` (nnU-Net v2's own networks, dynamic-network-architectures)
 Every network exposes `encoder_prefixes` and `encoder_features(x)`; `save_encoder` / `load_encoder`
 move pretrained encoders between networks of one backbone. A new family is one more file here
 that registers itself with `register_net(name, tiny_args=..., tiny_size=...)` and is imported below;
@@ -23,8 +24,11 @@ from medct.nets.encoder import (
     EncoderLoadReport,
     encoder_state_dict,
     load_encoder,
+    load_unique_state_dict,
     save_encoder,
+    unique_state_dict,
 )
+from medct.nets.nnunet import NNUNetPlain, NNUNetResEnc
 from medct.nets.registry import (
     DEFAULT_NET,
     NetEntry,
@@ -47,6 +51,8 @@ __all__ = [
     "MedSegResNet",
     "MedSwinUNETR",
     "MedUNet",
+    "NNUNetPlain",
+    "NNUNetResEnc",
     "NetEntry",
     "ResEncUNet",
     "ResEncUNetL",
@@ -56,8 +62,10 @@ __all__ = [
     "encoder_state_dict",
     "list_nets",
     "load_encoder",
+    "load_unique_state_dict",
     "net_entry",
     "record_config",
     "register_net",
     "save_encoder",
+    "unique_state_dict",
 ]

@@ -44,6 +44,32 @@ class EncoderLoadReport:
         )
 
 
+def unique_state_dict(net: nn.Module) -> dict[str, Tensor]:
+    """`net.state_dict()` without aliases: a tensor registered under several names (nnU-Net's
+    dynamic-network-architectures keeps `all_modules` and `decoder.encoder` views of the same
+    modules) appears once, under its first name. safetensors refuses shared tensors, so every
+    file medct writes holds this, and `load_unique_state_dict` restores the aliases."""
+    seen: set[int] = set()
+    out: dict[str, Tensor] = {}
+    for k, v in net.state_dict(keep_vars=True).items():
+        if id(v) not in seen:
+            seen.add(id(v))
+            out[k] = v.detach()
+    return out
+
+
+def load_unique_state_dict(net: nn.Module, state: dict[str, Tensor]) -> None:
+    """Load a state dict written from `unique_state_dict` strictly: every alias of a loaded tensor is
+    filled from it; any other missing or unexpected key raises RuntimeError (as load_state_dict)."""
+    first: dict[int, str] = {}
+    full = dict(state)
+    for k, v in net.state_dict(keep_vars=True).items():
+        canonical = first.setdefault(id(v), k)
+        if k not in full and canonical in state:
+            full[k] = state[canonical]
+    net.load_state_dict(full, strict=True)
+
+
 def _encoder_prefixes(net: nn.Module) -> tuple[str, ...]:
     prefixes = getattr(net, "encoder_prefixes", None)
     if not prefixes:
@@ -56,7 +82,7 @@ def _encoder_prefixes(net: nn.Module) -> tuple[str, ...]:
 def encoder_state_dict(net: nn.Module) -> dict[str, Tensor]:
     """The encoder's tensors of `net` (keys as in `net.state_dict()`), detached."""
     prefixes = _encoder_prefixes(net)
-    return {k: v.detach() for k, v in net.state_dict().items() if k.startswith(prefixes)}
+    return {k: v for k, v in unique_state_dict(net).items() if k.startswith(prefixes)}
 
 
 def save_encoder(net: nn.Module, path: str | os.PathLike[str]) -> Path:
@@ -113,7 +139,7 @@ def load_encoder(
         if p.is_dir():
             state = {k: v for k, v in state.items() if k.startswith(prefixes)}
         where = str(p)
-    target = {k: v for k, v in net.state_dict().items() if k.startswith(prefixes)}
+    target = encoder_state_dict(net)
     report = EncoderLoadReport(source_net=source_net)
     report.missing = sorted(k for k in target if k not in state)
     report.unexpected = sorted(k for k in state if k not in target)
@@ -125,7 +151,7 @@ def load_encoder(
         raise ModelFolderError(
             f"The encoder in {where} does not fit network '{name}' ({report.summary()}, e.g. '{first}')."
         )
-    with torch.no_grad():
+    with torch.no_grad():  # copying into one name of a shared tensor sets all its aliases
         params = dict(net.state_dict(keep_vars=True))
         for k in report.loaded:
             params[k].copy_(state[k].to(dtype=params[k].dtype, device=params[k].device))

@@ -346,12 +346,10 @@ def _render(p: PhantomParams, affine: np.ndarray, shape: tuple[int, int, int], s
     rng = _rng(p.seed, 5)
     extra = np.zeros(shape, np.float32)
 
-    # --- table under the back, body wall: static
-    blk = cv.block((-260, -p.body_posterior - 40, -400), (260, -p.body_posterior - 2, 400), False)
-    if blk is not None:
-        sl, (x, y, z) = blk
-        top = -p.body_posterior - 8.0 + x * x / 4000.0
-        cv.paint(sl, (y < top) & (y > top - 10.0) & (np.abs(x) < 230), "table", 0)
+    # --- couch under the back, arms beside the trunk, body wall: static
+    _table(cv, p)
+    if p.arms == "down":
+        _arms(cv, p)
     x, y, z = qs
     s_out, depth, fat = cv.s_out, cv.depth, cv.fat
     cv.paint(np.s_[:], depth >= 0.0, "fat", 0)
@@ -372,7 +370,8 @@ def _render(p: PhantomParams, affine: np.ndarray, shape: tuple[int, int, int], s
     lung = thorax & (np.abs(xi + 8.0) > 24.0) & (s_out <= 1.0 - 0.5 * za * za)
     cv.paint(np.s_[:], lung & (xi < 0), "lung", LABEL_IDS["lung_left"])
     cv.paint(np.s_[:], lung & (xi >= 0), "lung", LABEL_IDS["lung_right"])
-    extra[lung] = -0.35 * yi[lung]  # dependent (posterior) lung is denser: +35 HU per 100 mm
+    # dependent (posterior) lung is denser: +35 HU per 100 mm; parenchyma density varies by patient
+    extra[lung] = -0.35 * yi[lung] + np.float32(p.lung_density_hu)
     # bowel loops and gas in the abdominal cavity below the upper-abdominal organs
     lower = abdomen & (zi < p.dome_right[2] - 60.0 + 0.25 * yi)
     bow = lower & (bowel > 0.1)
@@ -547,6 +546,45 @@ def _render(p: PhantomParams, affine: np.ndarray, shape: tuple[int, int, int], s
     _spine(cv, p)
     _ribs(cv, p)
     return cv, tex, bias, extra, vz
+
+
+def _table(cv: _Canvas, p: PhantomParams) -> None:
+    """The couch: a flat plate (10 mm) just under the back, or a curved carbon cradle (8 mm shell
+    following the back, `table_gap_mm` below it) over a flat base with side rails, as on most CT
+    scanners. Static, label 0."""
+    back = -p.body_posterior - p.table_gap_mm
+    blk = cv.block((-280, back - 120, -400), (280, back, 400), False)
+    if blk is None:
+        return
+    sl, (x, y, _z) = blk
+    if p.table == "plate":
+        top = back - 6.0 + x * x / 4000.0
+        cv.paint(sl, (y < top) & (y > top - 10.0) & (np.abs(x) < 230), "table", 0)
+        return
+    top = back + x * x / 1600.0  # the cradle curves up around the flanks
+    cv.paint(sl, (y < top) & (y > top - 8.0) & (np.abs(x) < 210), "table", 0)
+    base = back - 75.0
+    cv.paint(sl, (y < base) & (y > base - 6.0) & (np.abs(x) < 250), "table", 0)
+    rails = (np.abs(np.abs(x) - 200.0) < 6.0) & (y <= top) & (y >= base)
+    cv.paint(sl, rails, "table", 0)
+
+
+def _arms(cv: _Canvas, p: PhantomParams) -> None:
+    """Arms down beside the trunk: elliptic cylinders of skin fat, muscle and a humerus, the full
+    length of the field. Static, label 0 (not an organ of the label set)."""
+    for side in (-1.0, 1.0):
+        cx = side * (p.body_half_width + p.arm_gap_mm + 45.0)
+        cy = -0.2 * p.body_posterior
+        blk = cv.block((cx - 50, cy - 55, -400), (cx + 50, cy + 55, 400), False)
+        if blk is None:
+            continue
+        sl, (x, y, _z) = blk
+        r = np.sqrt(((x - cx) / 42.0) ** 2 + ((y - cy) / 50.0) ** 2)  # <= 1 inside the skin
+        cv.paint(sl, r <= 1.0, "fat", 0)
+        cv.paint(sl, r <= 0.8, "muscle", 0)
+        bone = np.sqrt((x - cx) ** 2 + (y - cy - 5.0) ** 2)
+        cv.paint(sl, bone <= 12.0, "bone_cortical", 0)
+        cv.paint(sl, bone <= 8.0, "bone_cancellous", 0)
 
 
 def _spine(cv: _Canvas, p: PhantomParams) -> None:

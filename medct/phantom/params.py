@@ -60,6 +60,15 @@ def sample_params(seed: int, lesions: bool | int | None = None) -> PhantomParams
         breathing_amplitude_mm=float(rng.uniform(5.0, 20.0)),
         breathing_period_s=float(rng.uniform(3.0, 6.0)),
     )
+    surroundings = _rng(seed, 7)  # own stream: adding these kept the anatomy of every seed
+    params = replace(
+        params,
+        table="cradle" if surroundings.random() < 0.6 else "plate",
+        table_gap_mm=float(surroundings.uniform(2.0, 40.0)),
+        arms="down" if surroundings.random() < 0.35 else "up",
+        arm_gap_mm=float(surroundings.uniform(5.0, 40.0)),
+        lung_density_hu=float(surroundings.uniform(0.0, 130.0)),
+    )
     return replace(params, lesions=_sample_lesions(params, lesions))
 
 

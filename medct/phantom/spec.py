@@ -126,6 +126,13 @@ class PhantomParams:
     lesions: tuple[Lesion, ...] = ()
     breathing_amplitude_mm: float = 12.0  # cranio-caudal diaphragm excursion, end-exhale -> end-inhale
     breathing_period_s: float = 4.0
+    # What real scans have around and in the patient (drawn from their own random stream, so the
+    # anatomy above does not change with them):
+    table: Literal["plate", "cradle"] = "plate"  # flat couch plate, or a curved carbon cradle + base
+    table_gap_mm: float = 2.0  # air (mattress) between the back and the couch top
+    arms: Literal["up", "down"] = "up"  # raised out of the field, or down beside the trunk
+    arm_gap_mm: float = 15.0  # air between trunk and arm when the arms are down
+    lung_density_hu: float = 0.0  # added to the lung parenchyma (real lungs: about -870 to -700 HU)
 
     def to_dict(self) -> dict:
         """JSON-ready dictionary of all parameters."""
