@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.medct-installed
 
-.PHONY: install demo test test-slow bench lint clean
+.PHONY: install demo test test-slow bench bench-deps lint clean
 
 install: $(STAMP)
 
@@ -26,8 +26,12 @@ test: install
 test-slow: install
 	$(VENV)/bin/pytest -q -m "slow"
 
+# nnU-Net v2 for the peer arm of bench/segment.py, without its torch/torchvision requirements
+bench-deps: install
+	$(PY) -m pip install --quiet --no-deps -r bench/requirements-nnunet.txt
+
 bench: install
-	@for b in bench/*.py; do echo "== $$b --quick"; $(PY) $$b --quick || exit 1; done
+	@for b in bench/[!_]*.py; do echo "== $$b --quick"; $(PY) $$b --quick || exit 1; done
 
 lint: install
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

@@ -6,7 +6,7 @@ transfer to real CT. Measured here on every labelled real scan in ../shared/data
     (+duodenum, manual contours);
   * the CBCT of a later day on the same grid (manual contours; not HU-calibrated; lungs mostly
     outside its circular field of view, which is set to -1000).
-Model: medct's `unet` registry network (16-256, instance norm) at 3 mm, 64^3 patches, trained on
+Model: medct's `unet` registry network (16-256, instance norm) at 3 mm, 80^3 patches, trained on
 phantom cases only (`medct.phantom.make_phantom`, random fields of view, contrast phases, 1 in 4 a
 CBCT-like variant) with MONAI augmentation (affine, intensity scale/shift, gamma, noise, blur),
 Dice + cross-entropy, AdamW, bf16 autocast on CPU. Each seed trains its own model (cached under
@@ -31,11 +31,11 @@ import time
 from pathlib import Path
 
 import numpy as np
-from common import CACHE, DATA, ROOT, write_result
+from _common import CACHE, DATA, ROOT, write_result
 
 RESULT = ROOT / "bench" / "results" / "phantom_to_real.json"
 SPACING = (3.0, 3.0, 3.0)
-PATCH = (64, 64, 64)
+PATCH = (80, 80, 80)  # 240 mm of context at 3 mm: both lungs and the mediastinum (left/right cues)
 # -950 HU floor: air (about -1000 +- 15 HU, phantom or real) clips to exactly 0, so instance norm never
 # blows air noise up into lung-like texture (see bench/segment.py)
 HU_WINDOW = (-950.0, 1000.0)
@@ -246,12 +246,12 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="one seed, a short training run")
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="training seeds (default 0 1 2)")
-    parser.add_argument("--steps", type=int, default=None, help="training steps per seed (default 1500, quick 300)")
+    parser.add_argument("--steps", type=int, default=None, help="training steps per seed (default 1000, quick 300)")
     parser.add_argument("--cases", type=int, default=16, help="phantom cases per seed")
     parser.add_argument("--out", type=Path, default=RESULT)
     args = parser.parse_args()
     seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
-    steps = args.steps or (300 if args.quick else 1500)
+    steps = args.steps or (300 if args.quick else 1000)
     pct = DATA / "pancreas_ct_cbct"
     if not pct.is_dir():
         print(f"real scans not found at {pct}", file=sys.stderr)

@@ -40,7 +40,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import machine
+from _common import machine
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("MEDCT_SHARED_DATA", ROOT / ".." / "shared" / "data")).resolve()

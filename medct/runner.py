@@ -3,6 +3,8 @@
 This is the engine of `medct segment`, kept apart from argument parsing so that notebooks and
 tests can call it. Behaviour a user of TotalSegmentator/nnU-Net expects:
 
+- while the network runs on one case, the next one is read and the previous one written (a
+  bounded read-ahead/write-behind of one case each, `segment_paths`);
 - every readable case is segmented; a bad case (unreadable, NaN, 2D, wrong modality, ...) is
   reported and skipped, and the run still finishes the good ones (exit 1 if any failed);
 - outputs that exist are skipped unless `overwrite`; each output is written atomically, so no
@@ -21,6 +23,7 @@ import os
 import sys
 import time
 import traceback
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -53,11 +56,60 @@ class Case:
 
 @dataclass
 class RunReport:
-    """What a folder run did: case names by outcome, failures with their one-line reason."""
+    """What a folder run did: case names by outcome, failures with their one-line reason, and the
+    seconds spent in the network (Predictor.predict) over all segmented cases."""
 
     done: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     failed: list[tuple[str, str]] = field(default_factory=list)
+    network_seconds: float = 0.0
+
+
+class _Job:
+    """One case of a folder run: where its output goes and its summary row."""
+
+    def __init__(self, case: Case, out_dir: Path, output_format: str) -> None:
+        self.case = case
+        self.output_format = output_format
+        suffix = case.output_suffix if output_format == "nifti" else DICOM_OUTPUT_SUFFIX[output_format]
+        self.out_path = out_dir / f"{case.name}{suffix}"
+        self.row: dict[str, object] = {
+            "case": case.name,
+            "input": str(case.path),
+            "output": str(self.out_path),
+            "error": "",
+        }
+        self.network_seconds = 0.0
+        self.start = 0.0
+
+    def check_format(self) -> None:
+        if self.output_format != "nifti" and self.case.kind != "dicom":
+            raise InvalidVolumeError(
+                f"'{self.case.path}' is not a DICOM series; --output-format {self.output_format} needs DICOM input."
+            )
+
+    def needs_run(self, overwrite: bool) -> bool:
+        """Whether the network must run (a wrong output format fails when the case comes up)."""
+        ok_format = self.output_format == "nifti" or self.case.kind == "dicom"
+        return ok_format and (overwrite or not self.out_path.exists())
+
+    def fail(self, e: BaseException, debug: bool) -> None:
+        if isinstance(e, MedCTError):
+            message = str(e)
+        else:
+            if debug:
+                traceback.print_exception(e)
+            message = f"{type(e).__name__}: {e}".splitlines()[0]
+        self.row.update(status="failed", error=message)
+
+
+def _settle(job: _Job, future: Future[None], debug: bool) -> None:
+    """Wait for a case's write; its failure (disk full, ...) fails that case only."""
+    try:
+        future.result()
+    except Exception as e:  # noqa: BLE001
+        job.fail(e, debug)
+    job.row["seconds"] = f"{time.perf_counter() - job.start:.2f}"
 
 
 def _holds_dicom(folder: Path) -> bool:
@@ -151,47 +203,73 @@ def segment_paths(
 
     report = RunReport()
     rows: list[dict[str, object]] = []
-    for case in tqdm(cases, desc="segment", unit="case", file=sys.stderr, disable=len(cases) < 2):
-        suffix = case.output_suffix if output_format == "nifti" else DICOM_OUTPUT_SUFFIX[output_format]
-        out_path = out_dir / f"{case.name}{suffix}"
-        row: dict[str, object] = {"case": case.name, "input": str(case.path), "output": str(out_path), "error": ""}
-        start = time.perf_counter()
-        try:
-            if output_format != "nifti" and case.kind != "dicom":
-                raise InvalidVolumeError(
-                    f"'{case.path}' is not a DICOM series; --output-format {output_format} needs DICOM input."
-                )
-            if out_path.exists() and not overwrite:
-                labels = _read_output(out_path, output_format, case, series_uid)
-                row["status"] = "skipped (exists)"
-                report.skipped.append(case.name)
-            else:
-                image = (
-                    read_volume(case.path, series_uid=series_uid) if case.kind == "dicom" else read_volume(case.path)
-                )
-                _check_modality(image.meta.get("modality"), card.preprocessing.modality, case.path)
-                validate_for_inference(image)
-                labels = predictor.predict(image)
-                _write_output(labels, image, card.labels, out_path, output_format)
-                if preview:
-                    from medct.preview import save_preview
+    jobs = [_Job(case, out_dir, output_format) for case in cases]
 
-                    save_preview(image, labels, out_dir / f"{case.name}.png")
-                row["status"] = "done"
-                report.done.append(case.name)
-            volumes = label_volumes_ml(np.asarray(labels.array), labels.spacing, names)
-            row.update({f"{n}_ml": f"{v:.2f}" for n, v in volumes.items()})
-        except MedCTError as e:
-            row.update(status="failed", error=str(e))
-            report.failed.append((case.name, str(e)))
-        except Exception as e:  # a folder run keeps going past any bad case
-            if debug:
-                traceback.print_exc()
-            message = f"{type(e).__name__}: {e}".splitlines()[0]
-            row.update(status="failed", error=message)
-            report.failed.append((case.name, message))
-        row["seconds"] = f"{time.perf_counter() - start:.2f}"
-        rows.append(row)
+    def load(job: _Job) -> Volume:
+        """Read and check one input (runs on the reader thread)."""
+        case = job.case
+        image = read_volume(case.path, series_uid=series_uid) if case.kind == "dicom" else read_volume(case.path)
+        _check_modality(image.meta.get("modality"), card.preprocessing.modality, case.path)
+        validate_for_inference(image)
+        return image
+
+    def finish(job: _Job, image: Volume, labels: Volume) -> None:
+        """Write one result and its preview, fill its summary row (runs on the writer thread)."""
+        _write_output(labels, image, card.labels, job.out_path, output_format)
+        if preview:
+            from medct.preview import save_preview
+
+            save_preview(image, labels, out_dir / f"{job.case.name}.png")
+        volumes = label_volumes_ml(np.asarray(labels.array), labels.spacing, names)
+        job.row.update({f"{n}_ml": f"{v:.2f}" for n, v in volumes.items()}, status="done")
+
+    # A bounded pipeline: while the network runs on case i, the reader prepares case i + 1 and the
+    # writer stores case i - 1; never more than one case ahead and one behind (memory stays bounded).
+    with (
+        ThreadPoolExecutor(1, thread_name_prefix="medct-read") as reader,
+        ThreadPoolExecutor(1, thread_name_prefix="medct-write") as writer,
+    ):
+        todo = [j for j in jobs if j.needs_run(overwrite)]
+        reads = {id(todo[0]): reader.submit(load, todo[0])} if todo else {}
+        pending: tuple[_Job, Future[None]] | None = None
+        for job in tqdm(jobs, desc="segment", unit="case", file=sys.stderr, disable=len(jobs) < 2):
+            start = time.perf_counter()
+            try:
+                job.check_format()
+                if not job.needs_run(overwrite):
+                    labels = _read_output(job.out_path, output_format, job.case, series_uid)
+                    volumes = label_volumes_ml(np.asarray(labels.array), labels.spacing, names)
+                    job.row.update({f"{n}_ml": f"{v:.2f}" for n, v in volumes.items()}, status="skipped (exists)")
+                    continue
+                position = todo.index(job)
+                if position + 1 < len(todo):  # read ahead: the next case loads while this one runs
+                    ahead = todo[position + 1]
+                    reads[id(ahead)] = reader.submit(load, ahead)
+                image = reads.pop(id(job)).result()
+                t_net = time.perf_counter()
+                labels = predictor.predict(image)
+                job.network_seconds = time.perf_counter() - t_net
+                if pending is not None:  # at most one write in flight
+                    _settle(*pending, debug)
+                job.start = start
+                pending = (job, writer.submit(finish, job, image, labels))
+            except Exception as e:  # noqa: BLE001 - a folder run keeps going past any bad case
+                job.fail(e, debug)
+            finally:
+                if pending is None or pending[0] is not job:
+                    job.row["seconds"] = f"{time.perf_counter() - start:.2f}"
+        if pending is not None:
+            _settle(*pending, debug)
+    for job in jobs:
+        rows.append(job.row)
+        status = str(job.row.get("status", ""))
+        if status == "done":
+            report.done.append(job.case.name)
+            report.network_seconds += job.network_seconds
+        elif status.startswith("skipped"):
+            report.skipped.append(job.case.name)
+        else:
+            report.failed.append((job.case.name, str(job.row.get("error", ""))))
 
     _write_summary(rows, list(names.values()), out_dir / "summary.csv")
     print(

@@ -102,8 +102,9 @@ def test_every_organ_present_with_plausible_native_hu(native):
         "kidney_left": (15, 45),
         "kidney_right": (15, 45),
         "aorta": (20, 55),
-        "lung_left": (-900, -700),
-        "lung_right": (-900, -700),
+        # aerated lung with vessels; per-patient density (the real planning CT: median -749 HU)
+        "lung_left": (-900, -650),
+        "lung_right": (-900, -650),
         "spine": (200, 800),
         "ribs": (150, 900),
         "stomach": (-600, 40),  # wall + fluid + air
@@ -348,3 +349,28 @@ def test_user_errors_are_medct_errors(kwargs):
     args = dict(shape=(24, 24, 24)) | kwargs
     with pytest.raises(MedCTError):
         _case(0, **args)
+
+
+def test_surroundings_vary_without_changing_the_anatomy():
+    """Couch (plate or cradle, mattress), arms and lung density come from their own random stream:
+    every kind occurs across seeds, and a case with arms down keeps the organs of its seed."""
+    params = [sample_params(s) for s in range(40)]
+    assert {p.table for p in params} == {"plate", "cradle"}
+    assert {p.arms for p in params} == {"up", "down"}
+    assert {p.mattress for p in params} == {True, False}
+    down = next(s for s, p in enumerate(params) if p.arms == "down")
+    case = _case(down, shape=(96, 96, 48), spacing=(5.0, 5.0, 8.0), lesions=0)
+    img, lab = case.image.array, case.label.array
+    # arm tissue beside the trunk: above -500 HU outside the skin, both sides, never labelled
+    x_world = case.image.affine[0, 0] * np.arange(96) + case.image.affine[0, 3]
+    beside = np.abs(x_world) > params[down].body_half_width + params[down].arm_gap_mm + 10
+    assert (img[beside] > -500).mean() > 0.05 and not lab[beside].any()
+    from dataclasses import replace
+
+    from medct.phantom import render_phantom
+
+    raised = render_phantom(
+        replace(sample_params(down, lesions=0), arms="up"), GridSpec(shape=(96, 96, 48), spacing=(5.0, 5.0, 8.0))
+    )
+    assert np.array_equal(raised.label.array, lab)  # the arms add tissue, not labels or moved organs
+    assert (raised.image.array[beside] > -500).mean() < (img[beside] > -500).mean()

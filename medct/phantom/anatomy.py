@@ -553,10 +553,13 @@ def _table(cv: _Canvas, p: PhantomParams) -> None:
     following the back, `table_gap_mm` below it) over a flat base with side rails, as on most CT
     scanners. Static, label 0."""
     back = -p.body_posterior - p.table_gap_mm
-    blk = cv.block((-280, back - 120, -400), (280, back, 400), False)
+    blk = cv.block((-280, back - 120, -400), (280, -p.body_posterior + 30, 400), False)
     if blk is None:
         return
     sl, (x, y, _z) = blk
+    if p.mattress:  # foam from the couch top up to the skin (painted first: the body covers it)
+        curve = x * x / (4000.0 if p.table == "plate" else 1600.0)
+        cv.paint(sl, (y >= back + curve - 1.0) & (y < -p.body_posterior + 25.0) & (np.abs(x) < 200), "foam", 0)
     if p.table == "plate":
         top = back - 6.0 + x * x / 4000.0
         cv.paint(sl, (y < top) & (y > top - 10.0) & (np.abs(x) < 230), "table", 0)

@@ -68,6 +68,7 @@ def sample_params(seed: int, lesions: bool | int | None = None) -> PhantomParams
         arms="down" if surroundings.random() < 0.35 else "up",
         arm_gap_mm=float(surroundings.uniform(5.0, 40.0)),
         lung_density_hu=float(surroundings.uniform(0.0, 130.0)),
+        mattress=bool(surroundings.random() < 0.6),
     )
     return replace(params, lesions=_sample_lesions(params, lesions))
 

@@ -68,6 +68,7 @@ _TISSUES: tuple[tuple[str, float, float, float, float, float], ...] = (
     ("lesion_solid", 38, 120, 100, 300, 6),
     ("lung_vessel", 40, 220, 150, 40, 0),
     ("cartilage", 110, 110, 110, 250, 5),
+    ("foam", -820, -820, -820, 0, 40),  # couch mattress / cushions (polyurethane foam; textured)
 )
 _T: dict[str, int] = {row[0]: i for i, row in enumerate(_TISSUES)}
 _LESION_TISSUE = {"hypo": "lesion_hypo", "hyper": "lesion_hyper", "cyst": "cyst", "solid": "lesion_solid"}
@@ -129,7 +130,8 @@ class PhantomParams:
     # What real scans have around and in the patient (drawn from their own random stream, so the
     # anatomy above does not change with them):
     table: Literal["plate", "cradle"] = "plate"  # flat couch plate, or a curved carbon cradle + base
-    table_gap_mm: float = 2.0  # air (mattress) between the back and the couch top
+    table_gap_mm: float = 2.0  # between the back and the couch top: air, or a foam mattress
+    mattress: bool = False  # the gap holds a foam mattress (about -820 HU: lung-like, not lung)
     arms: Literal["up", "down"] = "up"  # raised out of the field, or down beside the trunk
     arm_gap_mm: float = 15.0  # air between trunk and arm when the arms are down
     lung_density_hu: float = 0.0  # added to the lung parenchyma (real lungs: about -870 to -700 HU)
