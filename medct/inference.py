@@ -32,6 +32,7 @@ from __future__ import annotations
 import copy
 import itertools
 import os
+import time
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -147,6 +148,8 @@ class Predictor:
         self.tta_axes = tuple(int(a) for a in tta_axes)
         self.amp = (self.device.type == "cuda") if amp is None else bool(amp)
         self.skip_air = bool(skip_air)
+        # seconds spent in network forward passes so far (the bench's "network time"; CUDA synchronised)
+        self.forward_seconds = 0.0
 
     @classmethod
     def from_folder(
@@ -286,6 +289,15 @@ class Predictor:
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 1, d, h, w) -> (B, C, d, h, w) float32 logits, or mean softmax over flips with TTA."""
+        start = time.perf_counter()
+        try:
+            return self._forward_untimed(x)
+        finally:
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            self.forward_seconds += time.perf_counter() - start
+
+    def _forward_untimed(self, x: torch.Tensor) -> torch.Tensor:
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last_3d)
         with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.amp):

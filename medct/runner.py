@@ -26,6 +26,7 @@ import traceback
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -62,7 +63,8 @@ class RunReport:
     done: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     failed: list[tuple[str, str]] = field(default_factory=list)
-    network_seconds: float = 0.0
+    network_seconds: float = 0.0  # network forward passes
+    predict_seconds: float = 0.0  # Predictor.predict: forward passes + resampling both ways + body mask
 
 
 class _Job:
@@ -80,6 +82,7 @@ class _Job:
             "error": "",
         }
         self.network_seconds = 0.0
+        self.predict_seconds = 0.0
         self.start = 0.0
 
     def check_format(self) -> None:
@@ -101,6 +104,28 @@ class _Job:
                 traceback.print_exception(e)
             message = f"{type(e).__name__}: {e}".splitlines()[0]
         self.row.update(status="failed", error=message)
+
+
+class _Inline:
+    """An executor that runs each task at once in the calling thread (`pipeline=False`)."""
+
+    def __enter__(self) -> _Inline:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    def submit(self, fn: Any, *args: Any) -> Future[Any]:
+        future: Future[Any] = Future()
+        try:
+            future.set_result(fn(*args))
+        except Exception as e:  # noqa: BLE001 - delivered through the future, as a thread pool does
+            future.set_exception(e)
+        return future
+
+
+def _executor(pipeline: bool, name: str) -> ThreadPoolExecutor | _Inline:
+    return ThreadPoolExecutor(1, thread_name_prefix=name) if pipeline else _Inline()
 
 
 def _settle(job: _Job, future: Future[None], debug: bool) -> None:
@@ -162,7 +187,9 @@ def label_volumes_ml(
 
 
 def _write_summary(rows: list[dict[str, object]], label_names: list[str], path: Path) -> None:
-    columns = ["case", "status", "input", "output", "seconds", "error"] + [f"{n}_ml" for n in label_names]
+    columns = ["case", "status", "input", "output", "seconds", "network_seconds", "error"] + [
+        f"{n}_ml" for n in label_names
+    ]
     buf = _io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore")
     writer.writeheader()
@@ -184,8 +211,12 @@ def segment_paths(
     series_uid: str | None = None,
     debug: bool = False,
     output_format: str = "nifti",
+    pipeline: bool = True,
 ) -> RunReport:
-    """Segment every case under `input_path` into `output_dir`; see the module docstring."""
+    """Segment every case under `input_path` into `output_dir`; see the module docstring.
+
+    pipeline: read the next case and write the previous one on two threads while the network runs
+    (False: one step after the other, as bench/segment_folder.py compares)."""
     from tqdm import tqdm
 
     from medct.dicom_out import OUTPUT_FORMATS
@@ -246,9 +277,11 @@ def segment_paths(
                     ahead = todo[position + 1]
                     reads[id(ahead)] = reader.submit(load, ahead)
                 image = reads.pop(id(job)).result()
-                t_net = time.perf_counter()
+                t_predict, t_forward = time.perf_counter(), predictor.forward_seconds
                 labels = predictor.predict(image)
-                job.network_seconds = time.perf_counter() - t_net
+                job.predict_seconds = time.perf_counter() - t_predict
+                job.network_seconds = predictor.forward_seconds - t_forward
+                job.row["network_seconds"] = f"{job.network_seconds:.2f}"
                 if pending is not None:  # at most one write in flight
                     _settle(*pending, debug)
                 job.start = start
@@ -266,6 +299,7 @@ def segment_paths(
         if status == "done":
             report.done.append(job.case.name)
             report.network_seconds += job.network_seconds
+            report.predict_seconds += job.predict_seconds
         elif status.startswith("skipped"):
             report.skipped.append(job.case.name)
         else:

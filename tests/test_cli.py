@@ -320,3 +320,45 @@ def test_bad_recipe_values_are_one_sentence(tmp_path: Path, capsys: pytest.Captu
         assert code == 1 and message in _one_error_line(err), err
     code, err = _run(capsys, "fit", "--config", str(tmp_path / "nope.yaml"))
     assert code == 1 and "does not exist" in _one_error_line(err)
+
+
+def test_pipelined_folder_run_equals_sequential_and_isolates_write_failures(
+    model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The read-ahead/write-behind run writes the same outputs and summary statuses as a sequential
+    one, with bad inputs between good ones; a failing write fails only its own case."""
+    import medct.runner as runner
+
+    folder = tmp_path / "in"
+    _bad_cases(folder)
+    for i, seed in enumerate((1, 2)):
+        write_volume(
+            _ct().with_array(np.random.default_rng(seed).normal(0, 300, (40, 36, 20)).astype(np.float32)),
+            folder / f"more{i}.nii.gz",
+        )
+    reports = {}
+    for pipeline in (True, False):
+        out = tmp_path / f"out_{pipeline}"
+        reports[pipeline] = runner.segment_paths(model_dir, folder, out, device="cpu", pipeline=pipeline)
+    assert reports[True].done == reports[False].done == ["good", "more0", "more1"]
+    assert [f for f, _ in reports[True].failed] == [f for f, _ in reports[False].failed]
+    for name in reports[True].done:
+        a = read_volume(tmp_path / "out_True" / f"{name}.nii.gz").array
+        b = read_volume(tmp_path / "out_False" / f"{name}.nii.gz").array
+        np.testing.assert_array_equal(a, b)
+    assert reports[True].network_seconds > 0 and reports[True].predict_seconds >= reports[True].network_seconds
+
+    real_write = runner._write_output
+
+    def flaky(labels, image, names, path, fmt):  # type: ignore[no-untyped-def]
+        if path.name.startswith("more0"):
+            raise OSError(28, "No space left on device")
+        real_write(labels, image, names, path, fmt)
+
+    monkeypatch.setattr(runner, "_write_output", flaky)
+    report = runner.segment_paths(model_dir, folder, tmp_path / "out_flaky", device="cpu")
+    assert (
+        report.done == ["good", "more1"] and ("more0", "OSError: [Errno 28] No space left on device") in report.failed
+    )
+    summary = (tmp_path / "out_flaky" / "summary.csv").read_text()
+    assert "more0,failed" in summary and "more1,done" in summary
