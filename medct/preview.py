@@ -7,7 +7,7 @@ Display conventions (radiological, as PACS viewers show CT):
 The volume is first reoriented to RAS with nibabel's orientation tools (so any file axis order,
 LPS or oblique-ish direction displays upright) and every plane is drawn with its physical
 aspect ratio from the voxel spacing. Planes pass through the labels' centroid (or the volume
-centre). Labels are overlaid with the tab20 colours; the PNG is written atomically.
+centre). Labels are overlaid with the tab20 colours but grey; the PNG is written atomically.
 """
 
 from __future__ import annotations
@@ -84,14 +84,16 @@ def save_preview(
     fig_w = fig_h * sum(widths) / max(heights) + 0.4
     fig, axes = plt.subplots(1, 3, figsize=(fig_w, fig_h + 0.5), gridspec_kw={"width_ratios": widths})
     fig.patch.set_facecolor("black")
-    # tab20 holds 10 dark/light pairs: labels 1-10 take the dark colours, 11-20 the light ones, so
-    # neighbouring label numbers (e.g. left/right organs) never get the two shades of one hue.
-    tab20 = ListedColormap([plt.get_cmap("tab20").colors[(2 * c) % 20 + c // 10] for c in range(20)])
+    # tab20 holds 10 dark/light pairs; the grey pair (14, 15) is dropped, as grey vanishes on CT.
+    # Labels 1-9 take the dark colours, 10-18 the light ones, so neighbouring label numbers (e.g.
+    # left/right organs) never get the two shades of one hue; the 18 colours repeat after that.
+    hues = [h for h in range(10) if h != 7]
+    tab20 = ListedColormap([plt.get_cmap("tab20").colors[2 * hues[c % 9] + c // 9] for c in range(18)])
     for ax, ip, lp, aspect, name in zip(axes, img_planes, lab_planes, aspects, names, strict=True):
         ax.imshow(ip, cmap="gray", vmin=window[0], vmax=window[1], aspect=aspect, interpolation="bilinear")
         if lp is not None and lp.any():
-            overlay = np.ma.masked_where(lp == 0, (lp - 1) % 20)
-            ax.imshow(overlay, cmap=tab20, vmin=0, vmax=19, alpha=0.45, aspect=aspect, interpolation="nearest")
+            overlay = np.ma.masked_where(lp == 0, (lp - 1) % 18)
+            ax.imshow(overlay, cmap=tab20, vmin=0, vmax=17, alpha=0.45, aspect=aspect, interpolation="nearest")
         ax.set_title(name, color="white", fontsize=9)
         ax.set_axis_off()
     if title:
@@ -100,7 +102,7 @@ def save_preview(
         from matplotlib.patches import Patch
 
         present = sorted(int(v) for v in np.unique(lab) if v != 0)
-        handles = [Patch(color=tab20((v - 1) % 20), label=label_names.get(v, str(v))) for v in present]
+        handles = [Patch(color=tab20((v - 1) % 18), label=label_names.get(v, str(v))) for v in present]
         if handles:
             fig.legend(
                 handles=handles,
