@@ -5,7 +5,7 @@ Isensee et al., "nnU-Net: a self-configuring method for deep learning-based biom
 segmentation", Nat. Methods 2021; "nnU-Net Revisited: A Call for Rigorous Validation in 3D Medical
 Image Segmentation", MICCAI 2024. Subclassing the DNA classes keeps their state-dict keys, so one
 set of weights runs in medct, in MONAI code and in nnU-Net v2's own predictor (`bench/segment.py`
-writes the small nnU-Net model folder for that, see `medct.nnunet_export`).
+writes the small nnU-Net model folder for that, see bench/_nnunet_folder.py).
 
 Fixed as in every nnU-Net 3D plan: Conv3d, 3^3 kernels, stride 1 then 2 per stage, conv bias,
 InstanceNorm3d(eps 1e-5, affine), LeakyReLU(0.01), no dropout. Features double from 32 up to 320
@@ -53,6 +53,21 @@ def _stages(n_stages: int, features_per_stage: Sequence[int] | None) -> tuple[li
     return feats, [3] * n_stages, [1] + [2] * (n_stages - 1)
 
 
+def _plans_arch(
+    cls: type, feats: list[int], kernels: list[int], strides: list[int], decoder: list[int], **per_stage: list[int]
+) -> dict[str, Any]:
+    """What nnU-Net's plans.json says of this network ("architecture": class name + arch_kwargs)."""
+    return {
+        "network_class_name": f"{cls.__module__}.{cls.__name__}",
+        "n_stages": len(feats),
+        "features_per_stage": feats,
+        "kernel_sizes": [[k] * 3 for k in kernels],
+        "strides": [[s] * 3 for s in strides],
+        **per_stage,
+        "n_conv_per_stage_decoder": decoder,
+    }
+
+
 @register_net("nnunet_resenc", tiny_args={"n_stages": 3, "features_per_stage": [4, 8, 16]}, tiny_size=16)
 class NNUNetResEnc(ResidualEncoderUNet):
     """nnU-Net's ResidualEncoderUNet (the ResEnc M/L/XL presets' network).
@@ -94,16 +109,7 @@ class NNUNetResEnc(ResidualEncoderUNet):
         )
         record_config(self, NNUNetResEnc, locals())
         self.encoder_prefixes: tuple[str, ...] = ("encoder.",)
-        # what nnU-Net's plans.json calls this network's arguments (see medct.nnunet_export)
-        self.nnunet_arch = {
-            "network_class_name": "dynamic_network_architectures.architectures.unet.ResidualEncoderUNet",
-            "n_stages": n_stages,
-            "features_per_stage": feats,
-            "kernel_sizes": [[k] * 3 for k in kernels],
-            "strides": [[s] * 3 for s in strides],
-            "n_blocks_per_stage": blocks,
-            "n_conv_per_stage_decoder": decoder,
-        }
+        self.nnunet_arch = _plans_arch(ResidualEncoderUNet, feats, kernels, strides, decoder, n_blocks_per_stage=blocks)
 
     def encoder_features(self, x: Tensor) -> list[Tensor]:
         """Encoder features, shallow to deep: (B, features[i], X/2^i, Y/2^i, Z/2^i) per stage."""
@@ -151,15 +157,7 @@ class NNUNetPlain(PlainConvUNet):
         )
         record_config(self, NNUNetPlain, locals())
         self.encoder_prefixes: tuple[str, ...] = ("encoder.",)
-        self.nnunet_arch = {
-            "network_class_name": "dynamic_network_architectures.architectures.unet.PlainConvUNet",
-            "n_stages": n_stages,
-            "features_per_stage": feats,
-            "kernel_sizes": [[k] * 3 for k in kernels],
-            "strides": [[s] * 3 for s in strides],
-            "n_conv_per_stage": enc,
-            "n_conv_per_stage_decoder": decoder,
-        }
+        self.nnunet_arch = _plans_arch(PlainConvUNet, feats, kernels, strides, decoder, n_conv_per_stage=enc)
 
     def encoder_features(self, x: Tensor) -> list[Tensor]:
         """Encoder features, shallow to deep: (B, features[i], X/2^i, Y/2^i, Z/2^i) per stage."""

@@ -56,14 +56,16 @@ def record_config(net: nn.Module, cls: type, init_locals: dict[str, Any]) -> Non
     """Store `net.net_config` = {"name": cls's registry name, "args": cls.__init__'s arguments}.
 
     Call as `record_config(self, MyNet, locals())` at the end of `MyNet.__init__`. Does nothing
-    when `net` is an instance of a registered subclass (a variant), which records its own.
+    when `net` is an instance of a registered subclass with its own __init__ (a variant), which
+    records its own; a registered subclass without one (an alias such as ResEncUNetL) records
+    these arguments under its own name.
     """
-    if type(net) is not cls:
+    if type(net).__init__ is not cls.__init__:
         return
     params = inspect.signature(cls.__init__).parameters
     args = {k: jsonable(init_locals[k]) for k in params if k != "self"}
     json.dumps(args)  # fail at construction, not at export, if an argument is not JSON-primitive
-    net.net_config = {"name": cls.net_name, "args": args}  # type: ignore[attr-defined]
+    net.net_config = {"name": type(net).net_name, "args": args}  # type: ignore[attr-defined]
 
 
 def register_net(name: str, tiny_args: dict[str, Any] | None = None, tiny_size: int = 32) -> Callable[[_T], _T]:

@@ -167,26 +167,7 @@ class ResEncUNetM(ResEncUNet):
 
 
 @register_net("resenc_unet_l", tiny_args={"n_stages": 3}, tiny_size=32)
-class ResEncUNetL(ResEncUNet):
-    """nnU-Net ResEnc-L: the ResEnc-M network (same features and blocks per stage), meant for the
-    larger patches nnU-Net plans for 24 GB GPUs (state them as data.patch_size, e.g. 160^3).
-
-    Args:
-        in_channels: input channels. Defaults to 1.
-        out_channels: classes, background included. Defaults to 2.
-        n_stages: resolution stages (input side divisible by 2^(n_stages - 1)). Defaults to 6.
-        deep_supervision: lower-resolution heads in training mode. Defaults to False.
-        deep_supr_num: extra heads with deep supervision. Defaults to 1.
-    """
-
-    def __init__(
-        self,
-        in_channels: int = 1,
-        out_channels: int = 2,
-        n_stages: int = 6,
-        deep_supervision: bool = False,
-        deep_supr_num: int = 1,
-    ) -> None:
-        filters, blocks = _preset(n_stages)
-        super().__init__(in_channels, out_channels, filters, deep_supervision, deep_supr_num, 0.0, blocks)
-        record_config(self, ResEncUNetL, locals())
+class ResEncUNetL(ResEncUNetM):
+    """nnU-Net ResEnc-L: the ResEnc-M network (same features and blocks per stage, same arguments),
+    meant for the larger patches nnU-Net plans for 24 GB GPUs (state them as data.patch_size, e.g.
+    160^3). A name of its own so that recipes and model cards say which preset they follow."""
