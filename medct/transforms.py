@@ -36,7 +36,8 @@ class Preprocessing:
 
     spacing:  target voxel size (mm) along R, A, S after orientation to RAS.
     hu_min, hu_max: HU window; values are clipped to it and mapped to [0, 1].
-    modality: "CT" (HU) for now; MR/CBCT normalisations come with their issues.
+    modality: "CT", "CBCT" or "MR": what the model was trained on (checked against DICOM headers;
+              HU windowing for all three for now, MR/CBCT normalisations come with their issues).
     """
 
     spacing: tuple[float, float, float] = (1.5, 1.5, 1.5)
