@@ -33,7 +33,6 @@ WEIGHTS_FILE = "model.safetensors"
 CARD_FILE = "medct.json"
 FORMAT_VERSION = 2  # 2: "inference" settings and preprocessing.modality; 1: overlap in "extra"
 CHECKPOINT_KEY = "medct"  # Lightning checkpoint["medct"] = {"card": card dict, "net_prefix": "net."}
-TASKS = ("segmentation", "encoder", "classification", "sct", "generation", "motion", "registration")
 
 
 @dataclass
@@ -45,7 +44,8 @@ class ModelCard:
     labels:        class index -> name (segmentation/classification); index 0 is background.
     preprocessing: spacing, intensity window and modality of the input (`Preprocessing`).
     patch_size:    the network's input patch (sliding-window tile) in voxels, RAS order.
-    task:          what the model does; picks its predictor in `medct.load_model` (one of TASKS).
+    task:          what the model does (segmentation, encoder, classification, sct, generation,
+                   motion, ...); picks its predictor in `medct.load_model` (`medct.api.PREDICTORS`).
     inference:     default inference settings, e.g. {"overlap": 0.5, "sw_batch_size": 4}.
     outputs:       for tasks without labels: what the network returns (channels, units, ...).
     extra:         provenance (source checkpoint, epoch, ...); never read by inference.
@@ -204,7 +204,7 @@ def export_lightning_checkpoint(
     stored = ckpt.get(CHECKPOINT_KEY) or {}
     if "card" not in stored:
         raise ModelFolderError(
-            f"{src} holds no medct model card; was it written by a medct task with medct >= 0.2 (`medct fit`)?"
+            f"{src} holds no medct model card; was it saved by a medct task with `medct fit` (checkpoints saved before medct had model cards have none)?"
         )
     try:
         card = ModelCard.from_dict(stored["card"])

@@ -58,7 +58,7 @@ class Case:
 @dataclass
 class RunReport:
     """What a folder run did: case names by outcome, failures with their one-line reason, and the
-    seconds spent in the network (Predictor.predict) over all segmented cases."""
+    seconds spent in network forward passes and in Predictor.predict over all segmented cases."""
 
     done: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
