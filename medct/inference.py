@@ -52,6 +52,7 @@ from medct.geometry import (
     resample_separable,
 )
 from medct.io import validate_for_inference
+from medct.sliding_window import sliding_window
 from medct.volume import Volume
 
 DEFAULT_OVERLAP = 0.5  # nnU-Net's tile step of half a patch
@@ -92,6 +93,15 @@ def fold_batch_norm(net: nn.Module) -> nn.Module:
     # fx raises a variety of errors for that. Folding is only a speed-up, so run it unfolded.
     except Exception:  # noqa: BLE001
         return net
+
+
+def _channels_last(x: torch.Tensor) -> torch.Tensor:
+    """`x` in channels_last_3d layout. With one channel a contiguous (B, 1, D, H, W) tensor already
+    has that memory order: only the channel stride is restated (no copy; `.contiguous(...)` copied,
+    37 ms per batch of four 96^3 patches)."""
+    if x.shape[1] == 1 and x.is_contiguous():
+        return x.as_strided(x.shape, (x.stride(0), 1, *x.stride()[2:]))
+    return x.contiguous(memory_format=torch.channels_last_3d)
 
 
 # ----------------------------------------------------------------------------- predictor
@@ -238,23 +248,17 @@ class Predictor:
             threshold = body_threshold(pre.hu_min, pre.hu_max)  # BODY_HU on the network's [0, 1] scale
             body = body_mask(x[0, 0].cpu().numpy(), pre.spacing, threshold)
         if any(g < p for g, p in zip(grid.shape, self.card.patch_size, strict=True)):
-            body = None  # MONAI pads volumes smaller than a patch: tile coordinates would be shifted
+            body = None  # MONAI pads volumes smaller than a patch into one tile: always run it
         ran: list[tuple[np.ndarray, np.ndarray]] = []  # network-index boxes of the tiles that ran
 
-        def run_tiles(patches: torch.Tensor, coords: list[list[slice]]) -> torch.Tensor:
-            """(B, 1, d, h, w) -> (B, C, d, h, w): the network on tiles that touch the body, 0 elsewhere."""
-            boxes = [(np.array([c.start for c in w[2:]]), np.array([c.stop - 1 for c in w[2:]])) for w in coords]
-            keep = [body is None or body.touches(lo, hi) for lo, hi in boxes]
-            ran.extend(b for b, k in zip(boxes, keep, strict=True) if k)
-            if all(keep):
-                return self._forward(patches)
-            out = patches.new_zeros((patches.shape[0], self.num_classes, *patches.shape[2:]))
-            idx = [i for i, k in enumerate(keep) if k]
-            if idx:
-                out[idx] = self._forward(patches[idx])
-            return out
+        def keep(tile: tuple[slice, ...]) -> bool:
+            lo, hi = np.array([t.start for t in tile]), np.array([t.stop - 1 for t in tile])
+            if body is None or body.touches(lo, hi):
+                ran.append((lo, hi))
+                return True
+            return False
 
-        scores = self._sliding_window(x, run_tiles)[0]  # (C, D, H, W)
+        scores = self._sliding_window(x, keep)[0]  # (C, D, H, W)
         if ran:  # only the input voxels some computed tile covers can be other than background
             lo, hi = map_box(grid_to_in, np.min([b[0] for b in ran], 0), np.max([b[1] for b in ran], 0), volume.shape)
         else:
@@ -299,7 +303,7 @@ class Predictor:
 
     def _forward_untimed(self, x: torch.Tensor) -> torch.Tensor:
         if self.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last_3d)
+            x = _channels_last(x)
         with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.amp):
             if not self.tta:
                 return self.net(x).float()
@@ -313,29 +317,29 @@ class Predictor:
             assert acc is not None
             return acc / len(flips)
 
-    def _sliding_window(
-        self, x: torch.Tensor, run_tiles: Callable[[torch.Tensor, list[list[slice]]], torch.Tensor]
-    ) -> torch.Tensor:
-        """MONAI sliding_window_inference with Gaussian blending; returns (1, C, D, H, W) float32.
+    def _sliding_window(self, x: torch.Tensor, keep: Callable[[tuple[slice, ...]], bool]) -> torch.Tensor:
+        """Gaussian-blended sliding window over the tiles `keep` accepts; (1, C, D, H, W) float32.
 
-        run_tiles(patches, coords) gets each batch of tiles with their slices (MONAI's with_coord).
+        medct.sliding_window (MONAI's tiles and weights, rejected tiles neither run nor blended);
+        MONAI's sliding_window_inference itself for volumes smaller than a patch, which it pads.
         """
-        from monai.inferers import sliding_window_inference
+        patch = tuple(self.card.patch_size)
 
         def run(inputs: torch.Tensor, stitch: torch.device) -> torch.Tensor:
-            with torch.inference_mode():
+            if any(g < p for g, p in zip(inputs.shape[2:], patch, strict=True)):
+                from monai.inferers import sliding_window_inference
+
+                full = (slice(0, int(g)) for g in inputs.shape[2:])
+                keep(tuple(full))  # records the one padded tile (body is None here)
                 out = sliding_window_inference(
-                    inputs,
-                    roi_size=self.card.patch_size,
-                    sw_batch_size=self.sw_batch_size,
-                    predictor=run_tiles,
-                    overlap=self.overlap,
-                    mode="gaussian",
-                    sw_device=self.device,
-                    device=stitch,
-                    with_coord=True,
-                )
-            return out  # type: ignore[return-value]
+                    inputs, patch, self.sw_batch_size, self._forward, self.overlap, mode="gaussian",
+                    sw_device=self.device, device=stitch,
+                )  # fmt: skip
+                return out  # type: ignore[return-value]
+            return sliding_window(
+                inputs, patch, self.overlap, self.sw_batch_size, self._forward, self.num_classes,
+                keep=keep, tile_device=self.device, device=stitch, channels_last=self.channels_last,
+            )  # fmt: skip
 
         if self.device.type != "cuda":
             return run(x, self.device)

@@ -252,7 +252,7 @@ def test_stitch_device_moves_to_host_when_the_output_would_not_fit() -> None:
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_matches_cpu_and_cpu_stitching(monkeypatch: pytest.MonkeyPatch) -> None:
-    import monai.inferers
+    import medct.inference
 
     vol, truth = phantom("lps_oblique_aniso")
     gpu = Predictor(classifier(), card(), device="cuda", skip_air=False).predict(vol)
@@ -261,13 +261,13 @@ def test_cuda_matches_cpu_and_cpu_stitching(monkeypatch: pytest.MonkeyPatch) -> 
     assert dice_per_label(gpu.array, cpu.array, labels=[1, 2])[1] > 0.99
     # force host stitching: the GPU reports no free memory; patches still run on the GPU
     stitched_on: list[str] = []
-    real = monai.inferers.sliding_window_inference
+    real = medct.inference.sliding_window
 
     def spy(*args, **kwargs):  # type: ignore[no-untyped-def]
         stitched_on.append(torch.device(kwargs["device"]).type)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(monai.inferers, "sliding_window_inference", spy)
+    monkeypatch.setattr(medct.inference, "sliding_window", spy)
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (0, 80 * 2**30))
     host = Predictor(classifier(), card(), device="cuda", skip_air=False).predict(vol)
     assert stitched_on == ["cpu"]
