@@ -28,9 +28,7 @@ SIGMA_SCALE = 0.125  # MONAI's default for mode="gaussian"
 def scan_interval(image_size: Sequence[int], patch: Sequence[int], overlap: float) -> tuple[int, ...]:
     """MONAI's step between tile starts per axis: the patch where it spans the axis, else
     int(patch * (1 - overlap)), at least 1 (monai.inferers.utils._get_scan_interval)."""
-    return tuple(
-        int(p) if p == s else max(int(p * (1.0 - overlap)), 1) for s, p in zip(image_size, patch, strict=True)
-    )
+    return tuple(int(p) if p == s else max(int(p * (1.0 - overlap)), 1) for s, p in zip(image_size, patch, strict=True))
 
 
 def tile_slices(image_size: Sequence[int], patch: Sequence[int], overlap: float) -> list[tuple[slice, ...]]:
