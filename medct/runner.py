@@ -257,8 +257,8 @@ def segment_paths(
     # A bounded pipeline: while the network runs on case i, the reader prepares case i + 1 and the
     # writer stores case i - 1; never more than one case ahead and one behind (memory stays bounded).
     with (
-        ThreadPoolExecutor(1, thread_name_prefix="medct-read") as reader,
-        ThreadPoolExecutor(1, thread_name_prefix="medct-write") as writer,
+        _executor(pipeline, "medct-read") as reader,
+        _executor(pipeline, "medct-write") as writer,
     ):
         todo = [j for j in jobs if j.needs_run(overwrite)]
         reads = {id(todo[0]): reader.submit(load, todo[0])} if todo else {}

@@ -336,10 +336,25 @@ def test_pipelined_folder_run_equals_sequential_and_isolates_write_failures(
             _ct().with_array(np.random.default_rng(seed).normal(0, 300, (40, 36, 20)).astype(np.float32)),
             folder / f"more{i}.nii.gz",
         )
-    reports = {}
+    import threading
+
+    reports, threads = {}, {}
+    real_out = runner._write_output
     for pipeline in (True, False):
+        seen: set[str] = set()
+
+        def spy(*args, seen=seen):  # type: ignore[no-untyped-def]
+            seen.add(threading.current_thread().name)
+            real_out(*args)
+
+        monkeypatch.setattr(runner, "_write_output", spy)
         out = tmp_path / f"out_{pipeline}"
         reports[pipeline] = runner.segment_paths(model_dir, folder, out, device="cpu", pipeline=pipeline)
+        threads[pipeline] = seen
+    monkeypatch.setattr(runner, "_write_output", real_out)
+    # outputs are written on the writer thread when pipelined, on the calling thread when not
+    assert all(n.startswith("medct-write") for n in threads[True]) and threads[True]
+    assert threads[False] == {threading.current_thread().name}
     assert reports[True].done == reports[False].done == ["good", "more0", "more1"]
     assert [f for f, _ in reports[True].failed] == [f for f, _ in reports[False].failed]
     for name in reports[True].done:
