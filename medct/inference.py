@@ -1,18 +1,19 @@
 """Predictor: whole-volume segmentation with the input's exact geometry restored.
 
-Pipeline of `Predictor.predict(volume)`:
+Pipeline of `Predictor.predict(volume)` = `finish(run(prepare(volume)))` (a folder run does
+`prepare` on its reader thread and `finish` on its writer thread, overlapping the network):
 
-1. Network grid: exactly MONAI's `Orientationd(RAS)` + `Spacingd(card spacing)` grid, built with
-   MONAI's own `zoom_affine` / `compute_shape_offset` (obliquity is kept as MONAI keeps it).
-2. One trilinear resample (`grid_sample`, float32) from the input voxels straight into that grid
+1. Network grid (prepare): exactly MONAI's `Orientationd(RAS)` + `Spacingd(card spacing)` grid,
+   built with MONAI's own `zoom_affine` / `compute_shape_offset` (obliquity is kept as MONAI keeps it).
+2. One trilinear resample (float32) from the input voxels straight into that grid
    with the composed index->index affine, then HU clip/scale (as `medct.transforms`).
-3. MONAI `sliding_window_inference` (Gaussian blending, MONAI's own tiling) under
+3. Sliding window (run): MONAI's tiles and Gaussian weights (`medct.sliding_window`) under
    `torch.inference_mode`; bf16 autocast on CUDA, fp32 + channels_last_3d on CPU; optional flip
    TTA (softmax averaged, each flip undone before averaging). CT: tiles that do not touch the
-   patient's body (a coarse HU > -500 mask without the couch, see `body_mask`) are not run, which
-   is exact inside the body (see `Predictor`). Stitching moves to the CPU when the output would not fit on the
-   GPU, and after a CUDA out-of-memory error.
-4. Back to the input's own voxels: trilinear interpolation of the class scores (logits; mean
+   patient's body (a coarse HU > -500 mask without the couch, see `body_mask`, made in prepare)
+   are neither run nor blended, which is exact inside the body (see `Predictor`). Stitching moves
+   to the CPU when the output would not fit on the GPU, and after a CUDA out-of-memory error.
+4. Back to the input's own voxels (finish): trilinear interpolation of the class scores (logits; mean
    probabilities with TTA) then argmax, chunked along the last axis. Only points whose 8
    neighbouring network voxels disagree on the class are interpolated over all C channels:
    elsewhere the answer is provably that shared class (see `argmax_resample_chunks`).
@@ -34,12 +35,13 @@ import itertools
 import os
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import nn
 
-from medct.body import body_mask, body_threshold
+from medct.body import BodyMask, body_mask, body_threshold
 from medct.checkpoint import ModelCard, load_model_folder, read_model_card
 from medct.errors import InvalidVolumeError, ModelFolderError
 from medct.geometry import (
@@ -102,6 +104,31 @@ def _channels_last(x: torch.Tensor) -> torch.Tensor:
     if x.shape[1] == 1 and x.is_contiguous():
         return x.as_strided(x.shape, (x.stride(0), 1, *x.stride()[2:]))
     return x.contiguous(memory_format=torch.channels_last_3d)
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """`Predictor.prepare`'s result: the input, its network grid, the network input
+    (1, 1, D, H, W) float32 in [0, 1], and the body mask on that grid (None: run every tile)."""
+
+    volume: Volume
+    grid: Grid
+    x: torch.Tensor
+    body: BodyMask | None
+
+
+@dataclass(frozen=True)
+class Scores:
+    """`Predictor.run`'s result: (C, D, H, W) class scores on the network grid (logits; mean
+    probabilities with TTA), the (4, 4) map from input voxel index (relative to `lo`) to score
+    index, and the input box [lo, hi] outside of which every label is background (only skipped
+    tiles cover it)."""
+
+    volume: Volume
+    scores: torch.Tensor
+    index_map: np.ndarray
+    lo: np.ndarray
+    hi: np.ndarray
 
 
 # ----------------------------------------------------------------------------- predictor
@@ -200,55 +227,43 @@ class Predictor:
 
     def predict(self, volume: Volume) -> Volume:
         """uint8 label map on the input's exact grid (same shape and affine, meta copied)."""
-        labels = np.zeros(volume.shape, dtype=np.uint8)
-        with torch.inference_mode():
-            scores, out_map, lo, hi = self._network_scores(volume, skip_air=self.skip_air)
-            for zs, lab in argmax_resample_chunks(scores, out_map, hi - lo + 1):
-                labels[lo[0] : hi[0] + 1, lo[1] : hi[1] + 1, lo[2] + zs.start : lo[2] + zs.stop] = lab.cpu().numpy()
-        return volume.with_array(labels)
+        return self.finish(self.run(self.prepare(volume)))
 
     def predict_proba(self, volume: Volume) -> Volume:
         """(X, Y, Z, C) float32 class probabilities on the input's exact grid (every tile is run).
         Memory: C x 4 bytes per input voxel; use `predict` for label maps."""
+        scores = self.run(self.prepare(volume, skip_air=False))
         proba = np.zeros((*volume.shape, self.num_classes), dtype=np.float32)
+        lo, hi = scores.lo, scores.hi
         with torch.inference_mode():
-            scores, out_map, lo, hi = self._network_scores(volume, skip_air=False)
-            for zs, chunk in resample_chunks(scores, out_map, hi - lo + 1):
+            for zs, chunk in resample_chunks(scores.scores, scores.index_map, hi - lo + 1):
                 p = chunk if self.tta else torch.softmax(chunk, dim=0)  # TTA scores are probabilities already
                 proba[lo[0] : hi[0] + 1, lo[1] : hi[1] + 1, lo[2] + zs.start : lo[2] + zs.stop] = (
                     p.permute(1, 2, 3, 0).float().cpu().numpy()
                 )
         return volume.with_array(proba)
 
-    # -- steps -------------------------------------------------------------------------------
+    # -- the three steps of predict: a folder run overlaps prepare and finish with the network --
 
-    def _check(self, volume: Volume) -> None:
-        if volume.array.ndim != 3:
-            raise InvalidVolumeError(
-                f"{volume.meta.get('path', 'The volume')} has shape {volume.array.shape}; a 3D (X, Y, Z) volume is needed."
-            )
-        validate_for_inference(volume)
-
-    def _network_scores(
-        self, volume: Volume, skip_air: bool
-    ) -> tuple[torch.Tensor, np.ndarray, np.ndarray, np.ndarray]:
-        """Class scores on the network grid.
-
-        Returns (C, D, H, W) scores (logits; mean probabilities with TTA), the (4, 4) map from
-        input voxel index (relative to lo) to score index, and the input box (lo, hi) outside of
-        which every score is 0 (only skipped tiles cover it), i.e. background.
-        """
+    def prepare(self, volume: Volume, skip_air: bool | None = None) -> Prepared:
+        """Check the input, resample it onto the network grid and scale it, find the body (CT)."""
         self._check(volume)
         pre = self.card.preprocessing
         grid = network_grid(volume.affine, volume.shape, pre.spacing)
-        grid_to_in = np.linalg.inv(volume.affine) @ grid.affine  # network index -> input index
-        x = self._network_input(volume, grid)  # (1, 1, D, H, W)
+        with torch.inference_mode():
+            x = self._network_input(volume, grid)  # (1, 1, D, H, W)
         body = None
-        if skip_air and pre.modality.upper() in ("CT", "CBCT"):
+        if (self.skip_air if skip_air is None else skip_air) and pre.modality.upper() in ("CT", "CBCT"):
             threshold = body_threshold(pre.hu_min, pre.hu_max)  # BODY_HU on the network's [0, 1] scale
             body = body_mask(x[0, 0].cpu().numpy(), pre.spacing, threshold)
         if any(g < p for g, p in zip(grid.shape, self.card.patch_size, strict=True)):
             body = None  # MONAI pads volumes smaller than a patch into one tile: always run it
+        return Prepared(volume, grid, x, body)
+
+    def run(self, prepared: Prepared) -> Scores:
+        """The network over the tiles that touch the body: class scores on the network grid."""
+        volume, grid, body = prepared.volume, prepared.grid, prepared.body
+        grid_to_in = np.linalg.inv(volume.affine) @ grid.affine  # network index -> input index
         ran: list[tuple[np.ndarray, np.ndarray]] = []  # network-index boxes of the tiles that ran
 
         def keep(tile: tuple[slice, ...]) -> bool:
@@ -258,14 +273,33 @@ class Predictor:
                 return True
             return False
 
-        scores = self._sliding_window(x, keep)[0]  # (C, D, H, W)
+        with torch.inference_mode():
+            scores = self._sliding_window(prepared.x, keep)[0]  # (C, D, H, W)
         if ran:  # only the input voxels some computed tile covers can be other than background
             lo, hi = map_box(grid_to_in, np.min([b[0] for b in ran], 0), np.max([b[1] for b in ran], 0), volume.shape)
         else:
             lo, hi = np.zeros(3, int), np.zeros(3, int)
         shift = np.eye(4)
         shift[:3, 3] = lo
-        return scores, np.linalg.inv(grid_to_in) @ shift, lo, hi
+        return Scores(volume, scores, np.linalg.inv(grid_to_in) @ shift, lo, hi)
+
+    def finish(self, scores: Scores) -> Volume:
+        """Class scores -> uint8 label map on the input's exact grid (trilinear scores, argmax)."""
+        volume, lo, hi = scores.volume, scores.lo, scores.hi
+        labels = np.zeros(volume.shape, dtype=np.uint8)
+        with torch.inference_mode():
+            for zs, lab in argmax_resample_chunks(scores.scores, scores.index_map, hi - lo + 1):
+                labels[lo[0] : hi[0] + 1, lo[1] : hi[1] + 1, lo[2] + zs.start : lo[2] + zs.stop] = lab.cpu().numpy()
+        return volume.with_array(labels)
+
+    # -- helpers -----------------------------------------------------------------------------
+
+    def _check(self, volume: Volume) -> None:
+        if volume.array.ndim != 3:
+            raise InvalidVolumeError(
+                f"{volume.meta.get('path', 'The volume')} has shape {volume.array.shape}; a 3D (X, Y, Z) volume is needed."
+            )
+        validate_for_inference(volume)
 
     def _network_input(self, volume: Volume, grid: Grid) -> torch.Tensor:
         """(1, 1, D, H, W) float32 in [0, 1]: the input resampled onto `grid`, HU clipped and scaled."""

@@ -3,8 +3,9 @@
 This is the engine of `medct segment`, kept apart from argument parsing so that notebooks and
 tests can call it. Behaviour a user of TotalSegmentator/nnU-Net expects:
 
-- while the network runs on one case, the next one is read and the previous one written (a
-  bounded read-ahead/write-behind of one case each, `segment_paths`);
+- while the network runs on one case, the next one is read and prepared (`Predictor.prepare`:
+  resampled onto the network grid, body mask) and the previous one finished (`Predictor.finish`:
+  labels back on its own grid) and written: a bounded read-ahead/write-behind of one case each;
 - every readable case is segmented; a bad case (unreadable, NaN, 2D, wrong modality, ...) is
   reported and skipped, and the run still finishes the good ones (exit 1 if any failed);
 - outputs that exist are skipped unless `overwrite`; each output is written atomically, so no
@@ -64,7 +65,7 @@ class RunReport:
     skipped: list[str] = field(default_factory=list)
     failed: list[tuple[str, str]] = field(default_factory=list)
     network_seconds: float = 0.0  # network forward passes
-    predict_seconds: float = 0.0  # Predictor.predict: forward passes + resampling both ways + body mask
+    predict_seconds: float = 0.0  # Predictor.run: forward passes + blending the tiles (main thread)
 
 
 class _Job:
@@ -220,7 +221,7 @@ def segment_paths(
     from tqdm import tqdm
 
     from medct.dicom_out import OUTPUT_FORMATS
-    from medct.inference import Predictor
+    from medct.inference import Predictor, Prepared, Scores
     from medct.io import read_volume, validate_for_inference
 
     if output_format not in OUTPUT_FORMATS:
@@ -236,16 +237,19 @@ def segment_paths(
     rows: list[dict[str, object]] = []
     jobs = [_Job(case, out_dir, output_format) for case in cases]
 
-    def load(job: _Job) -> Volume:
-        """Read and check one input (runs on the reader thread)."""
+    def load(job: _Job) -> Prepared:
+        """Read and check one input, make the network's input (runs on the reader thread)."""
         case = job.case
         image = read_volume(case.path, series_uid=series_uid) if case.kind == "dicom" else read_volume(case.path)
         _check_modality(image.meta.get("modality"), card.preprocessing.modality, case.path)
         validate_for_inference(image)
-        return image
+        return predictor.prepare(image)
 
-    def finish(job: _Job, image: Volume, labels: Volume) -> None:
-        """Write one result and its preview, fill its summary row (runs on the writer thread)."""
+    def finish(job: _Job, scores: Scores) -> None:
+        """Scores -> labels on the input grid; write them and the preview, fill the summary row
+        (runs on the writer thread)."""
+        image = scores.volume
+        labels = predictor.finish(scores)
         _write_output(labels, image, card.labels, job.out_path, output_format)
         if preview:
             from medct.preview import save_preview
@@ -276,16 +280,18 @@ def segment_paths(
                 if position + 1 < len(todo):  # read ahead: the next case loads while this one runs
                     ahead = todo[position + 1]
                     reads[id(ahead)] = reader.submit(load, ahead)
-                image = reads.pop(id(job)).result()
+                prepared = reads.pop(id(job)).result()
                 t_predict, t_forward = time.perf_counter(), predictor.forward_seconds
-                labels = predictor.predict(image)
+                scores = predictor.run(prepared)
+                del prepared  # the network input is not needed any more
                 job.predict_seconds = time.perf_counter() - t_predict
                 job.network_seconds = predictor.forward_seconds - t_forward
                 job.row["network_seconds"] = f"{job.network_seconds:.2f}"
                 if pending is not None:  # at most one write in flight
                     _settle(*pending, debug)
                 job.start = start
-                pending = (job, writer.submit(finish, job, image, labels))
+                pending = (job, writer.submit(finish, job, scores))
+                del scores
             except Exception as e:  # noqa: BLE001 - a folder run keeps going past any bad case
                 job.fail(e, debug)
             finally:
