@@ -59,13 +59,13 @@ class Case:
 @dataclass
 class RunReport:
     """What a folder run did: case names by outcome, failures with their one-line reason, and the
-    seconds spent in network forward passes and in Predictor.predict over all segmented cases."""
+    seconds spent in network forward passes and in Predictor.run (forward + blending) over all segmented cases."""
 
     done: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     failed: list[tuple[str, str]] = field(default_factory=list)
     network_seconds: float = 0.0  # network forward passes
-    predict_seconds: float = 0.0  # Predictor.run: forward passes + blending the tiles (main thread)
+    run_seconds: float = 0.0  # Predictor.run: forward passes + blending the tiles (main thread)
 
 
 class _Job:
@@ -83,7 +83,7 @@ class _Job:
             "error": "",
         }
         self.network_seconds = 0.0
-        self.predict_seconds = 0.0
+        self.run_seconds = 0.0
         self.start = 0.0
 
     def check_format(self) -> None:
@@ -284,7 +284,7 @@ def segment_paths(
                 t_predict, t_forward = time.perf_counter(), predictor.forward_seconds
                 scores = predictor.run(prepared)
                 del prepared  # the network input is not needed any more
-                job.predict_seconds = time.perf_counter() - t_predict
+                job.run_seconds = time.perf_counter() - t_predict
                 job.network_seconds = predictor.forward_seconds - t_forward
                 job.row["network_seconds"] = f"{job.network_seconds:.2f}"
                 if pending is not None:  # at most one write in flight
@@ -305,7 +305,7 @@ def segment_paths(
         if status == "done":
             report.done.append(job.case.name)
             report.network_seconds += job.network_seconds
-            report.predict_seconds += job.predict_seconds
+            report.run_seconds += job.run_seconds
         elif status.startswith("skipped"):
             report.skipped.append(job.case.name)
         else:
