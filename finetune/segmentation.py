@@ -33,6 +33,7 @@ from monai.networks.utils import one_hot
 from torch import Tensor, nn
 
 from medct.checkpoint import ModelCard, store_card
+from medct.errors import ConfigError
 from medct.transforms import Preprocessing
 
 
@@ -41,7 +42,9 @@ class SegmentationTask(pl.LightningModule):
 
     `spacing`, `hu_min`, `hu_max`, `modality` and `patch_size` describe the data the network sees
     (linked from the data module by MedCTCLI) and go into the exported model card, with
-    `sw_overlap` / `sw_batch_size` as the model's default inference settings.
+    `sw_overlap` / `sw_batch_size` as the model's default inference settings, and `keep_largest`:
+    labels of which inference keeps only the largest connected component (nnU-Net's "remove all
+    but the largest component" post-processing; for organs that are one piece, e.g. each lung).
     """
 
     def __init__(
@@ -58,6 +61,7 @@ class SegmentationTask(pl.LightningModule):
         scheduler: Literal["poly", "cosine", "constant"] = "poly",
         sw_batch_size: int = 2,
         sw_overlap: float = 0.25,
+        keep_largest: Sequence[str] = (),
         compile: bool = False,
     ) -> None:
         super().__init__()
@@ -70,6 +74,7 @@ class SegmentationTask(pl.LightningModule):
             hu_max=float(hu_max),
             patch_size=[int(p) for p in patch_size],
             modality=str(modality),
+            keep_largest=[str(n) for n in keep_largest],
         )
         # How to rebuild the network, saved in the model card (not in the hyperparameters: LightningCLI
         # feeds a checkpoint's hyperparameters back as init args on --ckpt_path).
@@ -79,6 +84,9 @@ class SegmentationTask(pl.LightningModule):
             raise ValueError(f"the network has {out_channels} output channels but there are {len(labels)} labels")
         self.net = net
         self.labels = [str(n) for n in labels]
+        unknown = [n for n in keep_largest if n not in self.labels[1:]]
+        if unknown:
+            raise ConfigError(f"model.keep_largest names {unknown}, which are not foreground labels of {self.labels}.")
         self.num_classes = len(self.labels)
         self.loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
         self.ds_loss_fn = DeepSupervisionLoss(self.loss_fn, weight_mode="exp")  # weights 1, 1/2, 1/4, ...
@@ -101,7 +109,11 @@ class SegmentationTask(pl.LightningModule):
             preprocessing=self.preprocessing,
             patch_size=tuple(hp.patch_size),  # type: ignore[arg-type]
             task="segmentation",
-            inference={"overlap": float(hp.sw_overlap), "sw_batch_size": int(hp.sw_batch_size)},
+            inference={
+                "overlap": float(hp.sw_overlap),
+                "sw_batch_size": int(hp.sw_batch_size),
+                "keep_largest": list(hp.get("keep_largest", [])),
+            },
         )
 
     def configure_model(self) -> None:

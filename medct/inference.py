@@ -17,6 +17,8 @@ Pipeline of `Predictor.predict(volume)` = `finish(run(prepare(volume)))` (a fold
    probabilities with TTA) then argmax, chunked along the last axis. Only points whose 8
    neighbouring network voxels disagree on the class are interpolated over all C channels:
    elsewhere the answer is provably that shared class (see `argmax_resample_chunks`).
+   Labels the card lists in `inference["keep_largest"]` keep only their largest connected
+   component (nnU-Net's post-processing).
    Output: uint8 labels with the input's exact shape and affine (LPS, oblique, anisotropic, ...).
 
 Why not MONAI's Compose + Invertd: those resample in float64 and invert full-resolution C-channel
@@ -106,6 +108,19 @@ def _channels_last(x: torch.Tensor) -> torch.Tensor:
     return x.contiguous(memory_format=torch.channels_last_3d)
 
 
+def keep_largest_components(labels: np.ndarray, label_ids: Sequence[int]) -> None:
+    """In place: for each of `label_ids`, only its largest 26-connected component keeps the label;
+    the other components become background (0)."""
+    from scipy import ndimage
+
+    for i in label_ids:
+        components, n = ndimage.label(labels == i, structure=np.ones((3, 3, 3), bool))
+        if n > 1:
+            sizes = np.bincount(components.ravel())
+            sizes[0] = 0
+            labels[(components != 0) & (components != int(sizes.argmax()))] = 0
+
+
 @dataclass(frozen=True)
 class Prepared:
     """`Predictor.prepare`'s result: the input, its network grid, the network input
@@ -146,6 +161,9 @@ class Predictor:
     tta_axes:      network-space (RAS) axes to mirror; default A-P and S-I only, because a left-right
                    mirror turns a left organ into a right one for a model that learned laterality.
     amp:           bf16 autocast; None -> on for CUDA, off (fp32) elsewhere.
+    keep_largest:  label names of which only the largest connected component (26-connected) is
+                   kept, the rest set to background (nnU-Net's post-processing); None ->
+                   card.inference["keep_largest"] or none.
     skip_air:      CT only: sliding-window tiles that do not touch the patient's body (see `body_mask`)
                    are not run. Exact inside the body: every body voxel is covered by the very tiles
                    a full run uses, blended with the same weights up to a positive factor per voxel,
@@ -163,6 +181,7 @@ class Predictor:
         tta: bool = False,
         tta_axes: Sequence[int] = (1, 2),
         amp: bool | None = None,
+        keep_largest: Sequence[str] | None = None,
         skip_air: bool = True,
     ) -> None:
         self.device = torch.device(device) if device is not None else auto_device()
@@ -185,6 +204,14 @@ class Predictor:
         self.tta_axes = tuple(int(a) for a in tta_axes)
         self.amp = (self.device.type == "cuda") if amp is None else bool(amp)
         self.skip_air = bool(skip_air)
+        names = card.inference.get("keep_largest", []) if keep_largest is None else keep_largest
+        ids = {name: i for i, name in card.labels.items() if i != 0}
+        unknown = [n for n in names if n not in ids]
+        if unknown:
+            raise ModelFolderError(
+                f"keep_largest names {unknown}, which are not labels of this model ({', '.join(ids)})."
+            )
+        self.keep_largest = tuple(ids[n] for n in names)
         # seconds spent in network forward passes so far (the bench's "network time"; CUDA synchronised)
         self.forward_seconds = 0.0
 
@@ -290,6 +317,9 @@ class Predictor:
         with torch.inference_mode():
             for zs, lab in argmax_resample_chunks(scores.scores, scores.index_map, hi - lo + 1):
                 labels[lo[0] : hi[0] + 1, lo[1] : hi[1] + 1, lo[2] + zs.start : lo[2] + zs.stop] = lab.cpu().numpy()
+        if self.keep_largest:
+            box = labels[lo[0] : hi[0] + 1, lo[1] : hi[1] + 1, lo[2] : hi[2] + 1]  # a view: edited in place
+            keep_largest_components(box, self.keep_largest)
         return volume.with_array(labels)
 
     # -- helpers -----------------------------------------------------------------------------

@@ -13,7 +13,7 @@ from torch import nn
 
 from medct.body import body_mask
 from medct.checkpoint import ModelCard, save_model_folder
-from medct.errors import InvalidVolumeError
+from medct.errors import InvalidVolumeError, ModelFolderError
 from medct.geometry import network_grid
 from medct.inference import Predictor
 from medct.io import Volume
@@ -341,3 +341,28 @@ def test_batch_norm_is_folded_without_changing_the_output() -> None:
         torch.testing.assert_close(folded(x), net(x), atol=1e-5, rtol=1e-5)
     plain = TinyNet().eval()
     assert fold_batch_norm(plain) is plain  # nothing to fold
+
+
+def test_keep_largest_component_removes_the_smaller_pieces_of_a_label() -> None:
+    from medct.inference import keep_largest_components
+
+    vol, _ = phantom("lps_oblique_aniso")
+    image = np.array(vol.array)
+    # a second, smaller bright blob far from the bright ellipsoid: a stray piece of class 1
+    image[1:4, 1:4, 1:3] = 600
+    vol = vol.with_array(image)
+    c = card()
+    plain = Predictor(classifier(), c, device="cpu", skip_air=False).predict(vol).array
+    assert plain[1:4, 1:4, 1:3].max() == 1
+    c.inference["keep_largest"] = ["class1"]
+    kept = Predictor(classifier(), c, device="cpu", skip_air=False).predict(vol).array
+    assert kept[1:4, 1:4, 1:3].max() == 0  # the stray piece is background now
+    np.testing.assert_array_equal(kept[plain != 1], plain[plain != 1])  # nothing else changed
+    assert (kept == 1).sum() > 0.9 * (plain == 1).sum()  # the large component stays whole
+    with pytest.raises(ModelFolderError, match="not labels of this model"):
+        Predictor(classifier(), c, device="cpu", keep_largest=["liver"])
+    # 26-connectivity: diagonal neighbours are one component
+    lab = np.zeros((5, 5, 5), np.uint8)
+    lab[0, 0, 0] = lab[1, 1, 1] = lab[4, 4, 4] = 2
+    keep_largest_components(lab, [2])
+    assert lab[0, 0, 0] == lab[1, 1, 1] == 2 and lab[4, 4, 4] == 0

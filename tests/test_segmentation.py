@@ -166,6 +166,7 @@ model:
       init_args: {{filters: [4, 8, 16]}}
     sw_overlap: 0.5
     sw_batch_size: 3
+    keep_largest: [lung_left, lung_right]
 data:
   class_path: medct.data.SegmentationDataModule
   init_args:
@@ -197,6 +198,7 @@ data:
     net, card = load_model_folder(export_lightning_checkpoint(resumed_ckpt, tmp_path / "model"))
     assert card.preprocessing.hu_min == -200.0 and len(card.labels) == 12
     # the recipe's sliding-window settings and the data's modality reach the exported card
-    assert card.inference == {"overlap": 0.5, "sw_batch_size": 3} and card.modality == "CBCT"
+    assert card.inference == {"overlap": 0.5, "sw_batch_size": 3, "keep_largest": ["lung_left", "lung_right"]}
+    assert card.modality == "CBCT"
     assert card.task == "segmentation" and card.extra["global_step"] == 4
     assert net(torch.rand(1, 1, 16, 16, 16)).shape == (1, 12, 16, 16, 16)
