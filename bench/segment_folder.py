@@ -1,21 +1,23 @@
 """Segmenting a folder of real-sized CTs: does reading and writing hide behind the network?
 
-Question: `medct segment -i FOLDER` reads the next case and writes the previous one on two threads
-while the network runs on the current one (a bounded read-ahead / write-behind of one case each).
-How close does that bring the folder's wall time to the time the network itself needs?
+Question: `medct segment -i FOLDER` reads and prepares the next case (resampled onto the network
+grid, body mask) and finishes and writes the previous one (labels back on its own grid) on two
+threads while the network runs on the current one (a bounded read-ahead / write-behind of one case
+each). How close does that bring the folder's wall time to the time the network itself needs?
 
 Input: 8 real-sized cases from ../shared/data/pancreas_ct_cbct (links with distinct names): the
 planning CT (512 x 512 x 134, 1.07 x 1.07 x 3 mm, LPS) four times and the CBCT on its grid four
 times (its circular field of view leaves fewer body tiles, so network times differ per case).
-Model: bench/segment.py's (MONAI UNet 16-256 at 1.5 mm, 96^3 patches, trained on phantoms, cached).
+Model: bench/segment.py's (nnU-Net's PlainConvUNet 16-256 at 3 mm, 80^3 patches, trained on
+phantoms, cached).
 
 Arms, each a fresh process running `medct.runner.segment_paths` (imports included in the wall
 time), interleaved A B A B ...:
-  pipelined:  the default (read-ahead and write-behind threads);
-  sequential: `pipeline=False`, read -> network -> write one case after another.
+  pipelined:  the default (reader and writer threads);
+  sequential: `pipeline=False`, read -> prepare -> network -> finish -> write, one after another.
 Network time is the sum of the network's forward passes (`Predictor.forward_seconds`, the
-`network_seconds` column of summary.csv); the rest of Predictor.predict (resampling both ways, body
-mask, argmax) runs on the main thread in both arms and is reported as "predict".
+`network_seconds` column of summary.csv); "run" is the main thread's `Predictor.run` (forward
+passes + blending the tiles).
 
 Goal (core-seams issue): pipelined folder wall time <= 1.15 x the sum of network time.
 
@@ -45,7 +47,7 @@ t0 = time.perf_counter()
 from medct.runner import segment_paths
 report = segment_paths(sys.argv[1], sys.argv[2], sys.argv[3], device="cpu", overwrite=True, pipeline=sys.argv[4] == "1")
 print(json.dumps({"wall_s": time.perf_counter() - t0, "network_s": report.network_seconds,
-                  "predict_s": report.predict_seconds, "done": len(report.done), "failed": len(report.failed)}))
+                  "run_s": report.run_seconds, "done": len(report.done), "failed": len(report.failed)}))
 """
 
 
@@ -80,7 +82,9 @@ def main() -> int:
     sys.path.insert(0, str(ROOT / "bench"))
     import segment  # bench/segment.py: its cached phantom-trained model
 
-    model, model_info = segment.get_model(argparse.Namespace(model=args.model, train_steps=400, train_cases=6))
+    model, model_info = segment.get_model(
+        argparse.Namespace(model=args.model, train_steps=segment.RECIPE.steps, train_cases=segment.RECIPE.cases)
+    )
     rows: list[dict[str, object]] = []
     with tempfile.TemporaryDirectory(prefix="medct_bench_folder_") as tmp:
         folder = Path(tmp) / "cases"
@@ -95,7 +99,7 @@ def main() -> int:
                 rows.append(res)
                 print(
                     f"{res['arm']:<11} run {r}: wall {res['wall_s']:6.1f} s, network {res['network_s']:6.1f} s, "
-                    f"predict {res['predict_s']:6.1f} s, wall/network {res['wall_s'] / res['network_s']:.3f}",
+                    f"run {res['run_s']:6.1f} s, wall/network {res['wall_s'] / res['network_s']:.3f}",
                     flush=True,
                 )
     summary = {}
@@ -105,14 +109,14 @@ def main() -> int:
         summary[arm] = {
             "wall_s_median": round(statistics.median(float(r["wall_s"]) for r in sel), 2),
             "network_s_median": round(statistics.median(float(r["network_s"]) for r in sel), 2),
-            "predict_s_median": round(statistics.median(float(r["predict_s"]) for r in sel), 2),
+            "run_s_median": round(statistics.median(float(r["run_s"]) for r in sel), 2),
             "wall_over_network_median": round(statistics.median(ratio), 3),
             "wall_over_network_range": [round(min(ratio), 3), round(max(ratio), 3)],
         }
-    print(f"\n{'arm':<11} {'wall s':>8} {'network s':>10} {'predict s':>10} {'wall/network':>13}")
+    print(f"\n{'arm':<11} {'wall s':>8} {'network s':>10} {'run s':>10} {'wall/network':>13}")
     for arm, s in summary.items():
         print(
-            f"{arm:<11} {s['wall_s_median']:>8.1f} {s['network_s_median']:>10.1f} {s['predict_s_median']:>10.1f} "
+            f"{arm:<11} {s['wall_s_median']:>8.1f} {s['network_s_median']:>10.1f} {s['run_s_median']:>10.1f} "
             f"{s['wall_over_network_median']:>13.3f}"
         )
     measured = summary["pipelined"]["wall_over_network_median"]
