@@ -19,14 +19,16 @@ components over 200 mL, split into left and right at the body's centre line.
 Goal (core-seams issue): Dice >= 0.90 for each lung on the real planning CT and above the
 threshold baseline. Stomach and CBCT numbers are reported, not goals.
 
-Usage: python bench/phantom_to_real.py [--quick] [--seeds 0 1 2] [--steps N]
+Usage: python bench/phantom_to_real.py [--quick] [--seeds 0 1 2] [--steps N] [--models DIR ...]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -128,6 +130,13 @@ def main() -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="training seeds (default 0 1 2)")
     parser.add_argument("--steps", type=int, default=None, help="training steps per seed (default 1000, quick 300)")
     parser.add_argument("--cases", type=int, default=16, help="phantom cases per seed")
+    parser.add_argument(
+        "--models",
+        type=Path,
+        nargs="+",
+        default=None,
+        help="evaluate these exported model folders (e.g. ones trained and cached earlier) instead of training",
+    )
     parser.add_argument("--out", type=Path, default=RESULT)
     args = parser.parse_args()
     seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
@@ -155,8 +164,19 @@ def main() -> int:
         }
 
     rows, models = [], []
-    for seed in seeds:
-        folder, info = get_model(seed, steps, args.cases)
+
+    def models_to_score() -> Iterator[tuple[object, Path, dict[str, object]]]:
+        """(seed, folder, training info): the given folders (their bench_info.json) or trained ones."""
+        if not args.models:
+            for seed in seeds:
+                yield (seed, *get_model(seed, steps, args.cases))
+            return
+        for folder in args.models:
+            info_file = folder / "bench_info.json"
+            info = json.loads(info_file.read_text()) if info_file.is_file() else {}
+            yield info.get("seed", info.get("recipe", {}).get("seed")), folder, {**info, "folder": str(folder)}
+
+    for seed, folder, info in models_to_score():
         models.append(info)
         for arm, per_scan in evaluate(folder, scans).items():
             for scan, per in per_scan.items():
@@ -199,7 +219,8 @@ def main() -> int:
         "phantom_to_real",
         {
             "settings": {
-                "seeds": seeds,
+                "seeds": [m.get("seed") for m in models] if args.models else seeds,
+                "given_models": [str(p) for p in args.models] if args.models else None,
                 "steps": steps,
                 "phantoms_per_seed": args.cases,
                 "net": {"name": "unet", **NET_ARGS},

@@ -172,7 +172,37 @@ def discover_cases(input_path: str | os.PathLike[str]) -> list[Case]:
         cases.insert(0, Case(path.name, path, "dicom"))
     if not cases:
         raise InputPathError(f"Folder '{path}' holds no NIfTI, MHA/MHD, NRRD or DICOM scans.")
-    return cases
+    return unique_case_names(cases)
+
+
+def _case_tag(case: Case) -> str:
+    """What tells same-named cases apart: the file suffix ("mha", "nii_gz") or "dicom"."""
+    return "dicom" if case.kind == "dicom" else volume_suffix(case.path).lstrip(".").replace(".", "_")
+
+
+def unique_case_names(cases: list[Case]) -> list[Case]:
+    """Cases whose names (and so output files) would collide -- `x.mha` beside `x.mhd`, a DICOM
+    folder `same/` beside `same.nii.gz` -- are all renamed `<name>_<suffix>` (`x_mha`, `x_mhd`,
+    `same_dicom`, `same_nii_gz`), so that no case's output or summary row is another's; each
+    renaming is printed once."""
+    counts: dict[str, int] = {}
+    for case in cases:
+        counts[case.name] = counts.get(case.name, 0) + 1
+    out, taken = [], {c.name for c in cases if counts[c.name] == 1}
+    for case in cases:
+        if counts[case.name] == 1:
+            out.append(case)
+            continue
+        name = f"{case.name}_{_case_tag(case)}"
+        while name in taken:  # x_mha.nii.gz and x.mha.nii.gz ... keep going until free
+            name += "_"
+        taken.add(name)
+        print(
+            f"medct segment: '{case.path.name}' shares its case name with another input; named '{name}'.",
+            file=sys.stderr,
+        )
+        out.append(Case(name, case.path, case.kind))
+    return out
 
 
 def label_volumes_ml(

@@ -74,6 +74,23 @@ def test_segment_skips_existing_unless_overwrite(
     assert (out / "a.nii.gz").stat().st_mtime_ns != mtime
 
 
+def test_same_named_inputs_get_distinct_cases(
+    model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """x.nii.gz beside x.mha (and x.mhd): each is its own case with its own output and summary row,
+    never "skipped (output exists)" with the other scan's result."""
+    folder = tmp_path / "in"
+    small, large = _ct(), _ct(shape=(44, 40, 24))
+    write_volume(small, folder / "x.nii.gz")
+    write_volume(large, folder / "x.mha")
+    code, err = _run(capsys, "segment", "-m", str(model_dir), "-i", str(folder), "-o", str(tmp_path / "out"))
+    assert code == 0 and "named 'x_mha'" in err and "named 'x_nii_gz'" in err
+    assert read_volume(tmp_path / "out" / "x_nii_gz.nii.gz").shape == small.shape
+    assert read_volume(tmp_path / "out" / "x_mha.mha").shape == large.shape
+    rows = (tmp_path / "out" / "summary.csv").read_text().splitlines()[1:]
+    assert sorted(r.split(",")[:2] for r in rows) == [["x_mha", "done"], ["x_nii_gz", "done"]]
+
+
 def _bad_cases(folder: Path) -> dict[str, str]:
     """Write one file per kind of bad input into `folder`; returns case name -> expected word."""
     folder.mkdir(parents=True, exist_ok=True)
