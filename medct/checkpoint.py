@@ -17,6 +17,7 @@ Training state (optimizer, epochs) stays in Lightning checkpoints; this format i
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -97,7 +98,7 @@ class ModelCard:
             inference = {k: extra[k] for k in ("overlap", "sw_batch_size") if k in extra}
         else:
             inference = dict(d.get("inference", {}))
-        return cls(
+        card = cls(
             net_name=str(d["net"]["name"]),
             net_args=dict(d["net"]["args"]),
             labels={int(k): str(v) for k, v in d.get("labels", {}).items()},
@@ -110,6 +111,37 @@ class ModelCard:
             inference=inference,
             outputs=dict(d.get("outputs", {})),
         )
+        card.validate()
+        return card
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first field that cannot be right (read_model_card turns it
+        into a ModelFolderError sentence): the network's output channels against the labels,
+        spacing, intensity window, patch size and the inference settings."""
+        pre = self.preprocessing
+        if len(pre.spacing) != 3 or not all(s > 0 and math.isfinite(s) for s in pre.spacing):
+            raise ValueError(f"preprocessing.spacing must be three positive numbers (mm), got {list(pre.spacing)}")
+        if not (math.isfinite(pre.hu_min) and math.isfinite(pre.hu_max) and pre.hu_min < pre.hu_max):
+            raise ValueError(f"preprocessing.hu_min must be below hu_max, got {pre.hu_min} and {pre.hu_max}")
+        if len(self.patch_size) != 3 or not all(p > 0 for p in self.patch_size):
+            raise ValueError(f"patch_size must be three positive integers, got {list(self.patch_size)}")
+        if self.labels:
+            if min(self.labels) < 0 or 0 not in self.labels:
+                raise ValueError(f"labels must be indexed from 0 (background), got indices {sorted(self.labels)}")
+            channels = self.net_args.get("out_channels")
+            if channels is not None and int(channels) != max(self.labels) + 1:
+                raise ValueError(f"labels name {max(self.labels) + 1} classes but net.args.out_channels is {channels}")
+        elif self.task in ("segmentation", "classification"):
+            raise ValueError(f"a {self.task} model needs labels; the card has none")
+        overlap = self.inference.get("overlap")
+        if overlap is not None and not 0.0 <= float(overlap) < 1.0:
+            raise ValueError(f"inference.overlap must be in [0, 1), got {overlap}")
+        batch = self.inference.get("sw_batch_size")
+        if batch is not None and int(batch) < 1:
+            raise ValueError(f"inference.sw_batch_size must be at least 1, got {batch}")
+        unknown = [n for n in self.inference.get("keep_largest", []) if n not in self.labels.values()]
+        if unknown:
+            raise ValueError(f"inference.keep_largest names {unknown}, which are not labels of this model")
 
 
 def store_card(checkpoint: dict[str, Any], card: ModelCard, net_prefix: str = "net.") -> None:

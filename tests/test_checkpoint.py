@@ -60,3 +60,27 @@ def test_newer_format_and_other_tasks_are_refused_with_one_sentence(tmp_path: Pa
         medct.load_model(folder, device="cpu")
     with pytest.raises(ModelFolderError, match="segmentation needs a 'segmentation' model"):
         Predictor.from_folder(folder, device="cpu")
+
+
+@pytest.mark.parametrize(
+    "edit, field",
+    [
+        (lambda c: c["labels"].update({"7": "extra"}), "out_channels"),
+        (lambda c: c["preprocessing"].update(spacing=[0.0, 1.5, 1.5]), "preprocessing.spacing"),
+        (lambda c: c["preprocessing"].update(hu_min=100.0, hu_max=100.0), "preprocessing.hu_min"),
+        (lambda c: c.update(patch_size=[0, 16, 16]), "patch_size"),
+        (lambda c: c.update(labels={"1": "a", "2": "b"}), "indexed from 0"),
+        (lambda c: c.update(labels={}), "needs labels"),
+        (lambda c: c.update(inference={"overlap": 1.5}), "inference.overlap"),
+        (lambda c: c.update(inference={"sw_batch_size": 0}), "inference.sw_batch_size"),
+        (lambda c: c.update(inference={"keep_largest": ["liver"]}), "inference.keep_largest"),
+    ],
+)
+def test_invalid_cards_are_refused_at_load_naming_the_field(tmp_path: Path, edit, field: str) -> None:  # type: ignore[no-untyped-def]
+    folder = make_model_folder(tmp_path / "m")
+    raw = _card_json(folder)
+    edit(raw)
+    (folder / CARD_FILE).write_text(json.dumps(raw))
+    with pytest.raises(ModelFolderError, match=field) as info:
+        read_model_card(folder)
+    assert "\n" not in str(info.value)
