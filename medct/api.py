@@ -19,8 +19,8 @@ from typing import Any
 
 import numpy as np
 
-from medct.errors import InvalidVolumeError, ModelFolderError
-from medct.inference import Predictor
+from medct.errors import ConfigError, InvalidVolumeError, ModelFolderError
+from medct.inference import Predictor, check_flag, check_overlap
 from medct.io import Volume, read_volume, write_volume
 
 __all__ = ["Predictor", "Volume", "load_model", "read_volume", "segment", "write_volume"]
@@ -53,15 +53,17 @@ def load_model(model_dir: str | os.PathLike[str], device: str | None = None) -> 
 def _as_volume(data: str | os.PathLike[str] | Volume | np.ndarray, affine: np.ndarray | None) -> Volume:
     if isinstance(data, Volume):
         if affine is not None:
-            raise ValueError("affine is only for numpy input; a Volume carries its own")
+            raise ConfigError("affine is only for array input; a Volume carries its own.")
         return data
     if isinstance(data, (str, os.PathLike)):
         if affine is not None:
-            raise ValueError("affine is only for numpy input; a file carries its own")
+            raise ConfigError("affine is only for array input; a file carries its own.")
         return read_volume(Path(data))
+    if type(data).__module__.startswith("torch") and hasattr(data, "detach"):  # a torch tensor: as numpy
+        data = data.detach().cpu().numpy()  # type: ignore[union-attr]
     if isinstance(data, np.ndarray):
         if data.ndim != 3:
-            raise InvalidVolumeError(f"A numpy input must be a 3D (X, Y, Z) array, got shape {data.shape}.")
+            raise InvalidVolumeError(f"An array input must be 3D (X, Y, Z), got shape {data.shape}.")
         if affine is None:
             warnings.warn(
                 "segment() got a numpy array without an affine: assuming 1 mm isotropic voxels in RAS "
@@ -75,7 +77,7 @@ def _as_volume(data: str | os.PathLike[str] | Volume | np.ndarray, affine: np.nd
             if aff.shape != (4, 4) or not np.all(np.isfinite(aff)) or abs(np.linalg.det(aff[:3, :3])) < 1e-12:
                 raise InvalidVolumeError(f"affine must be a finite, invertible 4x4 matrix, got shape {aff.shape}.")
         return Volume(array=data, affine=aff, meta={"path": "the numpy array"})
-    raise TypeError(f"segment() takes a path, a Volume or a numpy array, not {type(data).__name__}")
+    raise ConfigError(f"segment() takes a path, a Volume, a numpy array or a torch tensor, not {type(data).__name__}.")
 
 
 def segment(
@@ -89,11 +91,14 @@ def segment(
     """Segment one volume; returns a uint8 label map `Volume` on the input's exact grid.
 
     model:   a Predictor (from `load_model`) or an exported model folder.
-    data:    a path, a Volume, or a numpy (X, Y, Z) array of HU (then `affine`: 4x4 voxel -> RAS mm;
-             without it 1 mm RAS is assumed, with a warning).
+    data:    a path, a Volume, or a numpy array / torch tensor (X, Y, Z) of HU (then `affine`: 4x4
+             voxel -> RAS mm; without it 1 mm RAS is assumed, with a warning).
     overlap: sliding-window overlap (None: the model's default); tta: flip test-time augmentation.
     device:  only used when `model` is a folder.
     """
+    tta = check_flag("tta", tta)
+    if overlap is not None:
+        overlap = check_overlap(overlap)
     predictor = model if isinstance(model, Predictor) else Predictor.from_folder(model, device=device)
     if overlap is not None or tta != predictor.tta:
         predictor = predictor.with_options(overlap=overlap, tta=tta)

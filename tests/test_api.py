@@ -68,6 +68,34 @@ def test_segment_rejects_bad_input(model_dir) -> None:
         medct.segment(model, "/nonexistent/scan.nii.gz")
 
 
+def test_segment_accepts_a_torch_tensor_with_its_affine(model_dir) -> None:
+    import torch
+
+    model = medct.load_model(model_dir, device="cpu")
+    vol = scan()
+    out = medct.segment(model, torch.from_numpy(vol.array), affine=vol.affine)
+    np.testing.assert_array_equal(out.array, medct.segment(model, vol).array)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"overlap": "0.5"}, "overlap must be a number"),
+        ({"overlap": 1.5}, "overlap must be in"),
+        ({"overlap": True}, "overlap must be a number"),
+        ({"tta": "no"}, "tta must be True or False"),
+        ({"device": "cuda:99"}, "device 'cuda:99' was asked for"),
+        ({"device": "tpu"}, "device must be cpu, cuda"),
+    ],
+)
+def test_segment_rejects_wrong_option_types_with_one_sentence(model_dir, kwargs, message) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(medct.MedCTError, match=message) as info:
+        medct.segment(str(model_dir), scan(), **kwargs)
+    assert "\n" not in str(info.value)
+    with pytest.raises(medct.MedCTError, match="takes a path, a Volume"):
+        medct.segment(str(model_dir), [[1, 2], [3, 4]], device="cpu")  # type: ignore[arg-type]
+
+
 def test_preview_png(tmp_path) -> None:
     from medct.preview import save_preview
 

@@ -13,7 +13,7 @@ from torch import nn
 
 from medct.body import body_mask
 from medct.checkpoint import ModelCard, save_model_folder
-from medct.errors import InvalidVolumeError, ModelFolderError
+from medct.errors import ConfigError, InvalidVolumeError, ModelFolderError
 from medct.geometry import network_grid
 from medct.inference import Predictor
 from medct.io import Volume
@@ -222,7 +222,7 @@ def test_invalid_inputs_rejected() -> None:
         p.predict(bad)
     with pytest.raises(InvalidVolumeError):
         p.predict(vol.with_array(np.zeros(vol.shape, np.int16)))  # constant
-    with pytest.raises(ValueError):
+    with pytest.raises(ConfigError, match="overlap must be in"):
         Predictor(TinyNet(), card(), overlap=1.0)
 
 
