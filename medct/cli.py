@@ -76,6 +76,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"medct: error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR
+    except OSError as e:  # the system refused (disk full, permissions, ...): no traceback either
+        if debug:
+            raise
+        where = f" ('{e.filename}')" if e.filename else ""
+        print(f"medct: error: {e.strerror or e}{where}.", file=sys.stderr)
+        return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print("medct: interrupted", file=sys.stderr)
         return 130

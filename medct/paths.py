@@ -4,7 +4,8 @@ Every file medct writes (volumes, model folders, encoders, CSV/JSON summaries, P
 datalists) goes through `atomic_file` or `atomic_folder`: the content is written under a hidden
 temporary name in the target's own folder and moved into place with `os.replace`, which is atomic
 on POSIX and Windows within one file system. A crash, a full disk or Ctrl-C leaves either the old
-file or the new one, never a half-written one, and no temporary file behind.
+file or the new one, never a half-written one, and no temporary file behind; what kill -9 leaves
+(`.medct-tmp-<pid>-...`) the next run removes (`remove_stale_temps`).
 
 Importing this module imports nothing heavy (the CLI dispatcher reads the suffixes).
 """
@@ -38,6 +39,58 @@ def volume_stem(path: str | os.PathLike[str]) -> str | None:
     return Path(path).name[: -len(suffix)] if suffix else None
 
 
+# Every temporary name medct writes starts with TEMP_PREFIX and the writing process's id, so that a
+# later run can tell its own stale temporaries (left by kill -9 or a power cut) from live ones.
+TEMP_PREFIX = ".medct-tmp-"
+
+
+def _read_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+# read once: os.umask can only be read by setting it, which must not race the writer threads
+_UMASK = _read_umask()
+
+
+def _temp_prefix(name: str) -> str:
+    return f"{TEMP_PREFIX}{os.getpid()}-{name}."
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def remove_stale_temps(folder: str | os.PathLike[str]) -> list[Path]:
+    """Remove the temporary files/folders in `folder` that medct processes no longer running left
+    behind (kill -9, power cut, full disk); returns what was removed. Live runs' temporaries stay."""
+    removed: list[Path] = []
+    root = Path(folder)
+    if not root.is_dir():
+        return removed
+    for entry in root.iterdir():
+        if not entry.name.startswith(TEMP_PREFIX):
+            continue
+        pid = entry.name[len(TEMP_PREFIX) :].split("-", 1)[0]
+        if not pid.isdigit() or _pid_alive(int(pid)):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+        removed.append(entry)
+    return removed
+
+
 @contextlib.contextmanager
 def atomic_file(path: str | os.PathLike[str], suffix: str | None = None) -> Iterator[Path]:
     """Yield a temporary path next to `path`; on a clean exit it replaces `path`, else it is deleted.
@@ -51,11 +104,12 @@ def atomic_file(path: str | os.PathLike[str], suffix: str | None = None) -> Iter
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     ext = suffix if suffix is not None else "".join(target.suffixes)
-    fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=f".tmp{ext}", dir=target.parent)
+    fd, name = tempfile.mkstemp(prefix=_temp_prefix(target.name), suffix=ext, dir=target.parent)
     os.close(fd)
     tmp = Path(name)
     try:
         yield tmp
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp's 0600 -> what open() would have given the file
         os.replace(tmp, target)
     finally:
         tmp.unlink(missing_ok=True)
@@ -68,9 +122,10 @@ def atomic_folder(path: str | os.PathLike[str]) -> Iterator[Path]:
     must appear together."""
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    stage = Path(tempfile.mkdtemp(prefix=_temp_prefix(target.name), dir=target.parent))
     try:
         yield stage
+        os.chmod(stage, 0o777 & ~_UMASK)  # mkdtemp's 0700 -> what mkdir would have given the folder
         if target.exists():
             shutil.rmtree(target)
         os.replace(stage, target)
@@ -85,7 +140,7 @@ def atomic_files_in(folder: str | os.PathLike[str], final_name: str) -> Iterator
     the writer sees the final names, and a reader never finds a header before its data."""
     dest = Path(folder)
     dest.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=f".tmp-{final_name}-", dir=dest))
+    stage = Path(tempfile.mkdtemp(prefix=_temp_prefix(final_name), dir=dest))
     try:
         yield stage
         for f in sorted(stage.iterdir(), key=lambda f: f.name == final_name):

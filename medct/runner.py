@@ -22,6 +22,7 @@ import csv
 import io as _io
 import os
 import sys
+import tempfile
 import time
 import traceback
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -33,7 +34,7 @@ import numpy as np
 
 from medct.errors import ConfigError, InputPathError, InvalidVolumeError, MedCTError, UnreadableVolumeError
 from medct.io import is_dicom_file
-from medct.paths import volume_suffix, write_text_atomic
+from medct.paths import TEMP_PREFIX, remove_stale_temps, volume_suffix, write_text_atomic
 from medct.volume import Volume
 
 # Files a scan folder commonly holds next to the scans; they are not cases and not errors.
@@ -205,6 +206,23 @@ def unique_case_names(cases: list[Case]) -> list[Case]:
     return out
 
 
+def prepare_output_folder(output_dir: str | os.PathLike[str]) -> Path:
+    """Create the output folder, check that it can be written (before any work) and remove the
+    temporaries that killed runs left in it."""
+    out = Path(output_dir)
+    if out.exists() and not out.is_dir():
+        raise InputPathError(f"Output '{out}' is a file; -o needs a folder (it is created if missing).")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(prefix=f"{TEMP_PREFIX}{os.getpid()}-probe.", dir=out):
+            pass
+    except OSError as e:
+        raise InputPathError(f"Output folder '{out}' cannot be written ({e.strerror or e}).") from None
+    for stale in remove_stale_temps(out):
+        print(f"medct segment: removed '{stale.name}', left in {out} by a run that was killed.", file=sys.stderr)
+    return out
+
+
 def label_volumes_ml(
     labels: np.ndarray, spacing: tuple[float, float, float], names: dict[int, str]
 ) -> dict[str, float]:
@@ -226,7 +244,12 @@ def _write_summary(rows: list[dict[str, object]], label_names: list[str], path: 
     writer.writeheader()
     for row in rows:
         writer.writerow(row)
-    write_text_atomic(path, buf.getvalue())
+    try:
+        write_text_atomic(path, buf.getvalue())
+    except OSError as e:
+        raise InputPathError(
+            f"Could not write {path} ({e.strerror or e}); the label maps before it are complete."
+        ) from None
 
 
 def segment_paths(
@@ -260,8 +283,7 @@ def segment_paths(
     predictor = Predictor.from_folder(model_dir, device=device, overlap=overlap, sw_batch_size=sw_batch_size, tta=tta)
     card = predictor.card
     names = {i: n for i, n in card.labels.items() if i != 0}
-    out_dir = Path(output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = prepare_output_folder(output_dir)
 
     report = RunReport()
     rows: list[dict[str, object]] = []

@@ -394,3 +394,35 @@ def test_pipelined_folder_run_equals_sequential_and_isolates_write_failures(
     )
     summary = (tmp_path / "out_flaky" / "summary.csv").read_text()
     assert "more0,failed" in summary and "more1,done" in summary
+
+
+def test_output_problems_are_found_before_any_work(
+    model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """-o naming a file fails at once; temporaries of a killed run are removed by the next run; a
+    full disk while writing summary.csv is one sentence, not a traceback."""
+    import subprocess
+
+    import medct.runner as runner
+    from medct.paths import TEMP_PREFIX
+
+    src = write_volume(_ct(), tmp_path / "in" / "a.nii.gz")
+    (tmp_path / "afile").write_text("x")
+    code, err = _run(capsys, "segment", "-m", str(model_dir), "-i", str(src), "-o", str(tmp_path / "afile"))
+    assert code == 1 and "is a file; -o needs a folder" in _one_error_line(err)
+
+    out = tmp_path / "out"
+    out.mkdir()
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    (out / f"{TEMP_PREFIX}{dead.pid}-a.nii.gz.zz9.nii.gz").write_bytes(b"half a file")
+    code, err = _run(capsys, "segment", "-m", str(model_dir), "-i", str(src), "-o", str(out))
+    assert code == 0 and "left in" in err
+    assert sorted(p.name for p in out.iterdir()) == ["a.nii.gz", "summary.csv"]
+
+    def full(path, text):  # type: ignore[no-untyped-def]
+        raise OSError(28, "No space left on device", str(path))
+
+    monkeypatch.setattr(runner, "write_text_atomic", full)
+    code, err = _run(capsys, "segment", "-m", str(model_dir), "-i", str(src), "-o", str(out), "--overwrite")
+    assert code == 1 and "No space left on device" in _one_error_line(err)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import os
 import shutil
 from pathlib import Path
 
@@ -254,3 +255,28 @@ def test_copy_of_shared_file_reads_identically(shared_data: Path, tmp_path: Path
     a, b = read_volume(src), read_volume(dst)
     np.testing.assert_array_equal(a.array, b.array)
     np.testing.assert_array_equal(a.affine, b.affine)
+
+
+def test_stale_temporaries_of_dead_runs_are_removed_and_live_ones_kept(tmp_path: Path) -> None:
+    import subprocess
+
+    from medct.paths import TEMP_PREFIX, atomic_file, remove_stale_temps
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()  # a process id that has ended
+    stale_file = tmp_path / f"{TEMP_PREFIX}{dead.pid}-summary.csv.abc123"
+    stale_file.write_text("")
+    stale_dir = tmp_path / f"{TEMP_PREFIX}{dead.pid}-model.xyz"
+    (stale_dir / "sub").mkdir(parents=True)
+    live = tmp_path / f"{TEMP_PREFIX}{os.getpid()}-case.nii.gz.q1w2e3.nii.gz"
+    live.write_text("")
+    mine = tmp_path / ".hidden_user_file"
+    mine.write_text("")
+    assert sorted(p.name for p in remove_stale_temps(tmp_path)) == sorted([stale_file.name, stale_dir.name])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, mine.name])
+    # finished atomic writes have the permissions a plain open() would give, not mkstemp's 0600
+    with atomic_file(tmp_path / "summary.csv") as tmp:
+        tmp.write_text("a,b\n")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (tmp_path / "summary.csv").stat().st_mode & 0o777 == 0o666 & ~umask
