@@ -31,6 +31,10 @@ class BodyMask:
     mask: np.ndarray  # (x, y, z) bool on the coarse grid
     stride: np.ndarray  # (3,) grid voxels per coarse voxel
 
+    @property
+    def empty(self) -> bool:
+        return not bool(self.mask.any())
+
     def touches(self, lo: np.ndarray, hi: np.ndarray) -> bool:
         """Whether the inclusive index box lo..hi of the grid contains any body voxel."""
         c_lo = np.maximum(np.asarray(lo) // self.stride, 0)
@@ -40,9 +44,9 @@ class BodyMask:
         return bool(self.mask[c_lo[0] : c_hi[0] + 1, c_lo[1] : c_hi[1] + 1, c_lo[2] : c_hi[2] + 1].any())
 
 
-def body_mask(image: np.ndarray, spacing: Sequence[float], threshold: float) -> BodyMask | None:
+def body_mask(image: np.ndarray, spacing: Sequence[float], threshold: float) -> BodyMask:
     """Where the patient's body is in a RAS-ordered image (axis 2 is the head-foot axis), on a ~3 mm
-    coarse grid; None when no voxel is above `threshold` (nothing to tell body from air).
+    coarse grid; empty (`.empty`) when no voxel is above `threshold` (an all-air volume).
 
     Voxels above `threshold`; a grey opening with a box of ~BODY_OPEN_MM radius (cuts off the
     couch plate and rails, which are thinner than the body); its pieces of >= BODY_MIN_ML (the
@@ -59,7 +63,7 @@ def body_mask(image: np.ndarray, spacing: Sequence[float], threshold: float) -> 
     stride = np.maximum(1, np.round(BODY_COARSE_MM / sp)).astype(int)
     coarse = np.asarray(image[:: stride[0], :: stride[1], :: stride[2]]) > threshold  # (x, y, z)
     if not coarse.any():
-        return None
+        return BodyMask(coarse, stride)
     size = 2 * np.ceil(BODY_OPEN_MM / (sp * stride)).astype(int) + 1
     # minimum then maximum filter = binary opening with a box; separable in scipy, so fast.
     opened = ndimage.maximum_filter(ndimage.minimum_filter(coarse.view(np.uint8), size=size), size=size) > 0

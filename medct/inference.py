@@ -36,6 +36,7 @@ import copy
 import itertools
 import os
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -43,7 +44,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from medct.body import BodyMask, body_mask, body_threshold
+from medct.body import BODY_HU, BodyMask, body_mask, body_threshold
 from medct.checkpoint import ModelCard, load_model_folder, read_model_card
 from medct.errors import ConfigError, InvalidVolumeError, ModelFolderError
 from medct.geometry import (
@@ -162,12 +163,14 @@ def keep_largest_components(labels: np.ndarray, label_ids: Sequence[int]) -> Non
 @dataclass(frozen=True)
 class Prepared:
     """`Predictor.prepare`'s result: the input, its network grid, the network input
-    (1, 1, D, H, W) float32 in [0, 1], and the body mask on that grid (None: run every tile)."""
+    (1, 1, D, H, W) float32 in [0, 1], the body mask on that grid (None: run every tile; empty:
+    an all-air input, run none) and notes for the user."""
 
     volume: Volume
     grid: Grid
     x: torch.Tensor
     body: BodyMask | None
+    notes: tuple[str, ...] = ()  # what a user should know about this case (summary.csv "note")
 
 
 @dataclass(frozen=True)
@@ -182,6 +185,7 @@ class Scores:
     index_map: np.ndarray
     lo: np.ndarray
     hi: np.ndarray
+    notes: tuple[str, ...] = ()
 
 
 # ----------------------------------------------------------------------------- predictor
@@ -290,14 +294,22 @@ class Predictor:
     # -- public ------------------------------------------------------------------------------
 
     def predict(self, volume: Volume) -> Volume:
-        """uint8 label map on the input's exact grid (same shape and affine, meta copied)."""
-        return self.finish(self.run(self.prepare(volume)))
+        """uint8 label map on the input's exact grid (same shape and affine, meta copied); what a
+        user should know about the case (e.g. an all-air input) comes as a UserWarning."""
+        scores = self.run(self.prepare(volume))
+        for note in scores.notes:
+            warnings.warn(f"{volume.meta.get('path', 'the volume')}: {note}", UserWarning, stacklevel=2)
+        return self.finish(scores)
 
     def predict_proba(self, volume: Volume) -> Volume:
         """(X, Y, Z, C) float32 class probabilities on the input's exact grid (every tile is run).
         Memory: C x 4 bytes per input voxel; use `predict` for label maps."""
-        scores = self.run(self.prepare(volume, skip_air=False))
+        prepared = self.prepare(volume, skip_air=False)
         proba = np.zeros((*volume.shape, self.num_classes), dtype=np.float32)
+        if prepared.body is not None and prepared.body.empty:  # all air: certainly background
+            proba[..., 0] = 1.0
+            return volume.with_array(proba)
+        scores = self.run(prepared)
         lo, hi = scores.lo, scores.hi
         with torch.inference_mode():
             for zs, chunk in resample_chunks(scores.scores, scores.index_map, hi - lo + 1):
@@ -316,17 +328,29 @@ class Predictor:
         grid = network_grid(volume.affine, volume.shape, pre.spacing)
         with torch.inference_mode():
             x = self._network_input(volume, grid)  # (1, 1, D, H, W)
-        body = None
-        if (self.skip_air if skip_air is None else skip_air) and pre.modality.upper() in ("CT", "CBCT"):
+        body, notes = None, ()
+        if pre.modality.upper() in ("CT", "CBCT"):
             threshold = body_threshold(pre.hu_min, pre.hu_max)  # BODY_HU on the network's [0, 1] scale
             body = body_mask(x[0, 0].cpu().numpy(), pre.spacing, threshold)
-        if any(g < p for g, p in zip(grid.shape, self.card.patch_size, strict=True)):
+            if body.empty:  # nothing but air: no organ can be there, whatever a network would say
+                notes = (f"no body found (no voxel above {BODY_HU:g} HU): empty label map",)
+            elif not (self.skip_air if skip_air is None else skip_air):
+                body = None
+        if (
+            body is not None
+            and not body.empty
+            and any(g < p for g, p in zip(grid.shape, self.card.patch_size, strict=True))
+        ):
             body = None  # MONAI pads volumes smaller than a patch into one tile: always run it
-        return Prepared(volume, grid, x, body)
+        return Prepared(volume, grid, x, body, notes)
 
     def run(self, prepared: Prepared) -> Scores:
         """The network over the tiles that touch the body: class scores on the network grid."""
         volume, grid, body = prepared.volume, prepared.grid, prepared.body
+        if body is not None and body.empty:  # all air: background everywhere, no tile runs
+            zeros = torch.zeros((self.num_classes, 1, 1, 1))
+            zeros[0] = 1.0
+            return Scores(volume, zeros, np.eye(4), np.zeros(3, int), np.zeros(3, int), prepared.notes)
         grid_to_in = np.linalg.inv(volume.affine) @ grid.affine  # network index -> input index
         ran: list[tuple[np.ndarray, np.ndarray]] = []  # network-index boxes of the tiles that ran
 
@@ -345,7 +369,7 @@ class Predictor:
             lo, hi = np.zeros(3, int), np.zeros(3, int)
         shift = np.eye(4)
         shift[:3, 3] = lo
-        return Scores(volume, scores, np.linalg.inv(grid_to_in) @ shift, lo, hi)
+        return Scores(volume, scores, np.linalg.inv(grid_to_in) @ shift, lo, hi, prepared.notes)
 
     def finish(self, scores: Scores) -> Volume:
         """Class scores -> uint8 label map on the input's exact grid (trilinear scores, argmax)."""

@@ -236,7 +236,7 @@ def label_volumes_ml(
 
 
 def _write_summary(rows: list[dict[str, object]], label_names: list[str], path: Path) -> None:
-    columns = ["case", "status", "input", "output", "seconds", "network_seconds", "error"] + [
+    columns = ["case", "status", "input", "output", "seconds", "network_seconds", "error", "note"] + [
         f"{n}_ml" for n in label_names
     ]
     buf = _io.StringIO()
@@ -302,6 +302,8 @@ def segment_paths(
         (runs on the writer thread)."""
         image = scores.volume
         labels = predictor.finish(scores)
+        if scores.notes:
+            job.row["note"] = "; ".join(scores.notes)
         _write_output(labels, image, card.labels, job.out_path, output_format)
         if preview:
             from medct.preview import save_preview

@@ -149,7 +149,7 @@ def test_body_mask_drops_the_couch_and_keeps_the_lungs() -> None:
     assert body.touches(np.array([70, 13, 0]), np.array([70, 13, 0]))  # body edge
     assert not body.touches(np.array([0, 58, 0]), np.array([15, 79, 29]))  # the plate, far from the body
     assert not body.touches(np.array([0, 0, 0]), np.array([5, 5, 5]))  # air
-    assert body_mask(np.full(shape, -1000), (2.0, 2.0, 2.0), threshold=-500) is None
+    assert body_mask(np.full(shape, -1000), (2.0, 2.0, 2.0), threshold=-500).empty
 
 
 def test_network_input_matches_monai_infer_transforms() -> None:
@@ -366,3 +366,21 @@ def test_keep_largest_component_removes_the_smaller_pieces_of_a_label() -> None:
     lab[0, 0, 0] = lab[1, 1, 1] = lab[4, 4, 4] = 2
     keep_largest_components(lab, [2])
     assert lab[0, 0, 0] == lab[1, 1, 1] == 2 and lab[4, 4, 4] == 0
+
+
+def test_all_air_volume_gives_an_empty_label_map_and_says_so() -> None:
+    """A volume with no body (all air) gets no organ labels, whatever the network would answer,
+    also when it is smaller than a patch; predict says why."""
+    always_one = IntensityClassifier([[2.0], [0.0]])  # labels everything at [0, 1] class 1
+    for shape in ((40, 40, 30), (8, 8, 6)):  # larger and smaller than the patch
+        vol = Volume(np.full(shape, -1000, np.int16), np.diag([2.0, 2.0, 3.0, 1.0]))
+        vol.array[0, 0, 0] = -990  # not constant (that is refused)
+        p = Predictor(always_one, card(num_classes=2), device="cpu")
+        with pytest.warns(UserWarning, match="no body found"):
+            out = p.predict(vol)
+        assert out.shape == vol.shape and not out.array.any()
+        proba = p.predict_proba(vol).array
+        assert np.all(proba[..., 0] == 1.0) and np.all(proba[..., 1] == 0.0)
+    body = Volume(np.full((40, 40, 30), -1000, np.int16), np.diag([2.0, 2.0, 3.0, 1.0]))
+    body.array[10:30, 10:30, 5:25] = 40
+    assert Predictor(always_one, card(num_classes=2), device="cpu").predict(body).array.any()  # control
