@@ -56,7 +56,7 @@ from medct.geometry import (
     resample_chunks,
     resample_separable,
 )
-from medct.io import validate_for_inference
+from medct.io import check_hu, validate_for_inference
 from medct.sliding_window import sliding_window
 from medct.volume import Volume
 
@@ -391,6 +391,8 @@ class Predictor:
                 f"{volume.meta.get('path', 'The volume')} has shape {volume.array.shape}; a 3D (X, Y, Z) volume is needed."
             )
         validate_for_inference(volume)
+        if self.card.preprocessing.modality.upper() == "CT":  # CBCT is not HU-calibrated; MR has no HU
+            check_hu(volume)
 
     def _network_input(self, volume: Volume, grid: Grid) -> torch.Tensor:
         """(1, 1, D, H, W) float32 in [0, 1]: the input resampled onto `grid`, HU clipped and scaled."""

@@ -237,6 +237,24 @@ def validate_for_inference(vol: Volume) -> None:
         raise InvalidVolumeError(f"{where} is constant (every voxel is {lo}); it holds no image to process.")
 
 
+def check_hu(vol: Volume) -> None:
+    """Raise InvalidVolumeError when `vol`, given to a CT model, cannot be CT in Hounsfield units.
+
+    Every CT in HU has voxels below 0 HU (air -1000, lung -800, fat -100). Nothing below 0 is what
+    a CT stored without its rescale (0..4095 with air near 0-24, RescaleIntercept -1024 lost or
+    absent), an MR image or a [0, 1]-normalised array look like; segmenting them as HU would give
+    confident nonsense, so they are refused rather than guessed at.
+    """
+    lo, hi = float(vol.array.min()), float(vol.array.max())
+    if lo >= 0.0:
+        where = vol.meta.get("path", "the volume")
+        raise InvalidVolumeError(
+            f"{where} has values {lo:g}..{hi:g} and none below 0, so it is not CT in HU (air is -1000 HU): "
+            "a CT stored without RescaleSlope/Intercept (HU = stored - 1024 for most scanners), or not a CT; "
+            "convert it to HU first."
+        )
+
+
 def check_same_grid(a: Volume, b: Volume, what: str) -> None:
     """Raise GeometryMismatchError unless `a` and `b` share shape and affine (corners within 1e-4 mm).
 

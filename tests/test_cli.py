@@ -426,3 +426,15 @@ def test_output_problems_are_found_before_any_work(
     monkeypatch.setattr(runner, "write_text_atomic", full)
     code, err = _run(capsys, "segment", "-m", str(model_dir), "-i", str(src), "-o", str(out), "--overwrite")
     assert code == 1 and "No space left on device" in _one_error_line(err)
+
+
+def test_ct_not_in_hu_is_refused(model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A CT stored without its rescale (0..4095, air near 0) or an MR-like image given to a CT
+    model is refused with one sentence, not segmented as if it were HU."""
+    raw = _ct().array + 1024.0  # what the scanner stored; RescaleIntercept -1024 lost
+    src = write_volume(_ct().with_array(np.clip(raw, 0, 4095).astype(np.uint16)), tmp_path / "in" / "raw.nii.gz")
+    good = write_volume(_ct(), tmp_path / "in" / "hu.nii.gz")
+    code, err = _run(capsys, "segment", "-m", str(model_dir), "-i", str(src.parent), "-o", str(tmp_path / "out"))
+    assert code == 1 and "not CT in HU" in next(line for line in err.splitlines() if "failed raw" in line)
+    assert (tmp_path / "out" / "hu.nii.gz").is_file() and not (tmp_path / "out" / "raw.nii.gz").exists()
+    assert good.is_file()
