@@ -328,12 +328,12 @@ class Predictor:
         grid = network_grid(volume.affine, volume.shape, pre.spacing)
         with torch.inference_mode():
             x = self._network_input(volume, grid)  # (1, 1, D, H, W)
-        body, notes = None, ()
+        body, notes = None, tuple(str(n) for n in volume.meta.get("notes", ()))  # e.g. the reader's
         if pre.modality.upper() in ("CT", "CBCT"):
             threshold = body_threshold(pre.hu_min, pre.hu_max)  # BODY_HU on the network's [0, 1] scale
             body = body_mask(x[0, 0].cpu().numpy(), pre.spacing, threshold)
             if body.empty:  # nothing but air: no organ can be there, whatever a network would say
-                notes = (f"no body found (no voxel above {BODY_HU:g} HU): empty label map",)
+                notes += (f"no body found (no voxel above {BODY_HU:g} HU): empty label map",)
             elif not (self.skip_air if skip_air is None else skip_air):
                 body = None
         if (

@@ -22,6 +22,7 @@ import re
 import zlib
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -112,14 +113,59 @@ def _read_nifti(path: Path) -> Volume:
             f"{path} is not a readable NIfTI image (truncated or corrupt file: {_one_line(e)})."
         ) from e
     header = img.header
+    affine, notes = _nifti_affine(img, path, shape)
     meta = {
         "path": str(path),
         "format": "nifti",
         "dtype": str(array.dtype),
         "qform_code": int(header["qform_code"]),
         "sform_code": int(header["sform_code"]),
+        "notes": notes,
     }
-    return Volume(array=array, affine=np.asarray(img.affine, dtype=np.float64), meta=meta)
+    return Volume(array=array, affine=affine, meta=meta)
+
+
+QFORM_SFORM_TOLERANCE_MM = 0.1  # float32 quaternions of one affine agree far closer than this
+
+
+def _nifti_affine(img: Any, path: Path, shape: tuple[int, int, int]) -> tuple[np.ndarray, list[str]]:
+    """The voxel -> RAS affine of a NIfTI image, the way nibabel and ITK choose it (sform when its
+    code is set, else qform, else pixdim only), refused when degenerate (a zero or non-finite
+    column: a zero pixdim, a zero sform column), with a note when qform and sform disagree."""
+    header = img.header
+    q_code, s_code = int(header["qform_code"]), int(header["sform_code"])
+    source = "sform" if s_code > 0 else "qform" if q_code > 0 else "pixdim"
+    if source != "sform":  # the qform and the pixdim-only affine scale by pixdim[1:4]
+        import nibabel as nib
+
+        # nibabel silently loads a zero pixdim as 1 mm: read the header as it is in the file
+        with nib.openers.ImageOpener(path) as f:
+            raw = type(header).from_fileobj(f, check=False)
+        pixdim = np.asarray(raw["pixdim"][1:4], dtype=np.float64)
+        if not np.all(np.isfinite(pixdim)) or np.any(pixdim <= 0):
+            raise InvalidVolumeError(
+                f"{path} has voxel sizes pixdim {pixdim.tolist()} in its NIfTI header (the {source} uses them); "
+                "a voxel size must be positive, fix the header."
+            )
+    affine = np.asarray(img.affine, dtype=np.float64)
+    columns = np.linalg.norm(affine[:3, :3], axis=0)
+    if not np.all(np.isfinite(affine)) or np.any(columns < 1e-6) or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
+        raise InvalidVolumeError(
+            f"{path} has a degenerate {source} in its NIfTI header (voxel axis lengths {np.round(columns, 6).tolist()} mm); "
+            "it does not say where the voxels are, fix the header."
+        )
+    notes: list[str] = []
+    if q_code > 0 and s_code > 0:
+        qform = np.asarray(header.get_qform(), dtype=np.float64)
+        corners = np.array(np.meshgrid(*[[0, n - 1] for n in shape], indexing="ij")).reshape(3, -1)
+        corners = np.vstack([corners, np.ones((1, corners.shape[1]))])  # (4, 8)
+        apart = float(np.abs((qform - affine) @ corners).max())
+        if not np.isfinite(apart) or apart > QFORM_SFORM_TOLERANCE_MM:
+            notes.append(
+                f"qform and sform of the NIfTI header disagree (corners up to {apart:.3g} mm apart); "
+                "used the sform (as nibabel does)"
+            )
+    return affine, notes
 
 
 def _read_itk(path: Path, fmt: str) -> Volume:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import os
 import shutil
+import struct
 from pathlib import Path
 
 import nibabel as nib
@@ -280,3 +281,37 @@ def test_stale_temporaries_of_dead_runs_are_removed_and_live_ones_kept(tmp_path:
     umask = os.umask(0)
     os.umask(umask)
     assert (tmp_path / "summary.csv").stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+def test_nifti_headers_that_do_not_place_the_voxels_are_refused_or_noted(tmp_path: Path) -> None:
+    """Zero pixdim under a qform, a zero sform column: one sentence; qform and sform that disagree:
+    the sform is used and a note says so."""
+    data = np.random.default_rng(0).normal(0, 100, (8, 7, 6)).astype(np.float32)
+    aff = np.diag([0.8, 0.9, 2.5, 1.0])
+    img = nib.Nifti1Image(data, aff)
+    img.set_sform(None, code=0)
+    img.set_qform(aff, code=1)
+    nib.save(img, tmp_path / "zero_pixdim.nii")
+    raw = bytearray((tmp_path / "zero_pixdim.nii").read_bytes())
+    raw[76 + 3 * 4 : 76 + 4 * 4] = struct.pack("<f", 0.0)  # pixdim[3] (nibabel's save would recompute it)
+    (tmp_path / "zero_pixdim.nii").write_bytes(bytes(raw))
+    message = _raises_one_line(InvalidVolumeError, read_volume, tmp_path / "zero_pixdim.nii")
+    assert "voxel size must be positive" in message
+
+    bad = aff.copy()
+    bad[:3, 2] = 0.0
+    img = nib.Nifti1Image(data, aff)
+    img.set_sform(bad, code=1)
+    nib.save(img, tmp_path / "zero_column.nii.gz")
+    assert "degenerate sform" in _raises_one_line(InvalidVolumeError, read_volume, tmp_path / "zero_column.nii.gz")
+
+    shifted = aff.copy()
+    shifted[:3, 3] += (5.0, 0.0, 0.0)
+    img = nib.Nifti1Image(data, aff)
+    img.set_qform(aff, code=1)
+    img.set_sform(shifted, code=1)
+    nib.save(img, tmp_path / "disagree.nii.gz")
+    vol = read_volume(tmp_path / "disagree.nii.gz")
+    np.testing.assert_allclose(vol.affine, shifted, atol=1e-5)
+    assert "disagree" in vol.meta["notes"][0] and "used the sform" in vol.meta["notes"][0]
+    assert read_volume(write_volume(vol, tmp_path / "agree.nii.gz")).meta["notes"] == []  # written consistently
