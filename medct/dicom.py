@@ -43,6 +43,17 @@ NON_IMAGE_MODALITIES = frozenset({"RTSTRUCT", "RTPLAN", "RTRECORD", "SEG", "SR",
 # Header tags needed to group files into series (reading only these keeps discovery fast and
 # never touches broken private tags such as POPI's (01F1,1026)).
 _SCAN_TAGS = ["SeriesInstanceUID", "SeriesDescription", "Modality", "Rows", "Columns", "NumberOfFrames"]
+# What identifies a series whose SeriesInstanceUID was removed (common after de-identification).
+_IDENTITY_TAGS = [
+    "StudyInstanceUID",
+    "FrameOfReferenceUID",
+    "SeriesNumber",
+    "AcquisitionNumber",
+    "ImageOrientationPatient",
+    "PixelSpacing",
+    "SliceThickness",
+]
+NO_UID_PREFIX = "no-uid-"  # series key of a series without SeriesInstanceUID
 # Slice spacing tolerances: a gap above MISSING_FACTOR x median step means missing slices; any
 # other deviation above max(UNEVEN_ABS_MM, UNEVEN_REL x median) is an uneven (unusable) spacing.
 MISSING_FACTOR = 1.5
@@ -70,16 +81,28 @@ def _scan(folder: Path, recursive: bool) -> dict[str, _SeriesInfo]:
         if not f.is_file():
             continue
         try:
-            ds = pydicom.dcmread(f, stop_before_pixels=True, specific_tags=_SCAN_TAGS)
+            ds = pydicom.dcmread(f, stop_before_pixels=True, specific_tags=_SCAN_TAGS + _IDENTITY_TAGS)
         except (InvalidDicomError, OSError, EOFError, ValueError, TypeError, AttributeError, KeyError):
             continue  # not DICOM (or unreadably broken): silently skipped, as the docstring says
-        uid = str(ds.get("SeriesInstanceUID", "") or "")
         modality = str(ds.get("Modality", "") or "")
-        if not uid or modality in NON_IMAGE_MODALITIES or "Rows" not in ds:
+        if modality in NON_IMAGE_MODALITIES or "Rows" not in ds:
             continue
+        uid = str(ds.get("SeriesInstanceUID", "") or "") or _identity_key(ds)
         info = series.setdefault(uid, _SeriesInfo([], str(ds.get("SeriesDescription", "") or ""), modality))
         info.files.append(f)
     return series
+
+
+def _identity_key(ds: object) -> str:
+    """A series key for slices without SeriesInstanceUID: what they share (study, frame of
+    reference, series/acquisition number, orientation, pixel size, rows x columns, modality)."""
+    import hashlib
+
+    parts = [str(ds.get(t, "") or "") for t in (*_IDENTITY_TAGS, "Rows", "Columns", "Modality")]  # type: ignore[attr-defined]
+    iop = ds.get("ImageOrientationPatient")  # type: ignore[attr-defined]
+    if iop is not None and len(iop) == 6:  # rounded: float noise must not split a series
+        parts[_IDENTITY_TAGS.index("ImageOrientationPatient")] = ",".join(f"{float(v):.4f}" for v in iop)
+    return NO_UID_PREFIX + hashlib.sha1("|".join(parts).encode()).hexdigest()[:10]
 
 
 def find_dicom_series(folder: str | os.PathLike[str], recursive: bool = True) -> dict[str, list[Path]]:
@@ -128,14 +151,14 @@ def read_dicom_series(folder_or_file: str | os.PathLike[str], series_uid: str | 
         raise InputPathError(f"{p} does not exist.")
     if p.is_file():
         try:
-            head = pydicom.dcmread(p, stop_before_pixels=True, specific_tags=["SeriesInstanceUID", "Modality"])
+            head = pydicom.dcmread(p, stop_before_pixels=True, specific_tags=_SCAN_TAGS + _IDENTITY_TAGS)
         except (InvalidDicomError, OSError, EOFError, ValueError) as e:
             raise UnreadableVolumeError(f"{p} is not a readable DICOM file ({' '.join(str(e).split())}).") from e
         if str(head.get("Modality", "")) in NON_IMAGE_MODALITIES:
             raise UnreadableVolumeError(
                 f"{p} is a DICOM {head.Modality} object, not an image slice (read an RTSTRUCT with read_rtstruct)."
             )
-        series_uid = series_uid or str(head.get("SeriesInstanceUID", "") or "")
+        series_uid = series_uid or str(head.get("SeriesInstanceUID", "") or "") or _identity_key(head)
         folder, series = p.parent, _scan(p.parent, recursive=False)
     else:
         folder, series = p, _scan(p, recursive=True)
@@ -144,7 +167,8 @@ def read_dicom_series(folder_or_file: str | os.PathLike[str], series_uid: str | 
     if series_uid is None:
         if len(series) > 1:
             raise DicomSeriesError(
-                f"{folder} holds {len(series)} DICOM series, pass the one to read as series_uid: {_describe(series)}."
+                f"{folder} holds {len(series)} DICOM series; choose one with --series-uid UID (medct segment) "
+                f"or series_uid= (Python): {_describe(series)}."
             )
         series_uid = next(iter(series))
     if series_uid not in series:

@@ -176,6 +176,34 @@ def test_two_series_need_a_uid(subset20: Path, shared_data: Path, tmp_path: Path
     assert read_volume(both / "00-slice000.dcm").shape == (512, 512, 10)
 
 
+def test_series_without_series_uid_are_grouped_by_what_identifies_them(
+    subset20: Path, shared_data: Path, tmp_path: Path
+) -> None:
+    """De-identified slices without SeriesInstanceUID: one series per frame of reference,
+    orientation, size, ...; read exactly as with their UIDs; two of them need --series-uid."""
+    both = tmp_path / "both"
+    both.mkdir()
+    for src in (subset20, shared_data / "popi_phase00_10slices_dicom"):
+        for f in sorted(src.glob("*.dcm")):
+            ds = pydicom.dcmread(f)
+            del ds.SeriesInstanceUID
+            ds.save_as(both / f"{src.name}_{f.name}")
+    series = find_dicom_series(both)
+    assert sorted(len(v) for v in series.values()) == [10, 20]
+    assert all(uid.startswith("no-uid-") for uid in series)
+    msg = _raises_one_line(DicomSeriesError, read_volume, both)
+    assert "--series-uid" in msg and all(uid in msg for uid in series)
+    uid20 = next(uid for uid, files in series.items() if len(files) == 20)
+    np.testing.assert_array_equal(read_volume(both, series_uid=uid20).array, read_volume(subset20).array)
+    one = tmp_path / "one"
+    one.mkdir()
+    for f in series[uid20]:
+        shutil.copy(f, one / f.name)
+    vol = read_volume(one)
+    np.testing.assert_allclose(vol.affine, read_volume(subset20).affine, atol=1e-6)
+    assert read_volume(one / sorted(p.name for p in one.iterdir())[0]).shape == vol.shape  # a file: its series
+
+
 def test_no_dicom_and_missing(tmp_path: Path) -> None:
     (tmp_path / "a.txt").write_text("x")
     _raises_one_line(InputPathError, read_dicom_series, tmp_path)
