@@ -26,6 +26,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -72,7 +73,6 @@ class _SeriesInfo:
 
 def _scan(folder: Path, recursive: bool) -> dict[str, _SeriesInfo]:
     """Series UID -> files of image series under `folder`, reading headers only."""
-    import pydicom
     from pydicom.errors import InvalidDicomError
 
     series: dict[str, _SeriesInfo] = {}
@@ -81,7 +81,7 @@ def _scan(folder: Path, recursive: bool) -> dict[str, _SeriesInfo]:
         if not f.is_file():
             continue
         try:
-            ds = pydicom.dcmread(f, stop_before_pixels=True, specific_tags=_SCAN_TAGS + _IDENTITY_TAGS)
+            ds = dcmread(f, stop_before_pixels=True, specific_tags=_SCAN_TAGS + _IDENTITY_TAGS)
         except (InvalidDicomError, OSError, EOFError, ValueError, TypeError, AttributeError, KeyError):
             continue  # not DICOM (or unreadably broken): silently skipped, as the docstring says
         modality = str(ds.get("Modality", "") or "")
@@ -91,6 +91,29 @@ def _scan(folder: Path, recursive: bool) -> dict[str, _SeriesInfo]:
         info = series.setdefault(uid, _SeriesInfo([], str(ds.get("SeriesDescription", "") or ""), modality))
         info.files.append(f)
     return series
+
+
+def dcmread(path: Path, stop_before_pixels: bool = False, specific_tags: list[str] | None = None) -> Any:
+    """pydicom.dcmread, also of data sets stored without the preamble (`force` only for files that
+    start like a DICOM data set, so that random files are still refused)."""
+    import pydicom
+
+    from medct.io import is_raw_dicom
+
+    raw = is_raw_dicom(path)
+    ds = pydicom.dcmread(path, stop_before_pixels=stop_before_pixels, specific_tags=specific_tags, force=raw)
+    if raw and "TransferSyntaxUID" not in getattr(ds, "file_meta", {}):
+        # no file meta: the pixels are encoded as the data set was (an uncompressed syntax)
+        from pydicom.dataset import FileMetaDataset
+        from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+        implicit, little = ds.original_encoding
+        meta = ds.file_meta if getattr(ds, "file_meta", None) is not None else FileMetaDataset()
+        meta.TransferSyntaxUID = (
+            ImplicitVRLittleEndian if implicit else ExplicitVRLittleEndian if little else ExplicitVRBigEndian
+        )
+        ds.file_meta = meta
+    return ds
 
 
 def _identity_key(ds: object) -> str:
@@ -143,7 +166,6 @@ def read_dicom_series(folder_or_file: str | os.PathLike[str], series_uid: str | 
     missing/uneven/duplicate slices, inconsistent orientation or size), UnreadableVolumeError
     (pixels that cannot be decoded) or InvalidVolumeError (a single slice or colour images).
     """
-    import pydicom
     from pydicom.errors import InvalidDicomError
 
     p = Path(folder_or_file).expanduser()
@@ -151,7 +173,7 @@ def read_dicom_series(folder_or_file: str | os.PathLike[str], series_uid: str | 
         raise InputPathError(f"{p} does not exist.")
     if p.is_file():
         try:
-            head = pydicom.dcmread(p, stop_before_pixels=True, specific_tags=_SCAN_TAGS + _IDENTITY_TAGS)
+            head = dcmread(p, stop_before_pixels=True, specific_tags=_SCAN_TAGS + _IDENTITY_TAGS)
         except (InvalidDicomError, OSError, EOFError, ValueError) as e:
             raise UnreadableVolumeError(f"{p} is not a readable DICOM file ({' '.join(str(e).split())}).") from e
         if str(head.get("Modality", "")) in NON_IMAGE_MODALITIES:
@@ -179,9 +201,8 @@ def read_dicom_series(folder_or_file: str | os.PathLike[str], series_uid: str | 
 
 def _assemble(files: list[Path], folder: Path, series_uid: str) -> Volume:
     """Sort, validate and stack the slices of one series."""
-    import pydicom
 
-    headers = [pydicom.dcmread(f, stop_before_pixels=True) for f in files]
+    headers = [dcmread(f, stop_before_pixels=True) for f in files]
     first = headers[0]
     if int(first.get("NumberOfFrames", 1) or 1) > 1 or len(files) == 1:
         frames = int(first.get("NumberOfFrames", 1) or 1)
@@ -249,7 +270,7 @@ def _assemble(files: list[Path], folder: Path, series_uid: str) -> Volume:
     intercepts = np.asarray([float(ds.get("RescaleIntercept", 0) or 0) for ds in headers])
     stored: list[np.ndarray] = []
     for f in files:
-        ds = pydicom.dcmread(f)
+        ds = dcmread(f)
         try:
             px = ds.pixel_array  # (rows, cols)
         except Exception as e:  # pydicom raises many types (RuntimeError, NotImplementedError, ValueError, ...)

@@ -41,7 +41,7 @@ _COLOURS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 
 
 def _source_datasets(reference: Volume) -> list:
     """The source slices (headers and pixels) in the volume's k order."""
-    import pydicom
+    from medct.dicom import dcmread
 
     files = reference.meta.get("files")
     if reference.meta.get("format") != "dicom" or not files:
@@ -49,7 +49,12 @@ def _source_datasets(reference: Volume) -> list:
             f"{reference.meta.get('path', 'The input')} is not a DICOM series; DICOM-SEG and RTSTRUCT "
             "outputs need DICOM input (use --output-format nifti)."
         )
-    return [pydicom.dcmread(f) for f in files]
+    if not reference.meta.get("series_uid") or str(reference.meta["series_uid"]).startswith("no-uid-"):
+        raise InvalidVolumeError(
+            f"{reference.meta.get('path', 'The input')} has no SeriesInstanceUID for a DICOM-SEG or RTSTRUCT "
+            "to reference (use --output-format nifti)."
+        )
+    return [dcmread(Path(f)) for f in files]
 
 
 def _check_grid(labels: Volume, reference: Volume) -> None:

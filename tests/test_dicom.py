@@ -318,3 +318,23 @@ def test_rtstruct_errors(pancreas: Path, subset20: Path) -> None:
     _raises_one_line(UnreadableVolumeError, read_rtstruct, subset20 / "1-050.dcm", reference)
     _raises_one_line(InputPathError, read_rtstruct, pancreas / "nope.dcm", reference)
     assert "RTSTRUCT" in _raises_one_line(UnreadableVolumeError, read_volume, rs)  # not an image series
+
+
+def test_files_without_preamble_are_read(subset20: Path, tmp_path: Path) -> None:
+    """DICOM data sets written without the 128-byte preamble and 'DICM' read as the same series;
+    a random file still does not count as DICOM."""
+    from medct.io import is_dicom_file
+
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    for f in sorted(subset20.glob("*.dcm")):
+        ds = pydicom.dcmread(f)
+        with open(raw / f.name, "wb") as out:  # no preamble, no file meta: the bare data set
+            fp = pydicom.filebase.DicomFileLike(out)
+            fp.is_implicit_VR, fp.is_little_endian = True, True
+            pydicom.filewriter.write_dataset(fp, pydicom.Dataset(ds))
+        assert (raw / f.name).read_bytes()[128:132] != b"DICM"
+    assert all(is_dicom_file(p) for p in raw.iterdir())
+    np.testing.assert_array_equal(read_volume(raw).array, read_volume(subset20).array)
+    (tmp_path / "noise.bin").write_bytes(bytes(range(256)) * 4)
+    assert not is_dicom_file(tmp_path / "noise.bin")
