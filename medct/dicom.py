@@ -295,6 +295,9 @@ def _assemble(files: list[Path], folder: Path, series_uid: str) -> Volume:
             array[:, :, k] = px.astype(np.int64) * int(slopes[k]) + int(intercepts[k])
 
     step = (ipp[-1] - ipp[0]) / (n - 1)  # mean slice step in LPS mm (n * spacing when untilted)
+    # Gantry tilt: slices step along the table, not along their normal; the affine then holds that
+    # shear exactly (voxel (0, 0, k) is at slice k's ImagePositionPatient), nothing is resampled.
+    tilt = float(np.degrees(np.arccos(np.clip(abs(step @ normal) / np.linalg.norm(step), 0.0, 1.0))))
     lps = np.eye(4)
     lps[:3, 0] = row_dir * spacing[1]  # i: along a row, i.e. column index
     lps[:3, 1] = col_dir * spacing[0]  # j: down a column, i.e. row index
@@ -309,6 +312,7 @@ def _assemble(files: list[Path], folder: Path, series_uid: str) -> Volume:
         "series_description": str(first.get("SeriesDescription", "") or ""),
         "files": [str(f) for f in files],
         "sop_instance_uids": [str(ds.get("SOPInstanceUID", "")) for ds in headers],
+        "notes": [f"gantry tilt {tilt:.1f} degrees: kept exactly as a sheared voxel grid"] if tilt > 0.05 else [],
     }
     for key, tag in (
         ("patient_id", "PatientID"),
