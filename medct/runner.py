@@ -65,6 +65,7 @@ class RunReport:
     done: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     failed: list[tuple[str, str]] = field(default_factory=list)
+    ignored: list[tuple[str, str]] = field(default_factory=list)  # folder entries that are not cases
     network_seconds: float = 0.0  # network forward passes
     run_seconds: float = 0.0  # Predictor.run: forward passes + blending the tiles (main thread)
 
@@ -143,8 +144,11 @@ def _holds_dicom(folder: Path) -> bool:
     return any(p.is_file() and is_dicom_file(p) for p in folder.rglob("*"))
 
 
-def discover_cases(input_path: str | os.PathLike[str]) -> list[Case]:
-    """The cases under `input_path`: a volume file, a DICOM file/folder, or a folder of them."""
+def discover_cases(input_path: str | os.PathLike[str], ignored: list[tuple[Path, str]] | None = None) -> list[Case]:
+    """The cases under `input_path`: a volume file, a DICOM file/folder, or a folder of them.
+
+    ignored: if given, gets (path, reason) for each entry of the folder that is not a case and not
+    an expected companion file (IGNORED_SUFFIXES, hidden files), e.g. a stray 'scan.xyz'."""
     path = Path(input_path)
     if not path.exists():
         raise InputPathError(f"Input '{path}' does not exist.")
@@ -161,13 +165,20 @@ def discover_cases(input_path: str | os.PathLike[str]) -> list[Case]:
     for entry in sorted(path.iterdir()):
         if entry.name.startswith("."):
             continue
-        if entry.is_file():
-            if volume_suffix(entry):
-                cases.append(Case(entry.name[: -len(volume_suffix(entry))], entry, "file"))
-            elif is_dicom_file(entry):
+        if volume_suffix(entry) and (entry.is_file() or entry.is_symlink()):  # a broken link fails as its case
+            cases.append(Case(entry.name[: -len(volume_suffix(entry))], entry, "file"))
+        elif entry.is_file():
+            if is_dicom_file(entry):
                 direct_dicom = True
-        elif entry.is_dir() and _holds_dicom(entry):
-            cases.append(Case(entry.name, entry, "dicom"))
+            elif ignored is not None and not entry.name.lower().endswith(IGNORED_SUFFIXES):
+                ignored.append((entry, "not a volume (NIfTI, MHA/MHD, NRRD) or DICOM file"))
+        elif entry.is_dir():
+            if _holds_dicom(entry):
+                cases.append(Case(entry.name, entry, "dicom"))
+            elif ignored is not None:
+                ignored.append((entry, "a folder without DICOM images"))
+        elif ignored is not None:
+            ignored.append((entry, "a broken link" if entry.is_symlink() else "not a regular file"))
     if direct_dicom:
         # The folder itself is a DICOM series folder (`-i DICOM_DIR`).
         cases.insert(0, Case(path.name, path, "dicom"))
@@ -235,6 +246,12 @@ def label_volumes_ml(
     return {name: float(counts[i]) * voxel_ml for i, name in sorted(names.items()) if i != 0}
 
 
+def _printable(value: object) -> object:
+    if isinstance(value, str):
+        return os.fsencode(value).decode("utf-8", "backslashreplace")  # the name's own bytes, escaped
+    return value
+
+
 def _write_summary(rows: list[dict[str, object]], label_names: list[str], path: Path) -> None:
     columns = ["case", "status", "input", "output", "seconds", "network_seconds", "error", "note"] + [
         f"{n}_ml" for n in label_names
@@ -242,8 +259,8 @@ def _write_summary(rows: list[dict[str, object]], label_names: list[str], path: 
     buf = _io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore")
     writer.writeheader()
-    for row in rows:
-        writer.writerow(row)
+    for row in rows:  # file names that are not valid UTF-8 (surrogate escapes) as \\x.. escapes
+        writer.writerow({k: _printable(v) for k, v in row.items()})
     try:
         write_text_atomic(path, buf.getvalue())
     except OSError as e:
@@ -279,7 +296,8 @@ def segment_paths(
 
     if output_format not in OUTPUT_FORMATS:
         raise ConfigError(f"--output-format must be one of {', '.join(OUTPUT_FORMATS)}, got '{output_format}'.")
-    cases = discover_cases(input_path)  # path errors surface before the model loads
+    ignored: list[tuple[Path, str]] = []
+    cases = discover_cases(input_path, ignored)  # path errors surface before the model loads
     predictor = Predictor.from_folder(model_dir, device=device, overlap=overlap, sw_batch_size=sw_batch_size, tta=tta)
     card = predictor.card
     names = {i: n for i, n in card.labels.items() if i != 0}
@@ -355,6 +373,10 @@ def segment_paths(
             _settle(*pending, debug)
     for job in jobs:
         rows.append(job.row)
+    for path, reason in ignored:  # what the folder held besides cases, and why it was left alone
+        rows.append({"case": path.name, "status": "ignored", "input": str(path), "error": reason})
+        report.ignored.append((path.name, reason))
+    for job in jobs:
         status = str(job.row.get("status", ""))
         if status == "done":
             report.done.append(job.case.name)
@@ -368,7 +390,9 @@ def segment_paths(
     _write_summary(rows, list(names.values()), out_dir / "summary.csv")
     print(
         f"medct segment: {len(report.done)} segmented, {len(report.skipped)} skipped (output exists), "
-        f"{len(report.failed)} failed; results in {out_dir}",
+        f"{len(report.failed)} failed"
+        + (f", {len(report.ignored)} other entries ignored" if report.ignored else "")
+        + f"; results in {out_dir}",
         file=sys.stderr,
     )
     for name, message in report.failed:

@@ -438,3 +438,24 @@ def test_ct_not_in_hu_is_refused(model_dir: Path, tmp_path: Path, capsys: pytest
     assert code == 1 and "not CT in HU" in next(line for line in err.splitlines() if "failed raw" in line)
     assert (tmp_path / "out" / "hu.nii.gz").is_file() and not (tmp_path / "out" / "raw.nii.gz").exists()
     assert good.is_file()
+
+
+def test_folder_entries_that_are_not_cases_get_a_summary_row(
+    model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A broken link named like a scan fails as its case; a stray file gets an 'ignored' row; a
+    file name that is not valid UTF-8 is segmented and escaped in summary.csv; notes are silent."""
+    import os
+
+    folder = tmp_path / "in"
+    write_volume(_ct(), folder / "good.nii.gz")
+    (folder / "gone.nii.gz").symlink_to(tmp_path / "nowhere.nii.gz")
+    (folder / "stray.xyz").write_text("?")
+    (folder / "notes.txt").write_text("a companion file")
+    odd = os.fsdecode(b"caf\xe9.nii.gz")  # Latin-1 bytes in a file name
+    write_volume(_ct(), folder / odd)
+    code, err = _run(capsys, "segment", "-m", str(model_dir), "-i", str(folder), "-o", str(tmp_path / "out"))
+    assert code == 1 and "1 other entries ignored" in err
+    rows = {r.split(",")[0]: r.split(",")[1] for r in (tmp_path / "out" / "summary.csv").read_text().splitlines()[1:]}
+    assert rows["good"] == "done" and rows["gone"] == "failed" and rows["stray.xyz"] == "ignored"
+    assert rows["caf\\xe9"] == "done" and "notes.txt" not in rows
