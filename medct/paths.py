@@ -58,7 +58,8 @@ def _temp_prefix(name: str) -> str:
     return f"{TEMP_PREFIX}{os.getpid()}-{name}."
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process `pid` runs on this machine (ours counts)."""
     if pid == os.getpid():
         return True
     try:
@@ -81,7 +82,7 @@ def remove_stale_temps(folder: str | os.PathLike[str]) -> list[Path]:
         if not entry.name.startswith(TEMP_PREFIX):
             continue
         pid = entry.name[len(TEMP_PREFIX) :].split("-", 1)[0]
-        if not pid.isdigit() or _pid_alive(int(pid)):
+        if not pid.isdigit() or pid_alive(int(pid)):
             continue
         if entry.is_dir() and not entry.is_symlink():
             shutil.rmtree(entry, ignore_errors=True)

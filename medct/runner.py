@@ -34,7 +34,7 @@ import numpy as np
 
 from medct.errors import ConfigError, InputPathError, InvalidVolumeError, MedCTError, UnreadableVolumeError
 from medct.io import is_dicom_file
-from medct.paths import TEMP_PREFIX, remove_stale_temps, volume_suffix, write_text_atomic
+from medct.paths import TEMP_PREFIX, pid_alive, remove_stale_temps, volume_suffix, write_text_atomic
 from medct.volume import Volume
 
 # Files a scan folder commonly holds next to the scans; they are not cases and not errors.
@@ -138,6 +138,35 @@ def _settle(job: _Job, future: Future[None], debug: bool) -> None:
     except Exception as e:  # noqa: BLE001
         job.fail(e, debug)
     job.row["seconds"] = f"{time.perf_counter() - job.start:.2f}"
+
+
+CLAIM_PREFIX = ".medct-claim-"  # + case name: the run (pid inside) segmenting that case now
+
+
+def _claim(out_dir: Path, case: str) -> bool:
+    """Take the case for this process (an O_EXCL claim file holding our pid); False when a live
+    process holds it. A claim left by a dead process (kill -9) is taken over."""
+    path = out_dir / f"{CLAIM_PREFIX}{case}"
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                pid = int(path.read_text().strip() or 0)
+            except (OSError, ValueError):
+                pid = 0
+            if pid and pid_alive(pid):
+                return False
+            path.unlink(missing_ok=True)  # its run died: take it over
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(str(os.getpid()))
+        return True
+    return False
+
+
+def _release(out_dir: Path, case: str) -> None:
+    (out_dir / f"{CLAIM_PREFIX}{case}").unlink(missing_ok=True)
 
 
 def _holds_dicom(folder: Path) -> bool:
@@ -339,6 +368,7 @@ def segment_paths(
         todo = [j for j in jobs if j.needs_run(overwrite)]
         reads = {id(todo[0]): reader.submit(load, todo[0])} if todo else {}
         pending: tuple[_Job, Future[None]] | None = None
+        claimed: set[str] = set()
         for job in tqdm(jobs, desc="segment", unit="case", file=sys.stderr, disable=len(jobs) < 2):
             start = time.perf_counter()
             try:
@@ -352,6 +382,11 @@ def segment_paths(
                 if position + 1 < len(todo):  # read ahead: the next case loads while this one runs
                     ahead = todo[position + 1]
                     reads[id(ahead)] = reader.submit(load, ahead)
+                if not _claim(out_dir, job.case.name):  # two runs on one folder share the work
+                    reads.pop(id(job)).cancel()
+                    job.row.update(status="skipped (another run is segmenting it)")
+                    continue
+                claimed.add(job.case.name)
                 prepared = reads.pop(id(job)).result()
                 t_predict, t_forward = time.perf_counter(), predictor.forward_seconds
                 scores = predictor.run(prepared)
@@ -361,6 +396,7 @@ def segment_paths(
                 job.row["network_seconds"] = f"{job.network_seconds:.2f}"
                 if pending is not None:  # at most one write in flight
                     _settle(*pending, debug)
+                    _release(out_dir, pending[0].case.name)
                 job.start = start
                 pending = (job, writer.submit(finish, job, scores))
                 del scores
@@ -369,8 +405,11 @@ def segment_paths(
             finally:
                 if pending is None or pending[0] is not job:
                     job.row["seconds"] = f"{time.perf_counter() - start:.2f}"
+                    if job.case.name in claimed:
+                        _release(out_dir, job.case.name)
         if pending is not None:
             _settle(*pending, debug)
+            _release(out_dir, pending[0].case.name)
     for job in jobs:
         rows.append(job.row)
     for path, reason in ignored:  # what the folder held besides cases, and why it was left alone

@@ -459,3 +459,33 @@ def test_folder_entries_that_are_not_cases_get_a_summary_row(
     rows = {r.split(",")[0]: r.split(",")[1] for r in (tmp_path / "out" / "summary.csv").read_text().splitlines()[1:]}
     assert rows["good"] == "done" and rows["gone"] == "failed" and rows["stray.xyz"] == "ignored"
     assert rows["caf\\xe9"] == "done" and "notes.txt" not in rows
+
+
+def test_two_runs_on_one_output_folder_do_not_both_segment_a_case(
+    model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A case another live run has claimed is skipped (that run writes it); a claim left by a
+    killed run is taken over; no claim file is left behind."""
+    import subprocess
+
+    from medct.runner import CLAIM_PREFIX
+
+    folder, out = tmp_path / "in", tmp_path / "out"
+    for name in ("a", "b"):
+        write_volume(_ct(), folder / f"{name}.nii.gz")
+    out.mkdir()
+    other = subprocess.Popen(["sleep", "60"])  # stands for a second medct run working on case a
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    try:
+        (out / f"{CLAIM_PREFIX}a").write_text(str(other.pid))
+        (out / f"{CLAIM_PREFIX}b").write_text(str(dead.pid))
+        code, _ = _run(capsys, "segment", "-m", str(model_dir), "-i", str(folder), "-o", str(out))
+    finally:
+        other.kill()
+        other.wait()
+    assert code == 0
+    rows = {r.split(",")[0]: r.split(",")[1] for r in (out / "summary.csv").read_text().splitlines()[1:]}
+    assert rows == {"a": "skipped (another run is segmenting it)", "b": "done"}
+    assert not (out / "a.nii.gz").exists() and (out / "b.nii.gz").is_file()
+    assert sorted(p.name for p in out.iterdir()) == [f"{CLAIM_PREFIX}a", "b.nii.gz", "summary.csv"]
