@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Sequence
+from pathlib import Path
 
 from jsonargparse import ArgumentError
 from lightning.pytorch import LightningDataModule, LightningModule
@@ -90,6 +91,7 @@ def run_lightning(args: list[str]) -> MedCTCLI:
     returns the CLI object (its `trainer`, `model` and `datamodule` after the run)."""
     if not args or args[0] not in LIGHTNING_VERBS and not args[0].startswith("-"):
         raise ValueError(f"the first argument must be one of {', '.join(LIGHTNING_VERBS)}, got {args[:1]}")
+    check_ckpt_path(args)
     with warnings.catch_warnings():
         # `medct fit ...` passes its own argv as `args`; LightningCLI would warn that sys.argv is set too.
         warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
@@ -106,6 +108,30 @@ def run_lightning(args: list[str]) -> MedCTCLI:
             if cause is None:
                 raise
             raise cause from e
+
+
+def check_ckpt_path(args: list[str]) -> None:
+    """`--ckpt_path X` (or `--ckpt_path=X`) must name a whole checkpoint: ConfigError before any
+    work when it is missing, a folder, or not a complete file (a torch checkpoint is a zip archive
+    whose directory sits at its end, so a truncated copy is caught without loading it)."""
+    import zipfile
+
+    for i, a in enumerate(args):
+        if a == "--ckpt_path" and i + 1 < len(args):
+            value = args[i + 1]
+        elif a.startswith("--ckpt_path="):
+            value = a.split("=", 1)[1]
+        else:
+            continue
+        if value in ("last", "best", "hpc", "registry", "null", "None", ""):  # Lightning's own keywords
+            continue
+        path = Path(value)
+        if not path.is_file():
+            raise ConfigError(f"--ckpt_path {value} does not exist or is not a file.")
+        if not zipfile.is_zipfile(path):
+            raise ConfigError(
+                f"--ckpt_path {value} is not a complete checkpoint (truncated or not a Lightning .ckpt file)."
+            )
 
 
 def _medct_cause(e: BaseException) -> MedCTError | None:

@@ -337,6 +337,10 @@ def test_bad_recipe_values_are_one_sentence(tmp_path: Path, capsys: pytest.Captu
         assert code == 1 and message in _one_error_line(err), err
     code, err = _run(capsys, "fit", "--config", str(tmp_path / "nope.yaml"))
     assert code == 1 and "does not exist" in _one_error_line(err)
+    (tmp_path / "cut.ckpt").write_bytes(b"PK\x03\x04" + b"\0" * 100)  # a zip's start, no end: truncated
+    for ckpt, message in ((tmp_path / "gone.ckpt", "does not exist"), (tmp_path / "cut.ckpt", "not a complete")):
+        code, err = _run(capsys, "fit", "--config", recipe, "--ckpt_path", str(ckpt))
+        assert code == 1 and message in _one_error_line(err), err
 
 
 def test_pipelined_folder_run_equals_sequential_and_isolates_write_failures(
