@@ -1,0 +1,534 @@
+"""The robustness corpus: every bad input, user mistake and leftover the reliability issue lists,
+and the ones the foundation already handled, built small from the real scans in ../shared/data.
+
+Each `Case` writes its inputs into a fresh folder and runs one `medct` command line in-process
+(`medct.cli.main`) or one Python API call. `run_case` then checks what a user would: the exit code
+(or the exception), one error sentence without a traceback naming the problem, no temporary or
+partial file in the output folder, and for accepted inputs the exact geometry of every output.
+tests/robustness/test_corpus.py runs every case; bench/robustness.py prints the table.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import shutil
+import subprocess
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from medct.volume import Volume
+
+
+@dataclass(frozen=True)
+class Case:
+    """One corpus entry. `build(work, model)` writes the inputs under `work` and returns the medct
+    argv, or a zero-argument callable for an API case. `exit` is the expected exit code (for API
+    cases: 0 = returns, 1 = raises a MedCTError); `expect` a phrase the error line (or, on exit 0,
+    stderr or summary.csv) must contain; `outputs` the files under work/out that must exist, each
+    on the grid of the input named beside it (relative to `work`)."""
+
+    name: str
+    group: str
+    build: Callable[[Path, Path], list[str] | Callable[[], object]]
+    exit: int
+    expect: str = ""
+    outputs: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class Outcome:
+    case: str
+    group: str
+    exit: int
+    message: str
+    ok: bool
+    why: str = ""
+
+
+# ----------------------------------------------------------------------------- inputs
+
+
+def shared_data() -> Path:
+    from tests.conftest import SHARED_DATA
+
+    return SHARED_DATA
+
+
+def real_ct(shape: tuple[int, int, int] = (96, 80, 24)) -> Volume:
+    """A crop of the real planning CT (LPS, 1.07 x 1.07 x 3 mm, HU) around the body centre."""
+    from medct.io import read_volume
+
+    vol = read_volume(shared_data() / "pancreas_ct_cbct" / "planct.nii.gz")
+    c = np.asarray(vol.shape) // 2
+    lo = c - np.asarray(shape) // 2
+    sl = tuple(slice(int(a), int(a + s)) for a, s in zip(lo, shape, strict=True))
+    shift = np.eye(4)
+    shift[:3, 3] = lo
+    return Volume(np.ascontiguousarray(vol.array[sl]), vol.affine @ shift, {})
+
+
+def dicom_subset() -> Path:
+    return shared_data() / "pancreas_ct_cbct" / "planct_dicom_subset20"
+
+
+def _copy_series(dst: Path, edit: Callable[[object], None] | None = None, src: Path | None = None) -> Path:
+    import pydicom
+
+    dst.mkdir(parents=True, exist_ok=True)
+    for f in sorted((src or dicom_subset()).glob("*.dcm")):
+        if edit is None:
+            shutil.copy(f, dst / f.name)
+            continue
+        ds = pydicom.dcmread(f)
+        edit(ds)
+        ds.save_as(dst / f.name)
+    return dst
+
+
+def _write(vol: Volume, path: Path) -> Path:
+    from medct.io import write_volume
+
+    return write_volume(vol, path)
+
+
+def _nifti(path: Path, data: np.ndarray, affine: np.ndarray, q: np.ndarray | None, s: np.ndarray | None) -> Path:
+    import nibabel as nib
+
+    img = nib.Nifti1Image(data, affine)
+    img.set_qform(q, code=1 if q is not None else 0)
+    img.set_sform(s, code=1 if s is not None else 0)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(img, path)
+    return path
+
+
+def _segment(work: Path, model: Path, src: str, *extra: str) -> list[str]:
+    return ["segment", "-m", str(model), "-i", str(work / src), "-o", str(work / "out"), *extra]
+
+
+def _dead_pid() -> int:
+    p = subprocess.Popen(["true"])
+    p.wait()
+    return p.pid
+
+
+def _edited_model(work: Path, model: Path, edit: Callable[[dict], None]) -> Path:
+    bad = work / "model"
+    shutil.copytree(model, bad)
+    card = json.loads((bad / "medct.json").read_text())
+    edit(card)
+    (bad / "medct.json").write_text(json.dumps(card))
+    return bad
+
+
+# ----------------------------------------------------------------------------- builders
+
+
+def b_same_name_files(work: Path, model: Path) -> list[str]:
+    _write(real_ct(), work / "in" / "x.nii.gz")
+    _write(real_ct((80, 64, 20)), work / "in" / "x.mha")
+    return _segment(work, model, "in")
+
+
+def b_same_name_dicom_and_file(work: Path, model: Path) -> list[str]:
+    _copy_series(work / "in" / "same")
+    _write(real_ct(), work / "in" / "same.nii.gz")
+    return _segment(work, model, "in")
+
+
+def b_ct_stored_values(work: Path, model: Path) -> list[str]:
+    vol = real_ct()
+    _write(vol.with_array(np.clip(vol.array.astype(np.int32) + 1024, 0, 4095).astype(np.uint16)), work / "in.nii.gz")
+    return _segment(work, model, "in.nii.gz")
+
+
+def b_dicom_without_rescale(work: Path, model: Path) -> list[str]:
+    def edit(ds: object) -> None:  # what was stored (HU + 1024, unsigned) without the modality LUT
+        hu = ds.pixel_array.astype(np.int32) * int(ds.RescaleSlope) + int(ds.RescaleIntercept)  # type: ignore[attr-defined]
+        ds.PixelRepresentation = 0  # type: ignore[attr-defined]
+        ds.PixelData = np.clip(hu + 1024, 0, 4095).astype(np.uint16).tobytes()  # type: ignore[attr-defined]
+        del ds.RescaleSlope, ds.RescaleIntercept  # type: ignore[attr-defined]
+
+    _copy_series(work / "series", edit)
+    return _segment(work, model, "series")
+
+
+def b_all_air(work: Path, model: Path) -> list[str]:
+    air = np.random.default_rng(0).normal(-1000, 10, (64, 64, 16)).astype(np.int16)
+    _write(Volume(air, real_ct().affine, {}), work / "air.nii.gz")
+    return _segment(work, model, "air.nii.gz")
+
+
+def b_mr_values(work: Path, model: Path) -> list[str]:
+    vol = real_ct()
+    mr = np.clip(vol.array.astype(np.float32) + 1000.0, 0, None) * 0.8  # an MR-like range 0..~2000
+    _write(vol.with_array(mr.astype(np.float32)), work / "mr.nii.gz")
+    return _segment(work, model, "mr.nii.gz")
+
+
+def b_mr_dicom(work: Path, model: Path) -> list[str]:
+    def edit(ds: object) -> None:
+        ds.Modality = "MR"  # type: ignore[attr-defined]
+
+    _copy_series(work / "series", edit, shared_data() / "popi_phase00_10slices_dicom")
+    return _segment(work, model, "series")
+
+
+def b_zero_pixdim(work: Path, model: Path) -> list[str]:
+    import struct
+
+    vol = real_ct()
+    path = _nifti(work / "z.nii", vol.array, vol.affine, vol.affine, None)
+    raw = bytearray(path.read_bytes())
+    raw[76 + 12 : 76 + 16] = struct.pack("<f", 0.0)  # pixdim[3] = 0 (nibabel would load it as 1 mm)
+    path.write_bytes(bytes(raw))
+    return _segment(work, model, "z.nii")
+
+
+def b_qform_sform_disagree(work: Path, model: Path) -> list[str]:
+    vol = real_ct()
+    shifted = vol.affine.copy()
+    shifted[:3, 3] += (4.0, -3.0, 6.0)
+    _nifti(work / "in" / "q.nii.gz", vol.array, vol.affine, vol.affine, shifted)
+    return _segment(work, model, "in")
+
+
+def b_zero_sform_column(work: Path, model: Path) -> list[str]:
+    vol = real_ct()
+    bad = vol.affine.copy()
+    bad[:3, 2] = 0.0
+    _nifti(work / "s.nii.gz", vol.array, vol.affine, None, bad)
+    return _segment(work, model, "s.nii.gz")
+
+
+def _card_case(edit: Callable[[dict], None]) -> Callable[[Path, Path], list[str]]:
+    def build(work: Path, model: Path) -> list[str]:
+        _write(real_ct(), work / "in.nii.gz")
+        bad = _edited_model(work, model, edit)
+        return ["segment", "-m", str(bad), "-i", str(work / "in.nii.gz"), "-o", str(work / "out")]
+
+    return build
+
+
+def b_no_series_uid(work: Path, model: Path) -> list[str]:
+    def edit(ds: object) -> None:
+        del ds.SeriesInstanceUID  # type: ignore[attr-defined]
+
+    _copy_series(work / "series", edit)
+    return _segment(work, model, "series")
+
+
+def b_gantry_tilt(work: Path, model: Path) -> list[str]:
+    import pydicom
+
+    files = sorted(dicom_subset().glob("*.dcm"))
+    z0 = float(pydicom.dcmread(files[0]).ImagePositionPatient[2])
+
+    def edit(ds: object) -> None:
+        x, y, z = (float(v) for v in ds.ImagePositionPatient)  # type: ignore[attr-defined]
+        ds.ImagePositionPatient = [x, y + (z - z0) * np.tan(np.radians(15.0)), z]  # type: ignore[attr-defined]
+        ds.GantryDetectorTilt = 15.0  # type: ignore[attr-defined]
+
+    _copy_series(work / "series", edit)
+    return _segment(work, model, "series")
+
+
+def b_no_preamble(work: Path, model: Path) -> list[str]:
+    import pydicom
+
+    dst = work / "series"
+    dst.mkdir()
+    for f in sorted(dicom_subset().glob("*.dcm")):
+        ds = pydicom.dcmread(f)
+        with open(dst / f.name, "wb") as out:
+            fp = pydicom.filebase.DicomFileLike(out)
+            fp.is_implicit_VR, fp.is_little_endian = True, True
+            pydicom.filewriter.write_dataset(fp, pydicom.Dataset(ds))
+    return _segment(work, model, "series")
+
+
+def b_two_series_in_subfolders(work: Path, model: Path) -> list[str]:
+    _copy_series(work / "study" / "a" / "ct")
+    _copy_series(work / "study" / "a" / "popi", src=shared_data() / "popi_phase00_10slices_dicom")
+    return _segment(work, model, "study")
+
+
+def b_output_is_a_file(work: Path, model: Path) -> list[str]:
+    _write(real_ct(), work / "in.nii.gz")
+    (work / "out").write_text("not a folder")
+    return _segment(work, model, "in.nii.gz")
+
+
+def b_device_cuda(work: Path, model: Path) -> list[str]:
+    _write(real_ct(), work / "in.nii.gz")
+    return _segment(work, model, "in.nii.gz", "--device", "cuda")
+
+
+def _option_case(*extra: str) -> Callable[[Path, Path], list[str]]:
+    def build(work: Path, model: Path) -> list[str]:
+        _write(real_ct(), work / "in.nii.gz")
+        return _segment(work, model, "in.nii.gz", *extra)
+
+    return build
+
+
+def _ckpt_case(content: bytes | None) -> Callable[[Path, Path], list[str]]:
+    def build(work: Path, model: Path) -> list[str]:
+        recipe = Path(__file__).resolve().parents[2] / "configs" / "finetune" / "seg_phantom.yaml"
+        ckpt = work / "last.ckpt"
+        if content is not None:
+            ckpt.write_bytes(content)
+        return ["fit", "--config", str(recipe), "--ckpt_path", str(ckpt)]
+
+    return build
+
+
+def _api_case(kwargs: dict[str, object], data: str = "volume") -> Callable[[Path, Path], Callable[[], object]]:
+    def build(work: Path, model: Path) -> Callable[[], object]:
+        import medct
+
+        vol = real_ct()
+        if data == "tensor":
+            import torch
+
+            return lambda: medct.segment(str(model), torch.from_numpy(vol.array), affine=vol.affine, device="cpu")
+        return lambda: medct.segment(str(model), vol, **kwargs)  # type: ignore[arg-type]
+
+    return build
+
+
+def b_stale_temporaries(work: Path, model: Path) -> list[str]:
+    from medct.paths import TEMP_PREFIX
+
+    _write(real_ct(), work / "in.nii.gz")
+    (work / "out").mkdir()
+    pid = _dead_pid()
+    (work / "out" / f"{TEMP_PREFIX}{pid}-in.nii.gz.k9x.nii.gz").write_bytes(b"half")
+    (work / "out" / f"{TEMP_PREFIX}{pid}-summary.csv.a1b").write_bytes(b"")
+    return _segment(work, model, "in.nii.gz")
+
+
+def b_broken_link_and_stray(work: Path, model: Path) -> list[str]:
+    _write(real_ct(), work / "in" / "good.nii.gz")
+    (work / "in" / "gone.nii.gz").symlink_to(work / "nowhere.nii.gz")
+    (work / "in" / "stray.xyz").write_text("?")
+    (work / "in" / os.fsdecode(b"caf\xe9.nii.gz")).symlink_to(work / "in" / "good.nii.gz")
+    return _segment(work, model, "in")
+
+
+def b_claimed_by_a_live_run(work: Path, model: Path) -> list[str]:
+    from medct.runner import CLAIM_PREFIX
+
+    _write(real_ct(), work / "in" / "a.nii.gz")
+    _write(real_ct(), work / "in" / "b.nii.gz")
+    (work / "out").mkdir()
+    (work / "out" / f"{CLAIM_PREFIX}a").write_text(str(os.getpid()))  # "another run" holds case a
+    (work / "out" / f"{CLAIM_PREFIX}b").write_text(str(_dead_pid()))  # a killed run's claim
+    return _segment(work, model, "in")
+
+
+def b_truncated_nifti(work: Path, model: Path) -> list[str]:
+    path = _write(real_ct(), work / "t.nii.gz")
+    path.write_bytes(path.read_bytes()[:2000])
+    return _segment(work, model, "t.nii.gz")
+
+
+def b_nan(work: Path, model: Path) -> list[str]:
+    vol = real_ct()
+    arr = vol.array.astype(np.float32)
+    arr[10, 10, 5] = np.nan
+    _write(vol.with_array(arr), work / "nan.nii.gz")
+    return _segment(work, model, "nan.nii.gz")
+
+
+def b_two_d(work: Path, model: Path) -> list[str]:
+    import nibabel as nib
+
+    nib.save(nib.Nifti1Image(real_ct().array[:, :, 0], np.eye(4)), work / "flat.nii.gz")
+    return _segment(work, model, "flat.nii.gz")
+
+
+def b_four_d(work: Path, model: Path) -> list[str]:
+    import nibabel as nib
+
+    arr = real_ct().array
+    nib.save(nib.Nifti1Image(np.stack([arr, arr], -1), np.eye(4)), work / "t4.nii.gz")
+    return _segment(work, model, "t4.nii.gz")
+
+
+def b_missing_slice(work: Path, model: Path) -> list[str]:
+    dst = _copy_series(work / "series")
+    sorted(dst.iterdir())[10].unlink()
+    return _segment(work, model, "series")
+
+
+def b_corrupt_weights(work: Path, model: Path) -> list[str]:
+    _write(real_ct(), work / "in.nii.gz")
+    bad = work / "model"
+    shutil.copytree(model, bad)
+    (bad / "model.safetensors").write_bytes(b"\0" * 64)
+    return ["segment", "-m", str(bad), "-i", str(work / "in.nii.gz"), "-o", str(work / "out")]
+
+
+def b_missing_input(work: Path, model: Path) -> list[str]:
+    return _segment(work, model, "nothing_here")
+
+
+def b_accepted_real_scans(work: Path, model: Path) -> list[str]:
+    """The plain good path on the real data: LPS anisotropic NIfTI, an oblique volume, a DICOM series."""
+    from scipy.spatial.transform import Rotation
+
+    vol = real_ct()
+    _write(vol, work / "in" / "lps.nii.gz")
+    rot = np.eye(4)
+    rot[:3, :3] = Rotation.from_euler("zx", [20, 10], degrees=True).as_matrix()
+    _write(Volume(vol.array, rot @ vol.affine, {}), work / "in" / "oblique.nii.gz")  # oblique, anisotropic
+    _copy_series(work / "in" / "series")
+    return _segment(work, model, "in")
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return bool(torch.cuda.is_available())
+
+
+G_WRONG, G_DICOM, G_MISTAKE, G_LEFTOVER, G_BEFORE = (
+    "wrong result",
+    "hospital DICOM",
+    "user mistake",
+    "left behind",
+    "handled before",
+)
+
+CASES: list[Case] = [
+    Case("same name: x.nii.gz + x.mha", G_WRONG, b_same_name_files, 0, "named 'x_mha'",
+         {"x_nii_gz.nii.gz": "in/x.nii.gz", "x_mha.mha": "in/x.mha"}),
+    Case("same name: DICOM folder + NIfTI", G_WRONG, b_same_name_dicom_and_file, 0, "named 'same_dicom'",
+         {"same_dicom.nii.gz": "in/same", "same_nii_gz.nii.gz": "in/same.nii.gz"}),
+    Case("CT stored 0..4095 (no rescale)", G_WRONG, b_ct_stored_values, 1, "not CT in HU"),
+    Case("DICOM CT without RescaleSlope/Intercept", G_WRONG, b_dicom_without_rescale, 1, "not CT in HU"),
+    Case("all-air volume", G_WRONG, b_all_air, 0, "no body found", {"air.nii.gz": "air.nii.gz"}),
+    Case("MR intensities to a CT model", G_WRONG, b_mr_values, 1, "not CT in HU"),
+    Case("MR DICOM to a CT model", G_WRONG, b_mr_dicom, 1, "expects CT"),
+    Case("NIfTI zero pixdim (qform)", G_WRONG, b_zero_pixdim, 1, "voxel size must be positive"),
+    Case("NIfTI qform and sform disagree", G_WRONG, b_qform_sform_disagree, 0, "used the sform",
+         {"q.nii.gz": "in/q.nii.gz"}),
+    Case("NIfTI zero sform column", G_WRONG, b_zero_sform_column, 1, "degenerate sform"),
+    Case("card: labels vs output channels", G_WRONG,
+         _card_case(lambda c: c["labels"].update({"9": "extra"})), 1, "out_channels"),
+    Case("card: zero spacing", G_WRONG,
+         _card_case(lambda c: c["preprocessing"].update(spacing=[0, 4, 4])), 1, "preprocessing.spacing"),
+    Case("card: hu_min == hu_max", G_WRONG,
+         _card_case(lambda c: c["preprocessing"].update(hu_min=0.0, hu_max=0.0)), 1, "hu_min must be below"),
+    Case("card: zero patch size", G_WRONG,
+         _card_case(lambda c: c.update(patch_size=[0, 32, 32])), 1, "patch_size"),
+    Case("card: newer format", G_WRONG,
+         _card_case(lambda c: c.update(format_version=99)), 1, "newer than this medct reads"),
+    Case("DICOM without SeriesInstanceUID", G_DICOM, b_no_series_uid, 0, "", {"series.nii.gz": "series"}),
+    Case("DICOM gantry tilt 15 degrees", G_DICOM, b_gantry_tilt, 0, "gantry tilt 15.0", {"series.nii.gz": "series"}),
+    Case("DICOM without preamble", G_DICOM, b_no_preamble, 0, "", {"series.nii.gz": "series"}),
+    Case("two series in subfolders", G_DICOM, b_two_series_in_subfolders, 1, "--series-uid"),
+    Case("-o is a file", G_MISTAKE, b_output_is_a_file, 1, "is a file; -o needs a folder"),
+    Case("--device cuda", G_MISTAKE, b_device_cuda, -1, "no CUDA GPU"),  # -1: 0 with a GPU, 1 without
+    Case("--overlap 1.5", G_MISTAKE, _option_case("--overlap", "1.5"), 2, "the overlap must lie in [0, 1)"),
+    Case("--sw-batch-size 0", G_MISTAKE, _option_case("--sw-batch-size", "0"), 2, "whole number >= 1"),
+    Case("--sw-batch-size -3", G_MISTAKE, _option_case("--sw-batch-size", "-3"), 2, "whole number >= 1"),
+    Case("fit --ckpt_path missing", G_MISTAKE, _ckpt_case(None), 1, "does not exist"),
+    Case("fit --ckpt_path truncated", G_MISTAKE, _ckpt_case(b"PK\x03\x04" + b"\0" * 64), 1, "not a complete"),
+    Case("API overlap='0.5'", G_MISTAKE, _api_case({"overlap": "0.5", "device": "cpu"}), 1, "overlap must be a number"),
+    Case("API tta='no'", G_MISTAKE, _api_case({"tta": "no", "device": "cpu"}), 1, "tta must be True or False"),
+    Case("API torch tensor + affine", G_MISTAKE, _api_case({}, data="tensor"), 0),
+    Case("stale temporaries of a killed run", G_LEFTOVER, b_stale_temporaries, 0, "by a run that was killed",
+         {"in.nii.gz": "in.nii.gz"}),
+    Case("broken link, stray file, non-UTF-8 name", G_LEFTOVER, b_broken_link_and_stray, 1, "other entries ignored",
+         {"good.nii.gz": "in/good.nii.gz"}),
+    Case("case claimed by a live run", G_LEFTOVER, b_claimed_by_a_live_run, 0, "another run is segmenting it",
+         {"b.nii.gz": "in/b.nii.gz"}),
+    Case("truncated NIfTI", G_BEFORE, b_truncated_nifti, 1, "truncated or corrupt"),
+    Case("NaN voxels", G_BEFORE, b_nan, 1, "NaN"),
+    Case("2D image", G_BEFORE, b_two_d, 1, "2D"),
+    Case("4D image", G_BEFORE, b_four_d, 1, "4D"),
+    Case("DICOM missing slice", G_BEFORE, b_missing_slice, 1, "misses about 1 slice"),
+    Case("corrupt weights", G_BEFORE, b_corrupt_weights, 1, "corrupt or not a safetensors"),
+    Case("input path missing", G_BEFORE, b_missing_input, 1, "does not exist"),
+    Case("real LPS, oblique and DICOM inputs", G_BEFORE, b_accepted_real_scans, 0, "",
+         {"lps.nii.gz": "in/lps.nii.gz", "oblique.nii.gz": "in/oblique.nii.gz", "series.nii.gz": "in/series"}),
+]  # fmt: skip
+
+
+# ----------------------------------------------------------------------------- running
+
+
+def _stray_files(out: Path) -> list[str]:
+    """Temporaries or claims this run should not have left (the claim of another live run is not ours)."""
+    from medct.paths import TEMP_PREFIX
+
+    if not out.is_dir():
+        return []
+    return [p.name for p in out.iterdir() if p.name.startswith(TEMP_PREFIX) or ".tmp" in p.name]
+
+
+def run_case(case: Case, work: Path, model: Path) -> Outcome:
+    """Build and run one case in `work` (an empty folder); check it as the corpus docstring says."""
+    from medct.cli import main
+    from medct.errors import MedCTError
+    from medct.io import read_volume
+
+    work.mkdir(parents=True, exist_ok=True)
+    target = case.build(work, model)
+    err = io.StringIO()
+    message = ""
+    expected_exit = case.exit if case.exit >= 0 else (0 if _has_cuda() else 1)
+    with contextlib.redirect_stderr(err):
+        if callable(target):  # an API case
+            try:
+                target()
+                code = 0
+            except MedCTError as e:
+                code, message = 1, str(e)
+            except Exception as e:  # noqa: BLE001 - anything else is a finding of the corpus
+                code, message = 99, f"{type(e).__name__}: {e}"
+        else:
+            try:
+                code = main(target)
+            except SystemExit as e:  # argparse's exit 2 for bad option values
+                code = int(e.code or 0)
+            except Exception as e:  # noqa: BLE001
+                code, message = 99, f"uncaught {type(e).__name__}: {e}"
+    text = err.getvalue()
+    lines = [line for line in text.splitlines() if ": error:" in line or line.startswith("  failed ")]
+    if not message:
+        message = lines[0] if lines else ""
+
+    def fail(why: str) -> Outcome:
+        return Outcome(case.name, case.group, code, message or text.strip()[-200:], False, why)
+
+    if "Traceback" in text:
+        return fail("a traceback reached the user")
+    if code != expected_exit:
+        return fail(f"exit {code}, expected {expected_exit}")
+    summary = work / "out" / "summary.csv"
+    haystack = text + (summary.read_text() if summary.is_file() else "") + message
+    phrase = case.expect if case.exit >= 0 or expected_exit == 1 else ""
+    if phrase and phrase not in haystack:
+        return fail(f"the message does not say '{phrase}'")
+    if code != 0 and not callable(target) and code != 2 and len([x for x in lines if ": error:" in x]) > 1:
+        return fail("more than one error line")
+    stray = _stray_files(work / "out")
+    if stray:
+        return fail(f"left behind: {stray}")
+    for out_name, src in case.outputs.items():
+        out_path = work / "out" / out_name
+        if not out_path.is_file():
+            return fail(f"no output {out_name}")
+        a, b = read_volume(out_path), read_volume(work / src)
+        if a.shape != b.shape or not np.allclose(a.affine, b.affine, atol=1e-4):
+            return fail(f"{out_name} is not on its input's grid")
+    return Outcome(case.name, case.group, code, message or (text.strip().splitlines() or [""])[-1][:200], True)
