@@ -8,7 +8,7 @@ each). How close does that bring the folder's wall time to the time the network 
 Input: 8 real-sized cases from ../shared/data/pancreas_ct_cbct (links with distinct names): the
 planning CT (512 x 512 x 134, 1.07 x 1.07 x 3 mm, LPS) four times and the CBCT on its grid four
 times (its circular field of view leaves fewer body tiles, so network times differ per case).
-Model: bench/segment.py's (nnU-Net's PlainConvUNet 16-256 at 3 mm, 80^3 patches, trained on
+Model: bench/segment.py's (nnU-Net's PlainConvUNet 8-128 at 3 mm, 80^3 patches, trained on
 phantoms, cached).
 
 Arms, each a fresh process running `medct.runner.segment_paths` (imports included in the wall
