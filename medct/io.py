@@ -17,6 +17,7 @@ Conventions and sources:
 from __future__ import annotations
 
 import gzip
+import logging
 import os
 import re
 import zlib
@@ -121,7 +122,15 @@ def _read_nifti(path: Path) -> Volume:
     from nibabel.filebasedimages import ImageFileError
 
     try:
-        img = nib.load(path)
+        # nibabel logs "pixdim[1,2,3] should be non-zero; setting 0 dims to 1" and goes on with 1 mm;
+        # medct refuses that header in one sentence instead (_nifti_affine), so the log is muted
+        nib_log = logging.getLogger("nibabel.global")
+        level = nib_log.level
+        nib_log.setLevel(logging.CRITICAL)
+        try:
+            img = nib.load(path)
+        finally:
+            nib_log.setLevel(level)
         if not isinstance(img, nib.Nifti1Image):  # Nifti2Image subclasses Nifti1Image
             raise ImageFileError(f"not a NIfTI image: {type(img).__name__}")
         shape = _as_3d(tuple(img.shape), path)
@@ -164,7 +173,7 @@ def _nifti_affine(img: Any, path: Path, shape: tuple[int, int, int]) -> tuple[np
         pixdim = np.asarray(raw["pixdim"][1:4], dtype=np.float64)
         if not np.all(np.isfinite(pixdim)) or np.any(pixdim <= 0):
             raise InvalidVolumeError(
-                f"{path} has voxel sizes pixdim {pixdim.tolist()} in its NIfTI header (the {source} uses them); "
+                f"{path} has voxel sizes pixdim {np.round(pixdim, 4).tolist()} in its NIfTI header (the {source} uses them); "
                 "a voxel size must be positive, fix the header."
             )
     affine = np.asarray(img.affine, dtype=np.float64)

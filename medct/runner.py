@@ -428,7 +428,7 @@ def segment_paths(
 
     _write_summary(rows, list(names.values()), out_dir / "summary.csv")
     print(
-        f"medct segment: {len(report.done)} segmented, {len(report.skipped)} skipped (output exists), "
+        f"medct segment: {len(report.done)} segmented, {len(report.skipped)} skipped (output exists or another run has it), "
         f"{len(report.failed)} failed"
         + (f", {len(report.ignored)} other entries ignored" if report.ignored else "")
         + f"; results in {out_dir}",
