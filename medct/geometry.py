@@ -43,21 +43,66 @@ class Grid:
 def network_grid(affine: np.ndarray, shape: Sequence[int], spacing: Sequence[float]) -> Grid:
     """The grid MONAI's Orientation(axcodes="RAS") then Spacing(pixdim=spacing) produce for an input.
 
-    Built with nibabel/MONAI's own functions (the ones those transforms call) so that medct and a
-    MONAI pipeline sample the network input at the very same points.
+    The same computation as those transforms (nibabel's orientation, then MONAI's `zoom_affine` and
+    `compute_shape_offset`, transcribed below), so that medct and a MONAI pipeline sample the
+    network input at the very same points (tested against MONAI's functions and transforms).
     """
     import nibabel as nib
-    from monai.data.utils import compute_shape_offset, zoom_affine
 
     ornt = nib.orientations.ornt_transform(nib.io_orientation(affine), nib.orientations.axcodes2ornt("RAS"))
     oriented_affine = affine @ nib.orientations.inv_ornt_aff(ornt, shape)
     oriented_shape = [0, 0, 0]
     for src_axis, (dst_axis, _) in enumerate(ornt):
         oriented_shape[int(dst_axis)] = int(shape[src_axis])
-    new_affine = zoom_affine(oriented_affine, np.asarray(spacing, dtype=np.float64), diagonal=False)
-    out_shape, offset = compute_shape_offset(oriented_shape, oriented_affine, new_affine, scale_extent=False)
+    new_affine = zoom_affine(oriented_affine, np.asarray(spacing, dtype=np.float64))
+    out_shape, offset = compute_shape_offset(oriented_shape, oriented_affine, new_affine)
     new_affine[:3, 3] = offset[:3]
     return Grid(tuple(int(s) for s in out_shape), new_affine)  # type: ignore[arg-type]
+
+
+# MONAI's monai.data.utils.zoom_affine(diagonal=False) and compute_shape_offset(scale_extent=False)
+# as of MONAI 1.6, transcribed rather than imported: importing any MONAI module imports all of MONAI
+# (~3 s on 2 cores, about 12 % of `medct segment` on a real CT), and the inference path needs only
+# these few lines of it. tests/test_geometry.py checks them against MONAI's own functions.
+AFFINE_TOL = 1e-3  # monai.data.utils.AFFINE_TOL
+
+
+def zoom_affine(affine: np.ndarray, spacing: np.ndarray) -> np.ndarray:
+    """(4, 4) affine with `affine`'s rotation (its QR rotation part) and voxel sizes `spacing`,
+    signs kept; zero spacing entries stand for 1 (MONAI's zoom_affine, diagonal=False)."""
+    affine = np.array(affine, dtype=float, copy=True)
+    scale = np.array(spacing, dtype=float, copy=True)[:3]
+    scale[scale == 0] = 1.0
+    rzs = affine[:-1, :-1]  # rotation, zoom, shear
+    zs = np.linalg.cholesky(rzs.T @ rzs).T
+    rotation = rzs @ np.linalg.inv(zs)
+    out = np.eye(4)
+    out[:-1, :-1] = rotation @ np.diag(np.sign(np.diag(zs)) * np.abs(scale))
+    return out
+
+
+def compute_shape_offset(
+    shape: Sequence[int], in_affine: np.ndarray, out_affine: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Output shape and origin offset so that the grid `out_affine` covers the voxel centres of the
+    input grid (MONAI's compute_shape_offset, scale_extent=False)."""
+    sh = np.array(tuple(shape), copy=True, dtype=float)
+    corners = np.asarray(np.meshgrid(*[(0.0, d - 1.0) for d in sh], indexing="ij")).reshape((3, -1))
+    corners = np.concatenate((corners, np.ones_like(corners[:1])))
+    corners_out = np.linalg.solve(out_affine, in_affine) @ corners
+    corners = in_affine @ corners
+    all_dist = corners_out[:-1].copy()
+    corners_out = corners_out[:-1] / corners_out[-1]
+    out_shape = np.round(np.ptp(corners_out, axis=1) + 1.0)
+    offset = None
+    for i in range(corners.shape[1]):
+        min_corner = np.min(all_dist - all_dist[:, i : i + 1], 1)
+        if np.allclose(min_corner, 0.0, rtol=AFFINE_TOL):
+            offset = corners[:-1, i]  # this corner is the smallest: it becomes the origin
+            break
+    if offset is None:  # otherwise the output's centre is put on the input's centre
+        offset = in_affine[:-1, :-1] @ (sh / 2.0) + in_affine[:-1, -1] - out_affine[:-1, :-1] @ (out_shape / 2.0)
+    return out_shape.astype(int, copy=False), offset
 
 
 def _box_corners(lo: Sequence[float], hi: Sequence[float]) -> np.ndarray:

@@ -9,7 +9,7 @@ classes, overlap 0.5) and a channels_last network output blends into that buffer
 (19.1 s). Here a rejected tile costs only its share of the one-channel weight sum, and the buffer
 takes the network's memory layout. The tile positions (`dense_patch_slices`, MONAI's scan interval
 `int(patch * (1 - overlap))`) and the Gaussian weights (`compute_importance_map`, sigma 0.125 of
-the patch) are MONAI's own.
+the patch) are MONAI's, transcribed (see below).
 
 Volumes smaller than a patch in any axis are MONAI's business (it pads them): callers use MONAI's
 `sliding_window_inference` there.
@@ -17,12 +17,43 @@ Volumes smaller than a patch in any axis are MONAI's business (it pads them): ca
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 
+import numpy as np
 import torch
-from monai.data.utils import compute_importance_map, dense_patch_slices
 
 SIGMA_SCALE = 0.125  # MONAI's default for mode="gaussian"
+
+# MONAI's compute_importance_map(mode="gaussian") and dense_patch_slices as of MONAI 1.6, transcribed
+# rather than imported: importing any MONAI module imports all of MONAI (~3 s on 2 cores, about 12 %
+# of `medct segment` on a real CT). tests/test_sliding_window.py checks both against MONAI's own.
+
+
+def gaussian_weights(patch: Sequence[int], device: torch.device | str = "cpu") -> torch.Tensor:
+    """(d, h, w) float32 Gaussian blending weights, sigma = SIGMA_SCALE x patch, peak 1, clamped below
+    at max(min, 1e-3) (MONAI's compute_importance_map, mode="gaussian")."""
+    weights = torch.ones(())
+    for i, p in enumerate(patch):
+        x = torch.arange(start=-(p - 1) / 2.0, end=(p - 1) / 2.0 + 1, dtype=torch.float, device=device)
+        x = torch.exp(x**2 / (-2 * (p * SIGMA_SCALE) ** 2))  # 1D Gaussian
+        weights = weights.unsqueeze(-1) * x[(None,) * i] if i > 0 else x
+    return torch.clamp_(weights, min=max(torch.min(weights).item(), 1e-3))
+
+
+def _dense_patch_slices(size: Sequence[int], patch: Sequence[int], interval: Sequence[int]) -> list[tuple[slice, ...]]:
+    """Every tile, starts at multiples of `interval` with the last one flush with the end, in
+    C order of the start grid (MONAI's dense_patch_slices)."""
+    patch = [min(s, p or s) for s, p in zip(size, patch, strict=True)]
+    starts = []
+    for s, p, step in zip(size, patch, interval, strict=True):
+        if step == 0:
+            n = 1
+        else:
+            n = next((d for d in range(int(math.ceil(float(s) / step))) if d * step + p >= s), 0) + 1
+        starts.append([i * step - max(i * step + p - s, 0) for i in range(n)])
+    grid = np.asarray([x.flatten() for x in np.meshgrid(*starts, indexing="ij")]).T
+    return [tuple(slice(int(a), int(a) + p) for a, p in zip(x, patch, strict=True)) for x in grid]
 
 
 def scan_interval(image_size: Sequence[int], patch: Sequence[int], overlap: float) -> tuple[int, ...]:
@@ -33,7 +64,7 @@ def scan_interval(image_size: Sequence[int], patch: Sequence[int], overlap: floa
 
 def tile_slices(image_size: Sequence[int], patch: Sequence[int], overlap: float) -> list[tuple[slice, ...]]:
     """Spatial slices of every tile, in MONAI's order."""
-    return list(dense_patch_slices(tuple(image_size), tuple(patch), scan_interval(image_size, patch, overlap)))
+    return _dense_patch_slices(tuple(image_size), tuple(patch), scan_interval(image_size, patch, overlap))
 
 
 def sliding_window(
@@ -69,8 +100,7 @@ def sliding_window(
     out_device = device if device is not None else x.device
     tile_device = tile_device if tile_device is not None else x.device
     slices = tile_slices(size, patch, overlap)
-    weight = compute_importance_map(patch, mode="gaussian", sigma_scale=SIGMA_SCALE, device=out_device)
-    w_out = weight.to(torch.float32)  # (d, h, w)
+    w_out = gaussian_weights(patch, device=out_device)  # (d, h, w)
     count = torch.zeros((1, 1, *size), dtype=torch.float32, device=out_device)
     for s in slices:  # every tile's weight, run or not: as MONAI normalises
         count[(0, 0, *s)] += w_out

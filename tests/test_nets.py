@@ -205,3 +205,24 @@ def test_model_folder_and_encoder_round_trip(name, tmp_path):
     assert report.ok and report.loaded
     for k, v in encoder_state_dict(net).items():
         assert torch.equal(twin.state_dict()[k], v)
+
+
+def test_lazy_family_table_matches_the_family_files() -> None:
+    """Every network file of medct/nets is in registry.NET_MODULES, and every name it registers is
+    listed there with that module (a new family cannot be missed by the lazy loading)."""
+    import importlib
+    from pathlib import Path
+
+    import medct.nets as nets
+    from medct.nets.registry import _NETS, NET_MODULES
+
+    folder = Path(nets.__file__).parent
+    families = {
+        f"medct.nets.{p.stem}" for p in folder.glob("*.py") if p.stem not in ("__init__", "registry", "encoder")
+    }
+    assert families == set(NET_MODULES.values())
+    for module in families:
+        importlib.import_module(module)
+    assert {name: entry.builder.__module__ for name, entry in _NETS.items()} == NET_MODULES
+    for cls_name in nets._CLASSES:
+        assert getattr(nets, cls_name).__module__ == nets._CLASSES[cls_name]

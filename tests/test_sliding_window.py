@@ -62,3 +62,19 @@ def test_bad_arguments() -> None:
         sliding_window(torch.zeros(1, 1, 8, 8, 8), (16, 16, 16), 0.5, 1, _net(), 3)
     with pytest.raises(ValueError, match="overlap"):
         sliding_window(torch.zeros(1, 1, 16, 16, 16), (16, 16, 16), 1.0, 1, _net(), 3)
+
+
+def test_transcribed_weights_and_tiles_equal_monai() -> None:
+    from monai.data.utils import compute_importance_map, dense_patch_slices
+    from monai.inferers.utils import _get_scan_interval
+
+    from medct.sliding_window import gaussian_weights, scan_interval
+
+    for patch in [(16, 12, 20), (96, 96, 96), (80, 80, 80), (7, 1, 33)]:
+        ref = compute_importance_map(patch, mode="gaussian", sigma_scale=0.125, device="cpu")
+        torch.testing.assert_close(gaussian_weights(patch), ref, rtol=0, atol=0)
+    for size, patch in [((37, 29, 20), (16, 12, 20)), ((184, 184, 134), (80, 80, 80)), ((96, 96, 96), (96, 96, 96))]:
+        for overlap in (0.0, 0.25, 0.5, 0.7, 0.9):
+            interval = scan_interval(size, patch, overlap)
+            assert interval == _get_scan_interval(size, patch, 3, (overlap,) * 3)
+            assert tile_slices(size, patch, overlap) == list(dense_patch_slices(size, patch, interval))

@@ -13,11 +13,14 @@ One file per family; each subclasses the MONAI network it wraps, so state-dict k
   nnunet.py       `nnunet_resenc`, `nnunet_plain` (nnU-Net v2's own networks, dynamic-network-architectures)
 Every network exposes `encoder_prefixes` and `encoder_features(x)`; `save_encoder` / `load_encoder`
 move pretrained encoders between networks of one backbone. A new family is one more file here
-that registers itself with `register_net(name, tiny_args=..., tiny_size=...)` and is imported below;
+that registers itself with `register_net(name, tiny_args=..., tiny_size=...)` and is listed in
+`registry.NET_MODULES` and `_CLASSES` below (families load on first use);
 a named variant is a registered subclass (`ResEncUNetM`) that fixes its base's settings.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 from medct.nets.encoder import (
     ENCODER_NET_KEY,
@@ -28,21 +31,40 @@ from medct.nets.encoder import (
     save_encoder,
     unique_state_dict,
 )
-from medct.nets.nnunet import NNUNetPlain, NNUNetResEnc
 from medct.nets.registry import (
     DEFAULT_NET,
+    NET_MODULES,
     NetEntry,
     create_net,
     create_tiny_net,
     list_nets,
+    load_all_families,
     net_entry,
     record_config,
     register_net,
 )
-from medct.nets.resenc_unet import ResEncUNet, ResEncUNetL, ResEncUNetM
-from medct.nets.segresnet import MedSegResNet
-from medct.nets.swinunetr import MedSwinUNETR
-from medct.nets.unet import MedUNet
+
+# The network classes load with their family on first use (`medct.nets.ResEncUNetM` in a YAML
+# class_path, `create_net(name)`): importing medct.nets does not import MONAI.
+_CLASSES = {
+    "MedUNet": "medct.nets.unet",
+    "ResEncUNet": "medct.nets.resenc_unet",
+    "ResEncUNetM": "medct.nets.resenc_unet",
+    "ResEncUNetL": "medct.nets.resenc_unet",
+    "MedSegResNet": "medct.nets.segresnet",
+    "MedSwinUNETR": "medct.nets.swinunetr",
+    "NNUNetPlain": "medct.nets.nnunet",
+    "NNUNetResEnc": "medct.nets.nnunet",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _CLASSES:
+        import importlib
+
+        return getattr(importlib.import_module(_CLASSES[name]), name)
+    raise AttributeError(f"module 'medct.nets' has no attribute '{name}'")
+
 
 __all__ = [
     "DEFAULT_NET",
@@ -53,6 +75,7 @@ __all__ = [
     "MedUNet",
     "NNUNetPlain",
     "NNUNetResEnc",
+    "NET_MODULES",
     "NetEntry",
     "ResEncUNet",
     "ResEncUNetL",
@@ -61,6 +84,7 @@ __all__ = [
     "create_tiny_net",
     "encoder_state_dict",
     "list_nets",
+    "load_all_families",
     "load_encoder",
     "load_unique_state_dict",
     "net_entry",

@@ -42,6 +42,29 @@ class NetEntry:
 
 _NETS: dict[str, NetEntry] = {}
 
+# Where each registered name is defined, so that `create_net("nnunet_plain")` imports only that
+# family: the MONAI-based families import all of MONAI (~3 s on 2 cores), which a model of another
+# family does not need. A new family adds its names here; tests/test_nets.py checks that this table
+# and the family files agree.
+NET_MODULES: dict[str, str] = {
+    "unet": "medct.nets.unet",
+    "resenc_unet": "medct.nets.resenc_unet",
+    "resenc_unet_m": "medct.nets.resenc_unet",
+    "resenc_unet_l": "medct.nets.resenc_unet",
+    "segresnet": "medct.nets.segresnet",
+    "swinunetr": "medct.nets.swinunetr",
+    "nnunet_resenc": "medct.nets.nnunet",
+    "nnunet_plain": "medct.nets.nnunet",
+}
+
+
+def load_all_families() -> None:
+    """Import every network family (registers all names)."""
+    import importlib
+
+    for module in sorted(set(NET_MODULES.values())):
+        importlib.import_module(module)
+
 
 def jsonable(value: Any) -> Any:
     """Tuples -> lists, recursively: net args must survive JSON and torch.load(weights_only=True)."""
@@ -86,12 +109,17 @@ def register_net(name: str, tiny_args: dict[str, Any] | None = None, tiny_size: 
 
 
 def list_nets() -> list[str]:
-    """Registered network names, sorted."""
+    """Registered network names, sorted (every family imported)."""
+    load_all_families()
     return sorted(_NETS)
 
 
 def net_entry(name: str) -> NetEntry:
     """The registry entry of `name` (KeyError naming the registered networks otherwise)."""
+    if name not in _NETS and name in NET_MODULES:
+        import importlib
+
+        importlib.import_module(NET_MODULES[name])
     if name not in _NETS:
         raise KeyError(f"unknown network '{name}'; registered networks are: {', '.join(list_nets())}")
     return _NETS[name]
