@@ -4,7 +4,8 @@ Pipeline of `Predictor.predict(volume)` = `finish(run(prepare(volume)))` (a fold
 `prepare` on its reader thread and `finish` on its writer thread, overlapping the network):
 
 1. Network grid (prepare): exactly MONAI's `Orientationd(RAS)` + `Spacingd(card spacing)` grid,
-   built with MONAI's own `zoom_affine` / `compute_shape_offset` (obliquity is kept as MONAI keeps it).
+   computed as MONAI's `zoom_affine` / `compute_shape_offset` do (transcribed in medct.geometry,
+   tested equal to MONAI's; obliquity is kept as MONAI keeps it).
 2. One trilinear resample (float32) from the input voxels straight into that grid
    with the composed index->index affine, then HU clip/scale (as `medct.transforms`).
 3. Sliding window (run): MONAI's tiles and Gaussian weights (`medct.sliding_window`) under
@@ -149,7 +150,10 @@ def _channels_last(x: torch.Tensor) -> torch.Tensor:
 
 def keep_largest_components(labels: np.ndarray, label_ids: Sequence[int]) -> None:
     """In place: for each of `label_ids`, only its largest 26-connected component keeps the label;
-    the other components become background (0)."""
+    the other components become background (0).
+
+    scipy.ndimage rather than MONAI's KeepLargestConnectedComponent: that one needs scikit-image
+    (or cuCIM), which is not a medct dependency, and would import all of MONAI into inference."""
     from scipy import ndimage
 
     for i in label_ids:
