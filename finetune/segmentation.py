@@ -26,6 +26,7 @@ from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from monai.inferers import sliding_window_inference
 from monai.losses import DeepSupervisionLoss, DiceCELoss
 from monai.metrics import DiceMetric
@@ -34,6 +35,7 @@ from torch import Tensor, nn
 
 from medct.checkpoint import ModelCard, store_card
 from medct.errors import ConfigError
+from medct.nets.encoder import load_pretrained_encoder
 from medct.transforms import Preprocessing
 
 
@@ -45,6 +47,10 @@ class SegmentationTask(pl.LightningModule):
     `sw_overlap` / `sw_batch_size` as the model's default inference settings, and `keep_largest`:
     labels of which inference keeps only the largest connected component (nnU-Net's "remove all
     but the largest component" post-processing; for organs that are one piece, e.g. each lung).
+    `pretrained_encoder`: an encoder folder (`medct export` of a pretraining run) loaded into the
+    network's encoder before training; the decoder and head start fresh (as nnssl does). Any
+    missing, unexpected or shape-mismatched encoder tensor is an error unless `encoder_strict`
+    is false (then they are only reported).
     """
 
     def __init__(
@@ -62,6 +68,8 @@ class SegmentationTask(pl.LightningModule):
         sw_batch_size: int = 2,
         sw_overlap: float = 0.25,
         keep_largest: Sequence[str] = (),
+        pretrained_encoder: str | None = None,
+        encoder_strict: bool = True,
         compile: bool = False,
     ) -> None:
         super().__init__()
@@ -83,6 +91,9 @@ class SegmentationTask(pl.LightningModule):
         if out_channels is not None and out_channels != len(labels):
             raise ValueError(f"the network has {out_channels} output channels but there are {len(labels)} labels")
         self.net = net
+        if pretrained_encoder is not None:
+            report = load_pretrained_encoder(net, pretrained_encoder, encoder_strict)
+            rank_zero_info(f"pretrained encoder {pretrained_encoder}: {report.summary()}")
         self.labels = [str(n) for n in labels]
         unknown = [n for n in keep_largest if n not in self.labels[1:]]
         if unknown:

@@ -153,15 +153,23 @@ def store_card(checkpoint: dict[str, Any], card: ModelCard, net_prefix: str = "n
     checkpoint[CHECKPOINT_KEY] = {"card": json.loads(json.dumps(card.to_dict())), "net_prefix": net_prefix}
 
 
+ENCODER_TASK = "encoder"  # the card task of a pretrained encoder: model.safetensors holds the encoder only
+
+
 def save_model_folder(net: nn.Module, card: ModelCard, out_dir: str | os.PathLike[str]) -> Path:
-    """Write `net` and `card` into `out_dir` atomically (staged in a sibling temp folder)."""
+    """Write `net` and `card` into `out_dir` atomically (staged in a sibling temp folder).
+
+    For an encoder card (task "encoder") only the encoder's tensors are written: a pretraining
+    task's network has a decoder nobody trained (SparK and the contrastive methods use only the
+    encoder), and shipping it would suggest otherwise."""
     from safetensors.torch import save_file
 
-    from medct.nets import unique_state_dict
+    from medct.nets import encoder_state_dict, unique_state_dict
 
     with atomic_folder(out_dir) as stage:
         # safetensors refuses shared/non-contiguous storage: one name per tensor, contiguous CPU copies.
-        state = {k: v.cpu().contiguous() for k, v in unique_state_dict(net).items()}
+        tensors = encoder_state_dict(net) if card.task == ENCODER_TASK else unique_state_dict(net)
+        state = {k: v.cpu().contiguous() for k, v in tensors.items()}
         save_file(state, str(stage / WEIGHTS_FILE), metadata={"format": "pt"})
         (stage / CARD_FILE).write_text(json.dumps(card.to_dict(), indent=2) + "\n")
     return Path(out_dir)
@@ -191,6 +199,11 @@ def load_model_folder(
     from medct.nets import create_net, load_unique_state_dict
 
     card = read_model_card(model_dir)
+    if card.task == ENCODER_TASK:
+        raise ModelFolderError(
+            f"{model_dir} holds a pretrained encoder, not a whole network; give it to a recipe as "
+            "model.init_args.pretrained_encoder, or load it with medct.nets.load_encoder_folder."
+        )
     weights = Path(model_dir) / WEIGHTS_FILE
     if not weights.is_file():
         raise ModelFolderError(f"Model folder '{model_dir}' has no {WEIGHTS_FILE}.")

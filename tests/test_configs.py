@@ -63,14 +63,19 @@ def _tiny(cfg: dict[str, Any], tmp: Path) -> dict[str, Any]:
     if "sw_batch_size" in model:
         model["sw_batch_size"] = 1
     patch = max(TINY_PATCH, _min_patch(net.get("class_path", "")))
+    if "crop_size" in model:  # contrastive views inside the tiny patch
+        model["crop_size"] = [patch * 3 // 4] * 3
+    if "proj_hidden" in model:
+        model["proj_hidden"], model["proj_dim"] = 32, 16
 
     data = cfg.get("data", {}).get("init_args", {})
     spacing = data.get("spacing", [4.0, 4.0, 4.0])
     if "phantom" in data:
         data["data_dir"] = str(tmp / "phantom")
         data["phantom"] = {**(data["phantom"] or {}), "n": 3, "shape": [32, 32, 32], "spacing": spacing}
-    elif "data_dir" in data:  # a folder recipe: point it at a tiny cohort on disk
+    elif "data_dir" in data or "datalist" in data:  # a folder or datalist recipe: a tiny cohort on disk instead
         write_cohort(tmp / "folder", n=3, seed=0, shape=(32, 32, 32), spacing=tuple(spacing))
+        data.pop("datalist", None)
         data["data_dir"] = str(tmp / "folder")
     for key, value in {
         "patch_size": [patch] * 3,

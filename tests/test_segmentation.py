@@ -5,11 +5,11 @@ from __future__ import annotations
 import lightning.pytorch as pl
 import pytest
 import torch
-from medct.finetune.segmentation import SegmentationTask
 
 from medct.checkpoint import export_lightning_checkpoint, load_model_folder
 from medct.data import SegmentationDataModule
 from medct.errors import InputPathError, ModelFolderError
+from medct.finetune.segmentation import SegmentationTask
 from medct.lightning_cli import run_lightning
 from medct.nets import create_net
 from medct.phantom import write_cohort

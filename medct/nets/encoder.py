@@ -31,6 +31,7 @@ class EncoderLoadReport:
     missing: list[str] = field(default_factory=list)  # encoder keys of the net absent from the source
     unexpected: list[str] = field(default_factory=list)  # source keys that are not encoder keys of the net
     mismatched: list[str] = field(default_factory=list)  # present in both with different shapes
+    adapted: list[str] = field(default_factory=list)  # stem weights repeated over more input channels
     source_net: str | None = None  # registry name stored with the encoder file, when known
 
     @property
@@ -38,8 +39,9 @@ class EncoderLoadReport:
         return not (self.missing or self.unexpected or self.mismatched)
 
     def summary(self) -> str:
+        adapted = f" ({len(self.adapted)} stem tensors repeated over the input channels)" if self.adapted else ""
         return (
-            f"{len(self.loaded)} loaded, {len(self.missing)} missing, {len(self.unexpected)} unexpected, "
+            f"{len(self.loaded)} loaded{adapted}, {len(self.missing)} missing, {len(self.unexpected)} unexpected, "
             f"{len(self.mismatched)} shape-mismatched encoder tensors"
         )
 
@@ -102,20 +104,44 @@ def save_encoder(net: nn.Module, path: str | os.PathLike[str]) -> Path:
     return out
 
 
-def _read_encoder_file(path: Path) -> tuple[dict[str, Tensor], str | None]:
+def _read_encoder_file(path: Path) -> tuple[dict[str, Tensor], str | None, int | None]:
+    """(tensors, source registry name, source in_channels) of an encoder file or model folder."""
     from safetensors import SafetensorError, safe_open
     from safetensors.torch import load_file
 
-    if path.is_dir():  # an exported model folder: take its full weights, the encoder is selected below
+    net_name: str | None = None
+    in_channels: int | None = None
+    if path.is_dir():  # a model folder (encoder or whole network): its card names the source network
+        from medct.checkpoint import CARD_FILE, read_model_card
+
+        if (path / CARD_FILE).is_file():
+            card = read_model_card(path)
+            net_name, in_channels = card.net_name, card.net_args.get("in_channels", 1)
         path = path / "model.safetensors"
     if not path.is_file():
         raise InputPathError(f"Encoder file {path} does not exist.")
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
-        return load_file(str(path)), (meta.get(ENCODER_NET_KEY) or None)
+        if net_name is None:
+            net_name = meta.get(ENCODER_NET_KEY) or None
+            in_channels = json.loads(meta.get("net_args", "{}")).get("in_channels", 1)
+        return load_file(str(path)), net_name, None if in_channels is None else int(in_channels)
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise ModelFolderError(f"{path} is not a readable safetensors encoder file ({e}).") from e
+
+
+def _repeat_stem(source: Tensor, target_shape: tuple[int, ...], source_in: int | None) -> Tensor | None:
+    """A stem weight (out, source_in, k, k, k) repeated to (out, n * source_in, k, k, k) and divided by n,
+    so a one-channel encoder starts a multi-channel network with the same response to an input
+    whose channels are equal (nnssl / Models Genesis practice); None when `source` is not such a stem."""
+    shape = tuple(source.shape)
+    if source_in is None or len(shape) < 3 or len(shape) != len(target_shape) or shape[1] != source_in:
+        return None
+    if shape[:1] + shape[2:] != target_shape[:1] + target_shape[2:] or target_shape[1] % shape[1]:
+        return None
+    n = target_shape[1] // shape[1]
+    return source.repeat(1, n, *([1] * (len(shape) - 2))) / n
 
 
 def load_encoder(
@@ -126,16 +152,18 @@ def load_encoder(
     `path_or_state`: a file from `save_encoder`, an exported model folder (its encoder part is
     used), or a state dict keyed like `net.state_dict()`. With `strict`, any missing, unexpected or
     shape-mismatched key raises ModelFolderError and nothing is loaded; otherwise the matching
-    tensors are loaded and the rest is only reported.
+    tensors are loaded and the rest is only reported. A stem weight pretrained on fewer input
+    channels than `net` has is repeated over them and divided by the repeat (`_repeat_stem`).
     """
     prefixes = _encoder_prefixes(net)
     source_net: str | None = None
+    source_in: int | None = None
     if isinstance(path_or_state, dict):
         state = dict(path_or_state)
         where = "the given state dict"
     else:
         p = Path(path_or_state).expanduser()
-        state, source_net = _read_encoder_file(p)
+        state, source_net, source_in = _read_encoder_file(p)
         if p.is_dir():
             state = {k: v for k, v in state.items() if k.startswith(prefixes)}
         where = str(p)
@@ -144,7 +172,16 @@ def load_encoder(
     report.missing = sorted(k for k in target if k not in state)
     report.unexpected = sorted(k for k in state if k not in target)
     for k in sorted(k for k in target if k in state):
-        (report.loaded if tuple(state[k].shape) == tuple(target[k].shape) else report.mismatched).append(k)
+        if tuple(state[k].shape) == tuple(target[k].shape):
+            report.loaded.append(k)
+            continue
+        repeated = _repeat_stem(state[k], tuple(target[k].shape), source_in)
+        if repeated is None:
+            report.mismatched.append(k)
+        else:  # more input channels downstream than in pretraining
+            state[k] = repeated
+            report.loaded.append(k)
+            report.adapted.append(k)
     if strict and not report.ok:
         first = (report.missing or report.unexpected or report.mismatched)[0]
         name = getattr(net, "net_name", type(net).__name__)
@@ -155,4 +192,40 @@ def load_encoder(
         params = dict(net.state_dict(keep_vars=True))
         for k in report.loaded:
             params[k].copy_(state[k].to(dtype=params[k].dtype, device=params[k].device))
+    return report
+
+
+def load_encoder_folder(
+    model_dir: str | os.PathLike[str],
+    device: str | torch.device = "cpu",
+    net_args: dict[str, object] | None = None,
+) -> tuple[nn.Module, EncoderLoadReport]:
+    """The network named by an encoder folder's card (`medct export` of a pretraining run), with the
+    pretrained encoder loaded strictly; `net_args` override the card's (e.g. out_channels=5 for a
+    downstream head). The decoder is freshly initialised. Returns (net in eval mode, report)."""
+    from medct.checkpoint import read_model_card
+    from medct.nets.registry import create_net
+
+    card = read_model_card(model_dir)
+    try:
+        net = create_net(card.net_name, **{**card.net_args, **(net_args or {})})
+    except (KeyError, TypeError, ValueError) as e:
+        raise ModelFolderError(f"{model_dir}: cannot build network '{card.net_name}' from medct.json ({e}).") from e
+    report = load_encoder(net, model_dir, strict=True)
+    return net.to(device).eval(), report
+
+
+def load_pretrained_encoder(net: nn.Module, path: str | os.PathLike[str], strict: bool = True) -> EncoderLoadReport:
+    """What a downstream task does with `pretrained_encoder: ENC_DIR`: load it into `net`; with
+    `strict=False` a partial load is a warning naming what did not load (strict: ModelFolderError)."""
+    import warnings
+
+    report = load_encoder(net, path, strict=strict)
+    if not report.ok:
+        first = (report.missing or report.unexpected or report.mismatched)[0]
+        warnings.warn(
+            f"pretrained encoder {path} loaded partially ({report.summary()}, e.g. '{first}').",
+            UserWarning,
+            stacklevel=2,
+        )
     return report

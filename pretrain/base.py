@@ -1,0 +1,208 @@
+"""What every pretraining method shares: the pretrained network, its encoder card, the schedules.
+
+A pretraining task (SparK, contrastive, Volume Fusion) trains the *encoder* of a network from the
+registry (`medct.nets`, the ResEnc default included) on unlabelled volumes. It receives that
+network as an argument (Lightning style guide), like the segmentation task does, so a YAML names
+the same `class_path` for pretraining and fine-tuning and the encoder keys line up by
+construction. What it exports is an encoder folder (`medct export CKPT -o ENC_DIR`): card task
+"encoder" (`medct.checkpoint.ENCODER_TASK`) with the backbone name and args, which method, what data
+it saw and the preprocessing, and the encoder's tensors only. A segmentation or classification
+recipe loads it with `pretrained_encoder: ENC_DIR` (`medct.nets.load_pretrained_encoder`).
+
+Schedules (`lr_lambda`): linear warmup then cosine decay to 0 ("cosine"), or warmup-stable-decay
+("wsd": constant after warmup, linear decay over the last `decay_fraction` of the run; Hu et al.,
+MiniCPM 2024, and Ibrahim et al., "Simple and Scalable Strategies to Continually Pre-train Large
+Language Models", 2024), whose stable phase can be continued on a new domain without re-warming
+(continual pretraining), or "constant".
+
+Validation of a pretraining run is its own loss on a fixed centre crop of each validation volume
+with a fixed random draw (`val_generator`), so val/loss curves are comparable across epochs.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any, ClassVar, Literal
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_info
+from torch import Tensor, nn
+
+from medct.checkpoint import ENCODER_TASK, ModelCard, store_card
+from medct.errors import ConfigError
+from medct.nets.encoder import load_pretrained_encoder
+from medct.transforms import Preprocessing
+
+Schedule = Literal["cosine", "wsd", "constant"]
+
+
+class WarmupSchedule:
+    """LambdaLR factor at optimiser step `step` of `total` (a class, not a closure: picklable).
+
+    cosine:   linear warmup over `warmup` steps, then cosine from 1 to 0.
+    wsd:      linear warmup, constant 1, then linear decay to 0 over the last `decay_fraction`.
+    constant: linear warmup, then 1.
+    """
+
+    def __init__(self, kind: Schedule, total: int, warmup: int, decay_fraction: float = 0.1) -> None:
+        self.kind, self.total, self.warmup, self.decay_fraction = kind, max(int(total), 1), int(warmup), decay_fraction
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup:
+            return (step + 1) / self.warmup
+        if self.kind == "constant":
+            return 1.0
+        if self.kind == "cosine":
+            t = (step - self.warmup) / max(self.total - self.warmup, 1)
+            return 0.5 * (1.0 + math.cos(math.pi * min(t, 1.0)))
+        decay_start = self.total * (1.0 - self.decay_fraction)
+        if step < decay_start:
+            return 1.0
+        return max(0.0, (self.total - step) / max(self.total - decay_start, 1.0))
+
+
+def centre_patch(image: Tensor, patch: Sequence[int]) -> Tensor:
+    """(B, C, X, Y, Z) -> (B, C, *patch): the centre crop, zero-padded (air after windowing) where smaller."""
+    pads: list[int] = []
+    for size, p in zip(reversed(image.shape[2:]), reversed(list(patch)), strict=True):
+        extra = max(p - size, 0)
+        pads += [extra // 2, extra - extra // 2]
+    image = F.pad(image, pads)
+    starts = [(s - p) // 2 for s, p in zip(image.shape[2:], patch, strict=True)]
+    x, y, z = starts
+    return image[:, :, x : x + patch[0], y : y + patch[1], z : z + patch[2]]
+
+
+class PretrainTask(pl.LightningModule):
+    """Base of the pretraining tasks: `net` (a registry network) whose encoder is pretrained.
+
+    Args (shared by every method's YAML):
+        net: the network from `medct.nets` (its `encoder_prefixes` part is exported).
+        spacing, hu_min, hu_max, patch_size, modality: the data's preprocessing (linked from the
+            data module by MedCTCLI), stored in the encoder card.
+        lr: peak AdamW learning rate. weight_decay: AdamW weight decay.
+        scheduler: "cosine", "wsd" or "constant". warmup_steps: linear warmup length.
+        decay_fraction: the last fraction of the run over which "wsd" decays to 0.
+        pretrained_encoder: an encoder folder to start from (continual pretraining).
+    """
+
+    method: ClassVar[str] = ""  # the card's extra.pretraining.method
+
+    def __init__(
+        self,
+        net: nn.Module,
+        spacing: Sequence[float] = (1.5, 1.5, 1.5),
+        hu_min: float = -1000.0,
+        hu_max: float = 1000.0,
+        patch_size: Sequence[int] = (96, 96, 96),
+        modality: str = "CT",
+        lr: float = 1e-4,
+        weight_decay: float = 1e-2,
+        scheduler: Schedule = "cosine",
+        warmup_steps: int = 0,
+        decay_fraction: float = 0.1,
+        pretrained_encoder: str | None = None,
+    ) -> None:
+        super().__init__()
+        if scheduler not in ("cosine", "wsd", "constant"):
+            raise ConfigError(f"model.scheduler must be cosine, wsd or constant, got '{scheduler}'.")
+        if not 0.0 < decay_fraction <= 1.0:
+            raise ConfigError(f"model.decay_fraction must lie in (0, 1], got {decay_fraction}.")
+        if int(warmup_steps) < 0:
+            raise ConfigError(f"model.warmup_steps must be 0 or more, got {warmup_steps}.")
+        self.net_config: dict[str, Any] | None = getattr(net, "net_config", None)
+        if not hasattr(net, "encoder_features"):
+            raise ConfigError(f"{type(net).__name__} is not a medct registry network (no encoder_features).")
+        self.net = net
+        self.lineage: list[dict[str, Any]] = []  # earlier pretraining phases of the encoder we start from
+        if pretrained_encoder is not None:
+            report = load_pretrained_encoder(net, pretrained_encoder, strict=True)
+            rank_zero_info(f"pretrained encoder {pretrained_encoder}: {report.summary()}")
+            self.lineage = _lineage_of(pretrained_encoder)
+
+    # -- what the data decides (hparams are set by the subclass's save_hyperparameters)
+
+    @property
+    def preprocessing(self) -> Preprocessing:
+        hp = self.hparams
+        return Preprocessing(
+            spacing=tuple(float(s) for s in hp.spacing),  # type: ignore[arg-type]
+            hu_min=float(hp.hu_min),
+            hu_max=float(hp.hu_max),
+            modality=str(hp.modality),
+        )
+
+    @property
+    def patch(self) -> tuple[int, int, int]:
+        return tuple(int(p) for p in self.hparams.patch_size)  # type: ignore[return-value]
+
+    def method_settings(self) -> dict[str, Any]:
+        """The method's own hyperparameters, for the card (JSON primitives)."""
+        skip = {"spacing", "hu_min", "hu_max", "patch_size", "modality", "pretrained_encoder"}
+        return {k: v for k, v in dict(self.hparams).items() if k not in skip and not k.startswith("_")}
+
+    def data_seen(self) -> dict[str, Any]:
+        """Which data this run trained on (from the data module, when there is one)."""
+        dm = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        seen: dict[str, Any] = {"steps": int(self.global_step)}
+        if dm is not None:
+            seen["data_dir"] = getattr(dm, "data_dir", None)
+            seen["datalist"] = getattr(dm, "datalist", None)
+            seen["train_volumes"] = len(getattr(dm, "train_items", []) or [])
+        return seen
+
+    def model_card(self) -> ModelCard:
+        """The encoder card `medct export` writes (task "encoder")."""
+        if self.net_config is None:
+            raise ValueError("the network was not built by medct.nets.create_net (it has no net_config)")
+        phase = {"method": self.method, "settings": self.method_settings(), "data": self.data_seen()}
+        return ModelCard(
+            net_name=str(self.net_config["name"]),
+            net_args=dict(self.net_config["args"]),
+            labels={},
+            preprocessing=self.preprocessing,
+            patch_size=self.patch,
+            task=ENCODER_TASK,
+            outputs={"encoder_prefixes": list(self.net.encoder_prefixes)},
+            extra={"pretraining": {**phase, "earlier_phases": self.lineage}},
+        )
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.net_config is not None:
+            store_card(checkpoint, self.model_card(), net_prefix="net.")
+
+    # -- optimisation
+
+    def configure_optimizers(self) -> Any:
+        hp = self.hparams
+        params = [p for p in self.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=hp.lr, weight_decay=hp.weight_decay)
+        total = self.trainer.estimated_stepping_batches if self._trainer is not None else math.inf
+        if not math.isfinite(total):
+            return opt
+        lam = WarmupSchedule(hp.scheduler, int(total), hp.warmup_steps, hp.decay_fraction)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lam)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def val_generator(self, batch_idx: int, device: torch.device | str | None = None) -> torch.Generator:
+        """The same random draw for validation case `batch_idx` at every epoch (on `device`, default this task's)."""
+        g = torch.Generator(device=self.device if device is None else device)
+        g.manual_seed(1_000_003 * (batch_idx + 1))
+        return g
+
+
+def _lineage_of(encoder_dir: str) -> list[dict[str, Any]]:
+    """The pretraining phases recorded in an encoder folder's card (oldest first), plus its own."""
+    from pathlib import Path
+
+    from medct.checkpoint import CARD_FILE, read_model_card
+
+    if not (Path(encoder_dir) / CARD_FILE).is_file():
+        return [{"source": str(encoder_dir)}]
+    pre = read_model_card(encoder_dir).extra.get("pretraining", {})
+    earlier = list(pre.get("earlier_phases", []))
+    own = {k: v for k, v in pre.items() if k != "earlier_phases"}
+    return [*earlier, {**own, "source": str(encoder_dir)}]
