@@ -19,7 +19,8 @@ Datalists are MONAI-style lists of dicts with those keys, read from
   * an nnU-Net raw folder: imagesTr/NAME_0000.nii.gz paired with labelsTr/NAME.nii.gz (Isensee et
     al., Nat. Methods 2021); nnU-Net v2's dataset.json ("labels" {"background": 0, ...}) names the
     classes;
-  * for ("image",) only: any folder of volumes (`list_volume_folder`).
+  * for ("image",) only: any folder of volumes (`list_volume_folder`), or a reduced datalist
+    written by `medct reduce` (entries with "slices": training crops are centred on those).
 Without a "validation" list the training list is split by a seeded shuffle: a fraction, or fold
 k of n.
 
@@ -349,6 +350,7 @@ class VolumeDataModule(pl.LightningDataModule):
         self.val_fraction, self.fold, self.num_folds, self.seed = val_fraction, fold, num_folds, seed
         self.train_items: Datalist = []
         self.val_items: Datalist = []
+        self.kept_slices = False  # set by _split from the datalist
 
     def _json_path(self) -> Path:
         return Path(self.datalist) if self.datalist is not None else Path(str(self.data_dir)) / DATASET_JSON
@@ -442,6 +444,8 @@ class VolumeDataModule(pl.LightningDataModule):
                 raise InputPathError(
                     f"{len(lacking)} cases have no '{key}' (this task needs {list(self.keys)}), e.g. {first}."
                 )
+        # a reduced datalist (`medct reduce`): training crops are centred on the kept slices
+        self.kept_slices = self.keys == ("image",) and any("slices" in x for x in train)
         if val:
             return train, val
         return split_datalist(train, self.val_fraction, self.seed, self.fold, self.num_folds)
@@ -449,6 +453,8 @@ class VolumeDataModule(pl.LightningDataModule):
     def cache_fingerprint(self) -> str:
         """Short hash of everything the cached tensors depend on (a new folder when any changes)."""
         key = {"v": CACHE_VERSION, "keys": list(self.keys), "pre": self.pre.to_dict(), "patch": self.patch_size}
+        if self.kept_slices:
+            key["kept_slices"] = True
         return hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
 
     def transforms(self, split: str) -> Any:
@@ -461,6 +467,7 @@ class VolumeDataModule(pl.LightningDataModule):
             train=split == "train",
             num_samples=self.num_samples,
             augment=self.augment,
+            kept_slices=self.kept_slices,
         )
 
     def _dataset(self, items: Datalist, split: str) -> Any:

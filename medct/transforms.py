@@ -208,6 +208,46 @@ def _with_meta(array: Any, like: Any) -> Any:
     return MetaTensor(array, affine=like.affine, meta=meta)
 
 
+@functools.cache
+def _kept_slicesd_class() -> type:
+    """Define KeptSlicesd on first use (MONAI import, see `_load_volumed_class`)."""
+    from monai.transforms import MapTransform
+
+    class KeptSlicesd(MapTransform):
+        """Add "kept": a uint8 map (1, X, Y, Z) on the image's grid that is 1 on the axial slices an
+        entry's "slices" list keeps (`medct.pretrain.reduction`), so that crop centres can be drawn
+        from them after every spatial step. "slices" index the stored voxel axis nearest to S-I
+        (`medct.pretrain.reduction.axial_axis`); an entry without "slices" keeps every slice.
+        Written by hand: MONAI has no transform from slice indices to a sampling map."""
+
+        def __init__(self, image_key: str = "image") -> None:
+            super().__init__([image_key])
+            self.image_key = image_key
+
+        def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+            import torch
+
+            d = dict(data)
+            image = d[self.image_key]  # MetaTensor (1, X, Y, Z) as loaded, before orientation
+            affine = np.asarray(image.affine, dtype=np.float64)
+            direction = affine[:3, :3] / np.linalg.norm(affine[:3, :3], axis=0, keepdims=True)
+            axis = int(np.argmax(np.abs(direction[2])))
+            slices = d.pop("slices", None)
+            kept = (
+                torch.zeros(image.shape, dtype=torch.uint8)
+                if slices is not None
+                else torch.ones(image.shape, dtype=torch.uint8)
+            )
+            if slices is not None:
+                index = [slice(None)] * 4
+                index[axis + 1] = [int(k) for k in slices if 0 <= int(k) < image.shape[axis + 1]]
+                kept[tuple(index)] = 1
+            d["kept"] = _with_meta(kept, image)
+            return d
+
+    return KeptSlicesd
+
+
 def __getattr__(name: str) -> Any:  # PEP 562: `from medct.transforms import LoadVolumed` imports MONAI then
     if name == "LoadVolumed":
         return _load_volumed_class()
@@ -333,6 +373,7 @@ def generic_transforms(
     train: bool,
     num_samples: int = 1,
     augment: bool = True,
+    kept_slices: bool = False,
 ) -> Any:
     """The pipeline of `medct.data.VolumeDataModule` for any of its key sets.
 
@@ -343,16 +384,20 @@ def generic_transforms(
     at its centre (registration aligns them; random crops of each would not overlap). "text" is
     passed through. Training adds `num_samples` random patches per volume (same place for keys
     on one grid) and, with `augment`, small affine and intensity changes of the "image"/"phases".
+    `kept_slices` (key set ("image",), a reduced datalist from `medct reduce`): every training patch
+    is centred on an axial slice the entry's "slices" keep.
     """
     import torch
     from monai.transforms import (
         CastToTyped,
         Compose,
         CropForegroundd,
+        DeleteItemsd,
         EnsureTyped,
         Orientationd,
         RandAdjustContrastd,
         RandAffined,
+        RandCropByPosNegLabeld,
         RandGaussianNoised,
         RandScaleIntensityd,
         RandShiftIntensityd,
@@ -375,16 +420,25 @@ def generic_transforms(
         xs += [_load_volumed_class()(keys=[k], label_keys=()) for k in vols]
     else:
         xs.append(_load_volumed_class()(keys=vols, label_keys=("label",)))
+    kept = kept_slices and train and vols == ["image"]
+    if kept:  # a sampling map that follows the image through every spatial step (nearest)
+        xs.append(_kept_slicesd_class()("image"))
+        vols = ["image", "kept"]
     xs += [
         Orientationd(keys=vols, axcodes="RAS", labels=None),
         Spacingd(
             keys=vols,
             pixdim=tuple(pre.spacing),
-            mode=["nearest" if k == "label" else "bilinear" for k in vols],
+            mode=["nearest" if k in ("label", "kept") else "bilinear" for k in vols],
             padding_mode="border",
         ),
         ScaleIntensityRanged(
-            keys=[k for k in vols if k != "label"], a_min=pre.hu_min, a_max=pre.hu_max, b_min=0.0, b_max=1.0, clip=True
+            keys=[k for k in vols if k not in ("label", "kept")],
+            a_min=pre.hu_min,
+            a_max=pre.hu_max,
+            b_min=0.0,
+            b_max=1.0,
+            clip=True,
         ),
     ]
     groups = [[k] for k in vols] if separate else [vols]
@@ -406,10 +460,19 @@ def generic_transforms(
         if separate:
             xs.append(ResizeWithPadOrCropd(keys=vols, spatial_size=patch, mode="constant"))
         else:
-            xs += [
-                SpatialPadd(keys=vols, spatial_size=patch, mode="constant"),  # 0 = below the window (air)
-                RandSpatialCropSamplesd(keys=vols, roi_size=patch, num_samples=num_samples, random_size=False),
-            ]
+            xs.append(SpatialPadd(keys=vols, spatial_size=patch, mode="constant"))  # 0 = below the window (air)
+            if kept:
+                xs += [
+                    RandCropByPosNegLabeld(
+                        keys=vols, label_key="kept", spatial_size=patch, pos=1.0, neg=0.0, num_samples=num_samples
+                    ),
+                    DeleteItemsd(keys="kept"),
+                ]
+                vols = ["image"]
+            else:
+                xs.append(
+                    RandSpatialCropSamplesd(keys=vols, roi_size=patch, num_samples=num_samples, random_size=False)
+                )
         intensity = [k for k in vols if k in ("image", "phases")]
         if augment and intensity:
             if not separate:

@@ -14,6 +14,7 @@ from __future__ import annotations
 COMMANDS: dict[str, str] = {
     "segment": "medct.commands.segment",
     "export": "medct.commands.export",
+    "reduce": "medct.commands.reduce",
     "phantom": "medct.commands.phantom",
     "demo": "medct.commands.demo",
 }
