@@ -59,7 +59,13 @@ from torch.utils.data import DataLoader
 
 from medct.errors import ConfigError, InputPathError
 from medct.paths import VOLUME_SUFFIXES, volume_stem
-from medct.transforms import Preprocessing, generic_transforms, train_transforms, val_transforms
+from medct.transforms import (
+    Preprocessing,
+    classification_transforms,
+    generic_transforms,
+    train_transforms,
+    val_transforms,
+)
 
 DATASET_JSON = "dataset.json"
 CACHE_VERSION = 2  # bump when the cached part of the pipelines changes meaning
@@ -284,6 +290,8 @@ class VolumeDataModule(pl.LightningDataModule):
         cache_dir: disk cache of the deterministic preprocessing (None = no cache). Defaults to None.
         val_fraction, fold, num_folds, seed: the split when the datalist has no validation list.
         phantom: write this synthetic cohort into data_dir when it holds no dataset.json. Defaults to None.
+        num_train: train on only this many training volumes (a seeded choice; the few-label
+            settings of the transfer benchmarks); None = all. Defaults to None.
     """
 
     def __init__(
@@ -306,6 +314,7 @@ class VolumeDataModule(pl.LightningDataModule):
         num_folds: int = 5,
         seed: int = 0,
         phantom: PhantomCohort | None = None,
+        num_train: int | None = None,
     ) -> None:
         super().__init__()
         self.keys = tuple(str(k) for k in keys)
@@ -348,6 +357,9 @@ class VolumeDataModule(pl.LightningDataModule):
         self.num_workers = int(num_workers)
         self.cache_dir = cache_dir
         self.val_fraction, self.fold, self.num_folds, self.seed = val_fraction, fold, num_folds, seed
+        if num_train is not None and int(num_train) < 1:
+            raise ConfigError(f"data.num_train must be at least 1 (or null for all), got {num_train}.")
+        self.num_train = None if num_train is None else int(num_train)
         self.train_items: Datalist = []
         self.val_items: Datalist = []
         self.kept_slices = False  # set by _split from the datalist
@@ -446,9 +458,19 @@ class VolumeDataModule(pl.LightningDataModule):
                 )
         # a reduced datalist (`medct reduce`): training crops are centred on the kept slices
         self.kept_slices = self.keys == ("image",) and any("slices" in x for x in train)
-        if val:
-            return train, val
-        return split_datalist(train, self.val_fraction, self.seed, self.fold, self.num_folds)
+        if not val:
+            train, val = split_datalist(train, self.val_fraction, self.seed, self.fold, self.num_folds)
+        if self.num_train is not None:
+            train = self.subset(train, self.num_train)
+        return train, val
+
+    def subset(self, train: Datalist, n: int) -> Datalist:
+        """`n` training volumes: the first n of a seeded shuffle (the same for every task on one split)."""
+        if n > len(train):
+            raise ConfigError(f"data.num_train is {n} but the training split has only {len(train)} volumes.")
+        order = list(train)
+        random.Random(self.seed + 1).shuffle(order)
+        return order[:n]
 
     def cache_fingerprint(self) -> str:
         """Short hash of everything the cached tensors depend on (a new folder when any changes)."""
@@ -530,6 +552,7 @@ class SegmentationDataModule(VolumeDataModule):
         num_folds: int = 5,
         seed: int = 0,
         phantom: PhantomCohort | None = None,
+        num_train: int | None = None,
     ) -> None:
         super().__init__(
             keys=("image", "label"),
@@ -550,6 +573,7 @@ class SegmentationDataModule(VolumeDataModule):
             num_folds=num_folds,
             seed=seed,
             phantom=phantom,
+            num_train=num_train,
         )
         if any(a not in (0, 1, 2) for a in flip_axes):
             raise ConfigError(f"data.flip_axes holds RAS axes 0, 1 or 2, got {list(flip_axes)}.")
@@ -585,6 +609,137 @@ class SegmentationDataModule(VolumeDataModule):
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "labels": self.labels}
+
+
+class ClassificationDataModule(VolumeDataModule):
+    """Whole volumes with a volume-level class: keys ("image",) plus the entry field `class_key`.
+
+    Each datalist entry names its class in `class_key` (e.g. the phantom cohort's "lesion":
+    present/absent, "phase", "variant"; any string or number). `classes` orders the class names
+    (index = position); by default the sorted distinct values of the datalist. Items are whole
+    body-cropped volumes padded / centre-cropped to `patch_size` (`classification_transforms`)
+    with "class" = the class index. `num_train` picks that many training volumes, balanced over the
+    classes (round-robin over a seeded shuffle of each class).
+
+    Args (besides VolumeDataModule's): class_key, classes.
+    """
+
+    def __init__(
+        self,
+        class_key: str = "class",
+        classes: list[str] | None = None,
+        data_dir: str | None = None,
+        datalist: str | None = None,
+        spacing: tuple[float, float, float] = (1.5, 1.5, 1.5),
+        hu_min: float = -1000.0,
+        hu_max: float = 1000.0,
+        modality: str | None = None,
+        patch_size: tuple[int, int, int] = (96, 96, 96),
+        batch_size: int = 2,
+        augment: bool = True,
+        num_workers: int = 4,
+        cache_dir: str | None = None,
+        val_fraction: float = 0.2,
+        fold: int | None = None,
+        num_folds: int = 5,
+        seed: int = 0,
+        phantom: PhantomCohort | None = None,
+        num_train: int | None = None,
+    ) -> None:
+        super().__init__(
+            keys=("image",),
+            data_dir=data_dir,
+            datalist=datalist,
+            spacing=spacing,
+            hu_min=hu_min,
+            hu_max=hu_max,
+            modality=modality,
+            patch_size=patch_size,
+            batch_size=batch_size,
+            num_samples=1,
+            augment=augment,
+            num_workers=num_workers,
+            cache_dir=cache_dir,
+            val_fraction=val_fraction,
+            fold=fold,
+            num_folds=num_folds,
+            seed=seed,
+            phantom=phantom,
+            num_train=num_train,
+        )
+        self.class_key = str(class_key)
+        self._classes = [str(c) for c in classes] if classes is not None else None
+
+    @property
+    def labels(self) -> list[str]:
+        """Class names by index (linked into the task's `labels`)."""
+        if self._classes is None:
+            train, val = self._split_all()
+            self._classes = sorted({str(x[self.class_key]) for x in train + val})
+        return list(self._classes)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.labels)
+
+    def _split_all(self) -> tuple[Datalist, Datalist]:
+        n, self.num_train = self.num_train, None
+        try:
+            return self._split()
+        finally:
+            self.num_train = n
+
+    def _split(self) -> tuple[Datalist, Datalist]:
+        if self.phantom is not None and not self._json_path().is_file():
+            self.prepare_data()  # the class names are read from the cohort's entries
+        train, val = super()._split()
+        lacking = [x for x in train + val if self.class_key not in x]
+        if lacking:
+            raise InputPathError(
+                f"{len(lacking)} entries have no '{self.class_key}' field (data.class_key), e.g. {lacking[0].get('image')}."
+            )
+        names = self._classes
+        if names is not None:
+            unknown = sorted({str(x[self.class_key]) for x in train + val} - set(names))
+            if unknown:
+                raise ConfigError(f"data.classes {names} does not name the classes {unknown} found in the datalist.")
+        index = {c: i for i, c in enumerate(names or sorted({str(x[self.class_key]) for x in train + val}))}
+        return (
+            [{**x, "class": index[str(x[self.class_key])]} for x in train],
+            [{**x, "class": index[str(x[self.class_key])]} for x in val],
+        )
+
+    def subset(self, train: Datalist, n: int) -> Datalist:
+        if n > len(train):
+            raise ConfigError(f"data.num_train is {n} but the training split has only {len(train)} volumes.")
+        by_class: dict[str, list[dict[str, Any]]] = {}
+        for x in train:
+            by_class.setdefault(str(x[self.class_key]), []).append(x)
+        rng = random.Random(self.seed + 1)
+        queues = [rng.sample(v, len(v)) for _, v in sorted(by_class.items())]
+        picked: list[dict[str, Any]] = []
+        while len(picked) < n:
+            for q in queues:
+                if q and len(picked) < n:
+                    picked.append(q.pop(0))
+        return picked
+
+    def transforms(self, split: str) -> Any:
+        return classification_transforms(self.pre, self.patch_size, train=split == "train", augment=self.augment)
+
+    def val_dataloader(self) -> DataLoader:
+        from monai.data import DataLoader as MonaiDataLoader
+
+        return MonaiDataLoader(  # fixed-size items: validation batches like training
+            self._dataset(self.val_items, "val"),
+            batch_size=self.batch_size,
+            shuffle=False,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "classes": self.labels, "class_key": self.class_key}
 
 
 def _check_positive(name: str, values: Sequence[Any], kind: type) -> None:

@@ -494,3 +494,43 @@ def generic_transforms(
             ]
     xs.append(EnsureTyped(keys=vols, dtype=torch.float32, track_meta=not train))
     return Compose(xs)
+
+
+def classification_transforms(pre: Preprocessing, patch_size: Sequence[int], train: bool, augment: bool = True) -> Any:
+    """Whole volumes for volume-level labels: load -> RAS -> spacing -> HU window -> body crop, then
+    padded / centre-cropped to `patch_size` (every item the same shape, so they batch). Training adds
+    small affine and intensity changes. Non-image keys (the class index) pass through."""
+    import torch
+    from monai.transforms import (
+        Compose,
+        EnsureTyped,
+        RandAdjustContrastd,
+        RandAffined,
+        RandGaussianNoised,
+        RandScaleIntensityd,
+        RandShiftIntensityd,
+        ResizeWithPadOrCropd,
+    )
+
+    xs: list[Any] = [
+        *_deterministic(pre, ["image"], crop=True),
+        ResizeWithPadOrCropd(keys="image", spatial_size=tuple(int(p) for p in patch_size), mode="constant"),
+    ]
+    if train and augment:
+        xs += [
+            RandAffined(
+                keys="image",
+                prob=0.3,
+                rotate_range=(0.26, 0.26, 0.26),  # +-15 degrees
+                scale_range=(0.1, 0.1, 0.1),
+                translate_range=(8, 8, 8),
+                mode="bilinear",
+                padding_mode="zeros",
+            ),
+            RandScaleIntensityd(keys="image", factors=0.1, prob=0.2),
+            RandShiftIntensityd(keys="image", offsets=0.05, prob=0.2),
+            RandAdjustContrastd(keys="image", prob=0.15, gamma=(0.7, 1.5)),
+            RandGaussianNoised(keys="image", prob=0.15, std=0.01),
+        ]
+    xs.append(EnsureTyped(keys="image", dtype=torch.float32, track_meta=False))
+    return Compose(xs)

@@ -60,6 +60,9 @@ def _tiny(cfg: dict[str, Any], tmp: Path) -> dict[str, Any]:
     net = model.get("net", {}) if isinstance(model.get("net"), dict) else {}
     for key in set(NET_SHRINK) & set(net.get("init_args", {})):
         net["init_args"][key] = NET_SHRINK[key]
+    inner = net.get("init_args", {}).get("backbone_args") or {}  # a classifier's backbone
+    for key in set(NET_SHRINK) & set(inner):
+        inner[key] = NET_SHRINK[key]
     if "sw_batch_size" in model:
         model["sw_batch_size"] = 1
     patch = max(TINY_PATCH, _min_patch(net.get("class_path", "")))

@@ -26,6 +26,7 @@ from medct.nets import (
 
 # name -> (tiny init args, cube side of a test input), as each registration declares them
 TINY = {name: (net_entry(name).tiny_args, net_entry(name).tiny_size) for name in list_nets()}
+DENSE = sorted(name for name in TINY if net_entry(name).output == "dense")  # segmentation-shaped outputs
 
 
 def test_registry_lists_every_network_and_default():
@@ -62,7 +63,7 @@ def test_forward_shape_and_rebuild_from_config(name):
     with torch.no_grad():
         y = net(x)
         feats = net.encoder_features(x)
-    assert y.shape == (1, 3, size, size, size)
+    assert y.shape == ((1, 3, size, size, size) if name in DENSE else (1, 3))
     assert len(feats) >= 3 and feats[0].shape[0] == 1
     assert feats[-1].shape[-1] < feats[0].shape[-1]  # shallow to deep
 
@@ -226,3 +227,22 @@ def test_lazy_family_table_matches_the_family_files() -> None:
     assert {name: entry.builder.__module__ for name, entry in _NETS.items()} == NET_MODULES
     for cls_name in nets._CLASSES:
         assert getattr(nets, cls_name).__module__ == nets._CLASSES[cls_name]
+
+
+def test_encoder_classifier_takes_a_plain_backbone_encoder(tmp_path):
+    """encoder_classifier drops its backbone's decoder and loads an encoder saved from the plain backbone."""
+    torch.manual_seed(0)
+    plain = create_net("resenc_unet", filters=[4, 8, 16])
+    clf = create_net(
+        "encoder_classifier", backbone="resenc_unet", backbone_args={"filters": [4, 8, 16]}, out_channels=4
+    )
+    assert not hasattr(clf.backbone, "upsamples") and not hasattr(clf.backbone, "output_block")
+    assert set(clf.state_dict()) == {"backbone." + k for k in encoder_state_dict(plain)} | {"head.weight", "head.bias"}
+    report = load_encoder(clf, save_encoder(plain, tmp_path / "enc.safetensors"))
+    assert report.ok and len(report.loaded) == len(encoder_state_dict(plain))
+    x = torch.randn(2, 1, 32, 32, 32)
+    with torch.no_grad():
+        a = [f.mean(dim=(2, 3, 4)) for f in plain.eval().encoder_features(x)]
+        assert torch.allclose(clf.eval().embed(x), torch.cat(a, dim=1))
+    nn_clf = create_net("encoder_classifier", backbone="nnunet_plain", backbone_args={})
+    assert not hasattr(nn_clf.backbone, "decoder")

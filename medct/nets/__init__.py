@@ -11,6 +11,7 @@ One file per family; each subclasses the MONAI network it wraps, so state-dict k
   segresnet.py    `segresnet` (MONAI SegResNet)
   swinunetr.py    `swinunetr` (MONAI SwinUNETR)
   nnunet.py       `nnunet_resenc`, `nnunet_plain` (nnU-Net v2's own networks, dynamic-network-architectures)
+  classifier.py   `encoder_classifier`: any backbone's encoder + a pooled linear head (volume-level classes)
 Every network exposes `encoder_prefixes` and `encoder_features(x)`; `save_encoder` / `load_encoder`
 move pretrained encoders between networks of one backbone. A new family is one more file here
 that registers itself with `register_net(name, tiny_args=..., tiny_size=...)` and is listed in
@@ -57,6 +58,7 @@ _CLASSES = {
     "MedSwinUNETR": "medct.nets.swinunetr",
     "NNUNetPlain": "medct.nets.nnunet",
     "NNUNetResEnc": "medct.nets.nnunet",
+    "EncoderClassifier": "medct.nets.classifier",
 }
 
 
@@ -71,6 +73,7 @@ def __getattr__(name: str) -> Any:
 __all__ = [
     "DEFAULT_NET",
     "ENCODER_NET_KEY",
+    "EncoderClassifier",
     "EncoderLoadReport",
     "MedSegResNet",
     "MedSwinUNETR",

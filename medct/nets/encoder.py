@@ -158,15 +158,22 @@ def load_encoder(
     prefixes = _encoder_prefixes(net)
     source_net: str | None = None
     source_in: int | None = None
+    from_folder = False
     if isinstance(path_or_state, dict):
         state = dict(path_or_state)
         where = "the given state dict"
     else:
         p = Path(path_or_state).expanduser()
         state, source_net, source_in = _read_encoder_file(p)
-        if p.is_dir():
-            state = {k: v for k, v in state.items() if k.startswith(prefixes)}
+        from_folder = p.is_dir()
         where = str(p)
+    # a network that holds a backbone under a prefix (EncoderClassifier: "backbone.") takes an
+    # encoder pretrained on the plain backbone: its keys gain the prefix
+    key_prefix = str(getattr(net, "encoder_key_prefix", ""))
+    if key_prefix:
+        state = {k if k.startswith(key_prefix) else key_prefix + k: v for k, v in state.items()}
+    if from_folder:  # a model folder of a whole network: its encoder part
+        state = {k: v for k, v in state.items() if k.startswith(prefixes)}
     target = encoder_state_dict(net)
     report = EncoderLoadReport(source_net=source_net)
     report.missing = sorted(k for k in target if k not in state)

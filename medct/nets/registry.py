@@ -38,6 +38,7 @@ class NetEntry:
     tiny_args: dict[str, Any] = field(default_factory=dict)
     tiny_size: int = 32  # cube side of a test input (a multiple of the net's total stride)
     variant_of: str | None = None  # registry name of the registered base class of a variant
+    output: str = "dense"  # "dense": (B, out_channels, X, Y, Z) maps; "classes": (B, out_channels) logits
 
 
 _NETS: dict[str, NetEntry] = {}
@@ -55,6 +56,7 @@ NET_MODULES: dict[str, str] = {
     "swinunetr": "medct.nets.swinunetr",
     "nnunet_resenc": "medct.nets.nnunet",
     "nnunet_plain": "medct.nets.nnunet",
+    "encoder_classifier": "medct.nets.classifier",
 }
 
 
@@ -91,18 +93,23 @@ def record_config(net: nn.Module, cls: type, init_locals: dict[str, Any]) -> Non
     net.net_config = {"name": type(net).net_name, "args": args}  # type: ignore[attr-defined]
 
 
-def register_net(name: str, tiny_args: dict[str, Any] | None = None, tiny_size: int = 32) -> Callable[[_T], _T]:
+def register_net(
+    name: str, tiny_args: dict[str, Any] | None = None, tiny_size: int = 32, output: str = "dense"
+) -> Callable[[_T], _T]:
     """Class decorator: make `cls` buildable as `create_net(name, ...)`.
 
     tiny_args / tiny_size: arguments and input cube side of a small, fast instance for tests.
+    output: "dense" (segmentation-shaped output) or "classes" (one logit vector per input).
     """
+    if output not in ("dense", "classes"):
+        raise ValueError(f"output must be 'dense' or 'classes', got '{output}'")
 
     def deco(cls: _T) -> _T:
         if name in _NETS:
             raise ValueError(f"network name '{name}' is already registered to {_NETS[name].builder.__name__}")
         cls.net_name = name  # type: ignore[attr-defined]
         base = next((getattr(b, "net_name", None) for b in cls.__mro__[1:] if "net_name" in vars(b)), None)
-        _NETS[name] = NetEntry(name, cls, dict(tiny_args or {}), tiny_size, variant_of=base)
+        _NETS[name] = NetEntry(name, cls, dict(tiny_args or {}), tiny_size, variant_of=base, output=output)
         return cls
 
     return deco

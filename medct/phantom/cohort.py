@@ -15,6 +15,8 @@ from medct.phantom.appearance import _check
 from medct.phantom.render import make_phantom
 from medct.phantom.spec import LABELS, Appearance, ContrastPhase, GridSpec, Variant
 
+LESION_LABEL = next(k for k, v in LABELS.items() if v == "lesion")
+
 
 def write_cohort(
     out_dir: str | os.PathLike[str],
@@ -29,7 +31,8 @@ def write_cohort(
     noise_hu: float = 12.0,
 ) -> Path:
     """Write n cases as imagesTr/case_XXXX_0000.nii.gz + labelsTr/case_XXXX.nii.gz and an MSD-style
-    dataset.json (labels, modality, training list with per-case text and seed). Returns the
+    dataset.json (labels, modality, training list with per-case text and seed, and the volume-level
+    attributes "lesion" (present/absent in the label map), "phase" and "variant"). Returns the
     dataset.json path. Images are int16 (CT/CBCT) or float32 (MR); labels uint8."""
     if n < 1:
         raise MedCTError(f"A cohort needs at least one case, got n={n}.")
@@ -47,7 +50,19 @@ def write_cohort(
         img_rel, lab_rel = f"imagesTr/case_{i:04d}_0000.nii.gz", f"labelsTr/case_{i:04d}.nii.gz"
         write_volume(c.image, root / img_rel)
         write_volume(c.label, root / lab_rel)
-        training.append({"image": img_rel, "label": lab_rel, "text": c.text, "seed": case_seed})
+        # volume-level attributes (classification targets): what the case shows, from its label map
+        shows_lesion = bool((c.label.array == LESION_LABEL).any())
+        training.append(
+            {
+                "image": img_rel,
+                "label": lab_rel,
+                "text": c.text,
+                "seed": case_seed,
+                "lesion": "present" if shows_lesion else "absent",
+                "phase": phase,
+                "variant": variant,
+            }
+        )
     modality = look.modality
     dataset = {
         "name": f"medct_phantom_{variant}",
