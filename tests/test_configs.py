@@ -65,6 +65,8 @@ def _tiny(cfg: dict[str, Any], tmp: Path) -> dict[str, Any]:
         inner[key] = NET_SHRINK[key]
     if "sw_batch_size" in model:
         model["sw_batch_size"] = 1
+    if model.get("pretrained_encoder"):  # an encoder folder the recipe expects from an earlier run
+        model["pretrained_encoder"] = None
     patch = max(TINY_PATCH, _min_patch(net.get("class_path", "")))
     if "crop_size" in model:  # contrastive views inside the tiny patch
         model["crop_size"] = [patch * 3 // 4] * 3
@@ -80,6 +82,12 @@ def _tiny(cfg: dict[str, Any], tmp: Path) -> dict[str, Any]:
         write_cohort(tmp / "folder", n=3, seed=0, shape=(32, 32, 32), spacing=tuple(spacing))
         data.pop("datalist", None)
         data["data_dir"] = str(tmp / "folder")
+    if "replay_phantom" in data:  # continual pretraining: a tiny earlier domain too
+        data["replay_data_dir"] = str(tmp / "replay")
+        data["replay_phantom"] = {**(data["replay_phantom"] or {}), "n": 3, "shape": [32, 32, 32], "spacing": spacing}
+    elif "replay_data_dir" in data:
+        write_cohort(tmp / "replay", n=3, seed=1, shape=(32, 32, 32), spacing=tuple(spacing))
+        data["replay_data_dir"] = str(tmp / "replay")
     for key, value in {
         "patch_size": [patch] * 3,
         "batch_size": 1,
