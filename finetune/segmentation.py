@@ -50,7 +50,9 @@ class SegmentationTask(pl.LightningModule):
     `pretrained_encoder`: an encoder folder (`medct export` of a pretraining run) loaded into the
     network's encoder before training; the decoder and head start fresh (as nnssl does). Any
     missing, unexpected or shape-mismatched encoder tensor is an error unless `encoder_strict`
-    is false (then they are only reported).
+    is false (then they are only reported). `input_key` / `present`: a multimodal network
+    (`mm_unetr`) reads the batch's "phases" channels and is given the names of the modalities the
+    data has (any subset of its modalities, the same weights; BM-MAE's fine-tuning).
     """
 
     def __init__(
@@ -70,6 +72,8 @@ class SegmentationTask(pl.LightningModule):
         keep_largest: Sequence[str] = (),
         pretrained_encoder: str | None = None,
         encoder_strict: bool = True,
+        input_key: str = "image",
+        present: Sequence[str] | None = None,
         compile: bool = False,
     ) -> None:
         super().__init__()
@@ -83,6 +87,7 @@ class SegmentationTask(pl.LightningModule):
             patch_size=[int(p) for p in patch_size],
             modality=str(modality),
             keep_largest=[str(n) for n in keep_largest],
+            present=None if present is None else [str(m) for m in present],
         )
         # How to rebuild the network, saved in the model card (not in the hyperparameters: LightningCLI
         # feeds a checkpoint's hyperparameters back as init args on --ckpt_path).
@@ -136,13 +141,14 @@ class SegmentationTask(pl.LightningModule):
             store_card(checkpoint, self.model_card(), net_prefix="net.")
 
     def forward(self, x: Tensor) -> Tensor:  # (B, 1, D, H, W) -> (B, C, D, H, W) logits
-        return self.net(x)
+        present = self.hparams.get("present")
+        return self.net(x) if present is None else self.net(x, present=present)
 
     # -- training
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        image, label = batch["image"], batch["label"]  # (B, 1, *patch), label values are class indices
-        logits = self.net(image)
+        image, label = batch[self.hparams.get("input_key", "image")], batch["label"]  # (B, C, *patch), class indices
+        logits = self(image)
         if logits.ndim == image.ndim + 1:  # deep supervision: (B, heads, C, *patch), full resolution first
             loss = self.ds_loss_fn(list(torch.unbind(logits, dim=1)), label)
         else:
@@ -172,13 +178,13 @@ class SegmentationTask(pl.LightningModule):
             image,
             roi_size=tuple(self.hparams.patch_size),
             sw_batch_size=self.hparams.sw_batch_size,
-            predictor=self.net,
+            predictor=self,
             overlap=self.hparams.sw_overlap,
             mode="gaussian",
         )
 
     def _evaluate(self, batch: dict[str, Tensor], prefix: str) -> None:
-        image, label = batch["image"], batch["label"]  # (1, 1, X, Y, Z) whole volumes
+        image, label = batch[self.hparams.get("input_key", "image")], batch["label"]  # (1, C, X, Y, Z) whole volumes
         logits = self._infer(image)
         self.log(f"{prefix}/loss", self.loss_fn(logits.float(), label), batch_size=1, sync_dist=True)
         pred = one_hot(logits.argmax(dim=1, keepdim=True), self.num_classes)  # (1, C, X, Y, Z)
@@ -214,4 +220,4 @@ class SegmentationTask(pl.LightningModule):
 
         For predictions on the input's own grid use `medct segment` / medct.inference.
         """
-        return self._infer(batch["image"]).argmax(dim=1, keepdim=True).to(torch.uint8)
+        return self._infer(batch[self.hparams.get("input_key", "image")]).argmax(dim=1, keepdim=True).to(torch.uint8)

@@ -23,7 +23,7 @@ from medct.errors import ConfigError, InvalidVolumeError, ModelFolderError
 from medct.inference import Predictor, check_flag, check_overlap
 from medct.io import Volume, read_volume, write_volume
 
-__all__ = ["Predictor", "Volume", "load_model", "read_volume", "segment", "write_volume"]
+__all__ = ["Predictor", "Volume", "load_model", "read_volume", "reconstruct_modality", "segment", "write_volume"]
 
 
 # The predictor of each model-card task, as "module:Class" (imported on use; the class has
@@ -31,6 +31,36 @@ __all__ = ["Predictor", "Volume", "load_model", "read_volume", "segment", "write
 PREDICTORS: dict[str, str] = {
     "segmentation": "medct.inference:Predictor",
 }
+
+
+# What fills in missing modalities, by the pretraining method an encoder folder's card names.
+RECONSTRUCTORS: dict[str, str] = {
+    "bm_mae": "medct.pretrain.bm_mae:ModalityReconstructor",
+}
+
+
+def reconstruct_modality(
+    model_dir: str | os.PathLike[str], volumes: dict[str, Any], device: str | None = None
+) -> dict[str, Volume]:
+    """Every modality of a multimodal encoder (BM-MAE) reconstructed from the ones given.
+
+    volumes: {modality name: path or Volume} on one grid (e.g. {"native": ..., "venous": ...});
+    returns {modality: Volume} in HU on that grid, the missing ones filled in.
+    """
+    import importlib
+
+    from medct.checkpoint import read_model_card
+
+    method = read_model_card(model_dir).extra.get("pretraining", {}).get("method")
+    target = RECONSTRUCTORS.get(str(method))
+    if target is None:
+        raise ModelFolderError(
+            f"{model_dir} was not pretrained by a method that reconstructs modalities (it says '{method}')."
+        )
+    module, name = target.split(":")
+    return (
+        getattr(importlib.import_module(module), name).from_folder(str(model_dir), device=device).reconstruct(volumes)
+    )
 
 
 def load_model(model_dir: str | os.PathLike[str], device: str | None = None) -> Any:

@@ -144,19 +144,32 @@ class ModelCard:
             raise ValueError(f"inference.keep_largest names {unknown}, which are not labels of this model")
 
 
-def store_card(checkpoint: dict[str, Any], card: ModelCard, net_prefix: str = "net.") -> None:
+def store_card(
+    checkpoint: dict[str, Any], card: ModelCard, net_prefix: str = "net.", parts: dict[str, str] | None = None
+) -> None:
     """Put `card` into a Lightning checkpoint (call from a task's `on_save_checkpoint`).
 
     net_prefix: the state-dict prefix of the exported network inside the task (its attribute
-    name plus a dot). JSON primitives only, so the checkpoint stays weights_only-loadable.
+    name plus a dot). parts: further modules to export beside it, name -> state-dict prefix
+    (e.g. {"mae_decoder": "mae_decoder."}); `medct export` writes each as NAME.safetensors and the
+    card says how to rebuild it. JSON primitives only, so the checkpoint stays weights_only-loadable.
     """
-    checkpoint[CHECKPOINT_KEY] = {"card": json.loads(json.dumps(card.to_dict())), "net_prefix": net_prefix}
+    checkpoint[CHECKPOINT_KEY] = {
+        "card": json.loads(json.dumps(card.to_dict())),
+        "net_prefix": net_prefix,
+        "parts": dict(parts or {}),
+    }
 
 
 ENCODER_TASK = "encoder"  # the card task of a pretrained encoder: model.safetensors holds the encoder only
 
 
-def save_model_folder(net: nn.Module, card: ModelCard, out_dir: str | os.PathLike[str]) -> Path:
+def save_model_folder(
+    net: nn.Module,
+    card: ModelCard,
+    out_dir: str | os.PathLike[str],
+    parts: dict[str, dict[str, torch.Tensor]] | None = None,
+) -> Path:
     """Write `net` and `card` into `out_dir` atomically (staged in a sibling temp folder).
 
     For an encoder card (task "encoder") only the encoder's tensors are written: a pretraining
@@ -171,6 +184,9 @@ def save_model_folder(net: nn.Module, card: ModelCard, out_dir: str | os.PathLik
         tensors = encoder_state_dict(net) if card.task == ENCODER_TASK else unique_state_dict(net)
         state = {k: v.cpu().contiguous() for k, v in tensors.items()}
         save_file(state, str(stage / WEIGHTS_FILE), metadata={"format": "pt"})
+        for name, tensors in (parts or {}).items():  # e.g. a BM-MAE decoder beside its encoder
+            part = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+            save_file(part, str(stage / f"{name}.safetensors"), metadata={"format": "pt"})
         (stage / CARD_FILE).write_text(json.dumps(card.to_dict(), indent=2) + "\n")
     return Path(out_dir)
 
@@ -271,4 +287,13 @@ def export_lightning_checkpoint(
         "epoch": int(ckpt.get("epoch", -1)),
         "global_step": int(ckpt.get("global_step", -1)),
     }
-    return save_model_folder(net, card, out_dir)
+    parts = {
+        str(name): {k[len(p) :]: v for k, v in ckpt["state_dict"].items() if k.startswith(p)}
+        for name, p in dict(stored.get("parts", {})).items()
+    }
+    empty = [name for name, tensors in parts.items() if not tensors]
+    if empty:
+        raise ModelFolderError(
+            f"{src}: the card names the part '{empty[0]}' but the checkpoint holds no tensors for it."
+        )
+    return save_model_folder(net, card, out_dir, parts)

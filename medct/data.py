@@ -9,8 +9,9 @@ Every task reads its data through `VolumeDataModule` with the keys it needs (`KE
   ("image", "target")  paired synthesis (sCT)      two volumes on one grid (e.g. CBCT and its CT)
   ("image", "text")    text-to-CT, CLIP            a volume and its report (a string, or a .txt path)
   ("fixed", "moving")  registration                two volumes; their grids may differ
-  ("phases",)          4D motion                   ordered phase volumes on one grid (a list of
+  ("phases",)          4D motion, BM-MAE           ordered phase volumes on one grid (a list of
                                                    paths or one 4D NIfTI), stacked as channels
+  ("phases", "label")  multimodal segmentation     the same, with a label map on their grid
 
 Datalists are MONAI-style lists of dicts with those keys, read from
   * an MSD `dataset.json` ("training" list of paths relative to the JSON, optional "validation"
@@ -80,6 +81,7 @@ KEY_SETS: tuple[tuple[str, ...], ...] = (
     ("image", "text"),
     ("fixed", "moving"),
     ("phases",),
+    ("phases", "label"),
 )
 PATH_KEYS = ("image", "label", "target", "fixed", "moving")
 
@@ -268,6 +270,7 @@ class PhantomCohort:
     seed: int = 0
     shape: tuple[int, int, int] = (64, 64, 64)
     spacing: tuple[float, float, float] = (3.0, 3.0, 3.0)
+    phases: tuple[str, ...] | None = None  # one volume per contrast phase per case (multimodal: keys [phases])
 
 
 class VolumeDataModule(pl.LightningDataModule):
@@ -391,7 +394,13 @@ class VolumeDataModule(pl.LightningDataModule):
 
             p = self.phantom
             write_cohort(
-                self.data_dir, n=p.n, variant=p.variant, seed=p.seed, shape=tuple(p.shape), spacing=tuple(p.spacing)
+                self.data_dir,
+                n=p.n,
+                variant=p.variant,
+                seed=p.seed,
+                shape=tuple(p.shape),
+                spacing=tuple(p.spacing),
+                phases=tuple(p.phases) if p.phases else None,  # type: ignore[arg-type]
             )
         if self.cache_dir is not None:
             train, val = self._split()

@@ -416,6 +416,8 @@ def generic_transforms(
     xs: list[Any] = []
     if "phases" in vols:
         xs.append(_load_phasesd_class()(keys=["phases"]))
+        if "label" in vols:
+            xs.append(_load_volumed_class()(keys=["label"], label_keys=("label",)))
     elif separate:
         xs += [_load_volumed_class()(keys=[k], label_keys=()) for k in vols]
     else:

@@ -38,6 +38,10 @@ NET_SHRINK: dict[str, Any] = {
     "feature_size": 12,
     "depths": [1, 1, 1, 1],
     "n_stages": 3,
+    "hidden_size": 48,  # mm_unetr (divisible by 6)
+    "depth": 4,
+    "num_heads": 4,
+    "mlp_dim": 96,
 }
 TINY_PATCH = 32
 
@@ -70,6 +74,8 @@ def _tiny(cfg: dict[str, Any], tmp: Path) -> dict[str, Any]:
     patch = max(TINY_PATCH, _min_patch(net.get("class_path", "")))
     if "crop_size" in model:  # contrastive views inside the tiny patch
         model["crop_size"] = [patch * 3 // 4] * 3
+    if "decoder_dim" in model:  # BM-MAE's decoder
+        model["decoder_dim"], model["decoder_depth"], model["decoder_heads"] = 36, 1, 4
     if "proj_hidden" in model:
         model["proj_hidden"], model["proj_dim"] = 32, 16
 

@@ -11,6 +11,7 @@ One file per family; each subclasses the MONAI network it wraps, so state-dict k
   segresnet.py    `segresnet` (MONAI SegResNet)
   swinunetr.py    `swinunetr` (MONAI SwinUNETR)
   nnunet.py       `nnunet_resenc`, `nnunet_plain` (nnU-Net v2's own networks, dynamic-network-architectures)
+  mm_unetr.py     `mm_unetr` (BM-MAE's multimodal ViT, any subset of modalities, + UNETR decoder)
   classifier.py   `encoder_classifier`: any backbone's encoder + a pooled linear head (volume-level classes)
 Every network exposes `encoder_prefixes` and `encoder_features(x)`; `save_encoder` / `load_encoder`
 move pretrained encoders between networks of one backbone. A new family is one more file here
@@ -59,6 +60,7 @@ _CLASSES = {
     "NNUNetPlain": "medct.nets.nnunet",
     "NNUNetResEnc": "medct.nets.nnunet",
     "EncoderClassifier": "medct.nets.classifier",
+    "MultiModalUNETR": "medct.nets.mm_unetr",
 }
 
 
@@ -78,6 +80,7 @@ __all__ = [
     "MedSegResNet",
     "MedSwinUNETR",
     "MedUNet",
+    "MultiModalUNETR",
     "NNUNetPlain",
     "NNUNetResEnc",
     "NET_MODULES",

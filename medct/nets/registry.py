@@ -57,6 +57,7 @@ NET_MODULES: dict[str, str] = {
     "nnunet_resenc": "medct.nets.nnunet",
     "nnunet_plain": "medct.nets.nnunet",
     "encoder_classifier": "medct.nets.classifier",
+    "mm_unetr": "medct.nets.mm_unetr",
 }
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -29,10 +30,14 @@ def write_cohort(
     lesions: bool | int | None = None,
     axcodes: str = "RAS",
     noise_hu: float = 12.0,
+    phases: tuple[ContrastPhase, ...] | None = None,
 ) -> Path:
     """Write n cases as imagesTr/case_XXXX_0000.nii.gz + labelsTr/case_XXXX.nii.gz and an MSD-style
     dataset.json (labels, modality, training list with per-case text and seed, and the volume-level
-    attributes "lesion" (present/absent in the label map), "phase" and "variant"). Returns the
+    attributes "lesion" (present/absent in the label map), "phase" and "variant"). With `phases`
+    (e.g. ("native", "arterial", "venous")) every case is written once per contrast phase, same
+    anatomy, as nnU-Net channels case_XXXX_0000, _0001, ...; the entry lists them as "phases" (the
+    multimodal input of BM-MAE) and "image" is the first. Returns the
     dataset.json path. Images are int16 (CT/CBCT) or float32 (MR); labels uint8."""
     if n < 1:
         raise MedCTError(f"A cohort needs at least one case, got n={n}.")
@@ -48,7 +53,15 @@ def write_cohort(
         case_seed = int(np.random.SeedSequence([int(seed), i]).generate_state(1)[0])
         c = make_phantom(case_seed, grid, look, lesions)
         img_rel, lab_rel = f"imagesTr/case_{i:04d}_0000.nii.gz", f"labelsTr/case_{i:04d}.nii.gz"
-        write_volume(c.image, root / img_rel)
+        channels: list[str] = []
+        for k, ph in enumerate(phases or ()):  # the same patient (seed) in each contrast phase
+            channel = make_phantom(case_seed, grid, replace(look, phase=ph), lesions)
+            channels.append(f"imagesTr/case_{i:04d}_{k:04d}.nii.gz")
+            write_volume(channel.image, root / channels[-1])
+            if k == 0:
+                c = channel
+        if not channels:
+            write_volume(c.image, root / img_rel)
         write_volume(c.label, root / lab_rel)
         # volume-level attributes (classification targets): what the case shows, from its label map
         shows_lesion = bool((c.label.array == LESION_LABEL).any())
@@ -59,8 +72,9 @@ def write_cohort(
                 "text": c.text,
                 "seed": case_seed,
                 "lesion": "present" if shows_lesion else "absent",
-                "phase": phase,
+                "phase": phase if not phases else phases[0],
                 "variant": variant,
+                **({"phases": channels, "phase_names": list(phases or ())} if channels else {}),
             }
         )
     modality = look.modality
