@@ -20,7 +20,7 @@ Design:
   * Goal: replay cuts forgetting of the CT domain: final forgetting with replay 0.25 below that with
     replay 0 (mean over probe seeds). Reported met or not, with the whole table.
 
-CPU (2 cores): about 15 minutes; `--quick` is a smoke run.
+CPU (2 cores): about 20 minutes alone; `--quick` is a smoke run.
 """
 
 from __future__ import annotations
@@ -243,8 +243,8 @@ class Probe:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--phase1-steps", type=int, default=None, help="default 600 (quick 4)")
-    parser.add_argument("--phase2-steps", type=int, default=None, help="default 400 (quick 8)")
+    parser.add_argument("--phase1-steps", type=int, default=None, help="default 300 (quick 4)")
+    parser.add_argument("--phase2-steps", type=int, default=None, help="default 200 (quick 8)")
     parser.add_argument("--probe-steps", type=int, default=None, help="default 60 (quick 2)")
     parser.add_argument("--probe-seeds", type=int, nargs="+", default=None)
     parser.add_argument("--out", type=Path, default=RESULT)
@@ -252,8 +252,8 @@ def main() -> int:
     global WORK
     if args.quick:
         WORK = CACHE / "continual_pretrain_quick"
-    s1 = args.phase1_steps or (4 if args.quick else 600)
-    s2 = args.phase2_steps or (8 if args.quick else 400)
+    s1 = args.phase1_steps or (4 if args.quick else 300)
+    s2 = args.phase2_steps or (8 if args.quick else 200)
     ps = args.probe_steps or (2 if args.quick else 60)
     seeds = args.probe_seeds or ([0] if args.quick else [0, 1, 2])
     warnings.filterwarnings("ignore")

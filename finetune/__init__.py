@@ -1,1 +1,5 @@
-"""medct.finetune: installed inside the medct namespace (see DESIGN.md)."""
+"""medct.finetune: supervised tasks on pretrained or fresh encoders (installed inside the medct namespace).
+
+segmentation.py    SegmentationTask (Dice + CE, sliding-window validation, model cards)
+classification.py  ClassificationTask (volume-level labels, accuracy / AUC, linear probe)
+"""

@@ -71,6 +71,11 @@ def load_model(model_dir: str | os.PathLike[str], device: str | None = None) -> 
     from medct.checkpoint import read_model_card
 
     card = read_model_card(model_dir)
+    if card.task == "encoder":
+        raise ModelFolderError(
+            f"{model_dir} holds a pretrained encoder, not a model that predicts; fine-tune it first "
+            "(a recipe's model.init_args.pretrained_encoder) and load that export."
+        )
     target = PREDICTORS.get(card.task)
     if target is None:
         raise ModelFolderError(

@@ -393,18 +393,85 @@ def b_accepted_real_scans(work: Path, model: Path) -> list[str]:
     return _segment(work, model, "in")
 
 
+# -- pretraining (issue 8): medct reduce, pretrained encoders, encoder folders given as models
+
+
+def _recipe(name: str) -> str:
+    return str(Path(__file__).resolve().parents[2] / "configs" / name)
+
+
+def _encoder_folder(work: Path) -> Path:
+    """An encoder folder (card task "encoder") of a small resenc_unet, as `medct export` writes one."""
+    import torch
+
+    from medct.checkpoint import ENCODER_TASK, ModelCard, save_model_folder
+    from medct.nets import create_net
+    from medct.transforms import Preprocessing
+
+    torch.manual_seed(0)
+    net = create_net("resenc_unet", filters=[4, 8, 16])
+    card = ModelCard(
+        "resenc_unet",
+        net.net_config["args"],
+        {},
+        Preprocessing(spacing=(4.0, 4.0, 4.0)),
+        (32, 32, 32),
+        task=ENCODER_TASK,
+        extra={"pretraining": {"method": "spark"}},
+    )
+    return save_model_folder(net, card, work / "enc")
+
+
+def b_reduce_corrupt_volume(work: Path, model: Path) -> list[str]:
+    _write(real_ct((64, 64, 16)), work / "scans" / "good.nii.gz")
+    (work / "scans" / "broken.nii.gz").write_bytes(b"\x1f\x8b\x08 truncated")
+    (work / "out").mkdir()
+    return ["reduce", str(work / "scans"), "-o", str(work / "out" / "reduced.json")]
+
+
+def b_reduce_missing(work: Path, model: Path) -> list[str]:
+    return ["reduce", str(work / "nothing"), "-o", str(work / "reduced.json")]
+
+
+def b_pretrained_encoder_missing(work: Path, model: Path) -> list[str]:
+    return [
+        "fit",
+        "--config",
+        _recipe("finetune/seg_phantom.yaml"),
+        f"--model.init_args.pretrained_encoder={work / 'no_encoder'}",
+    ]
+
+
+def b_pretrained_encoder_other_backbone(work: Path, model: Path) -> list[str]:
+    enc = _encoder_folder(work)  # filters (4, 8, 16); the recipe's network is (16, 32, 64, 128)
+    return ["fit", "--config", _recipe("finetune/seg_phantom.yaml"), f"--model.init_args.pretrained_encoder={enc}"]
+
+
+def b_encoder_folder_as_model(work: Path, model: Path) -> list[str]:
+    _write(real_ct(), work / "in" / "ct.nii.gz")
+    return ["segment", "-m", str(_encoder_folder(work)), "-i", str(work / "in"), "-o", str(work / "out")]
+
+
+def b_encoder_folder_to_api(work: Path, model: Path) -> Callable[[], object]:
+    import medct
+
+    enc = _encoder_folder(work)
+    return lambda: medct.load_model(str(enc))
+
+
 def _has_cuda() -> bool:
     import torch
 
     return bool(torch.cuda.is_available())
 
 
-G_WRONG, G_DICOM, G_MISTAKE, G_LEFTOVER, G_BEFORE = (
+G_WRONG, G_DICOM, G_MISTAKE, G_LEFTOVER, G_BEFORE, G_PRETRAIN = (
     "wrong result",
     "hospital DICOM",
     "user mistake",
     "left behind",
     "handled before",
+    "pretraining",
 )
 
 CASES: list[Case] = [
@@ -460,6 +527,12 @@ CASES: list[Case] = [
     Case("input path missing", G_BEFORE, b_missing_input, 1, "does not exist"),
     Case("real LPS, oblique and DICOM inputs", G_BEFORE, b_accepted_real_scans, 0, "",
          {"lps.nii.gz": "in/lps.nii.gz", "oblique.nii.gz": "in/oblique.nii.gz", "series.nii.gz": "in/series"}),
+    Case("reduce: a corrupt volume in the folder", G_PRETRAIN, b_reduce_corrupt_volume, 1, "could not be read"),
+    Case("reduce: folder missing", G_PRETRAIN, b_reduce_missing, 1, "does not exist"),
+    Case("fit: pretrained_encoder missing", G_PRETRAIN, b_pretrained_encoder_missing, 1, "does not exist"),
+    Case("fit: encoder of another backbone", G_PRETRAIN, b_pretrained_encoder_other_backbone, 1, "does not fit network"),
+    Case("segment -m an encoder folder", G_PRETRAIN, b_encoder_folder_as_model, 1, "encoder"),
+    Case("API load_model(encoder folder)", G_PRETRAIN, b_encoder_folder_to_api, 1, "encoder"),
 ]  # fmt: skip
 
 
