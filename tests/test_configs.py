@@ -38,10 +38,10 @@ NET_SHRINK: dict[str, Any] = {
     "feature_size": 12,
     "depths": [1, 1, 1, 1],
     "n_stages": 3,
-    "hidden_size": 48,  # mm_unetr (divisible by 6)
-    "depth": 4,
-    "num_heads": 4,
-    "mlp_dim": 96,
+}
+# Narrow variants by network class (argument names that mean other things elsewhere, e.g. SwinUNETR's num_heads).
+CLASS_SHRINK: dict[str, dict[str, Any]] = {
+    "medct.nets.MultiModalUNETR": {"hidden_size": 48, "depth": 4, "num_heads": 4, "mlp_dim": 96},
 }
 TINY_PATCH = 32
 
@@ -64,6 +64,8 @@ def _tiny(cfg: dict[str, Any], tmp: Path) -> dict[str, Any]:
     net = model.get("net", {}) if isinstance(model.get("net"), dict) else {}
     for key in set(NET_SHRINK) & set(net.get("init_args", {})):
         net["init_args"][key] = NET_SHRINK[key]
+    for key, value in CLASS_SHRINK.get(net.get("class_path", ""), {}).items():
+        net.setdefault("init_args", {})[key] = value
     inner = net.get("init_args", {}).get("backbone_args") or {}  # a classifier's backbone
     for key in set(NET_SHRINK) & set(inner):
         inner[key] = NET_SHRINK[key]
