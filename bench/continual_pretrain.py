@@ -14,8 +14,8 @@ Design:
     fraction, scheduler wsd (no warmup, decay over the last 20 %). Encoder snapshots at 0, 1/8, 1/4,
     1/2, 3/4 and all of phase 2.
   * Probe (per snapshot and domain): the encoder frozen; its first two stages' features (the second
-    up-sampled) -> one 1x1x1 convolution -> 12 phantom classes, trained 60 steps on 2 labelled
-    volumes of the domain, Dice (mean over organs) on 3 held-out volumes of the same domain; 3 probe
+    up-sampled) -> one 1x1x1 convolution -> 12 phantom classes, trained on 2 labelled
+    volumes of the domain (`--probe-steps`), Dice (mean over organs) on 3 held-out volumes of the same domain; 3 probe
     seeds. A linear probe measures what the representation holds, not what a decoder can learn.
   * Goal: replay cuts forgetting of the CT domain: final forgetting with replay 0.25 below that with
     replay 0 (mean over probe seeds). Reported met or not, with the whole table.
@@ -243,18 +243,18 @@ class Probe:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--phase1-steps", type=int, default=None, help="default 300 (quick 4)")
-    parser.add_argument("--phase2-steps", type=int, default=None, help="default 200 (quick 8)")
-    parser.add_argument("--probe-steps", type=int, default=None, help="default 60 (quick 2)")
+    parser.add_argument("--phase1-steps", type=int, default=None, help="default 200 (quick 4)")
+    parser.add_argument("--phase2-steps", type=int, default=None, help="default 120 (quick 8)")
+    parser.add_argument("--probe-steps", type=int, default=None, help="default 40 (quick 2)")
     parser.add_argument("--probe-seeds", type=int, nargs="+", default=None)
     parser.add_argument("--out", type=Path, default=RESULT)
     args = parser.parse_args()
     global WORK
     if args.quick:
         WORK = CACHE / "continual_pretrain_quick"
-    s1 = args.phase1_steps or (4 if args.quick else 300)
-    s2 = args.phase2_steps or (8 if args.quick else 200)
-    ps = args.probe_steps or (2 if args.quick else 60)
+    s1 = args.phase1_steps or (4 if args.quick else 200)
+    s2 = args.phase2_steps or (8 if args.quick else 120)
+    ps = args.probe_steps or (2 if args.quick else 40)
     seeds = args.probe_seeds or ([0] if args.quick else [0, 1, 2])
     warnings.filterwarnings("ignore")
     import logging
