@@ -69,14 +69,11 @@ def _plain(x: Any) -> Tensor:
 
 def nt_xent(z1: Tensor, z2: Tensor, temperature: float) -> Tensor:
     """SimCLR's NT-Xent: z1, z2 (N, d) embeddings of the two views; each view's positive is its
-    partner, the other 2N - 2 embeddings are negatives."""
-    n = z1.shape[0]
-    z = F.normalize(torch.cat([z1, z2]).float(), dim=1)  # (2N, d)
-    sim = z @ z.T / temperature  # (2N, 2N)
-    self_mask = torch.eye(2 * n, dtype=torch.bool, device=z.device)
-    sim = sim.masked_fill(self_mask, float("-inf"))
-    target = torch.cat([torch.arange(n, 2 * n), torch.arange(0, n)]).to(z.device)
-    return F.cross_entropy(sim, target)
+    partner, the other 2N - 2 embeddings are negatives. MONAI's ContrastiveLoss (normalises the
+    embeddings itself); tests/pretrain/test_contrastive.py checks it against the definition."""
+    from monai.losses import ContrastiveLoss
+
+    return ContrastiveLoss(temperature=temperature)(z1.float(), z2.float())
 
 
 def pooled_features(net: nn.Module, x: Tensor) -> Tensor:
