@@ -366,6 +366,11 @@ def main() -> int:
     parser.add_argument("--seg-steps", type=int, default=None, help="fine-tuning steps (default 150, quick 2)")
     parser.add_argument("--cls-steps", type=int, default=None, help="classification fine-tuning steps (default 60)")
     parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS)
+    parser.add_argument(
+        "--label-counts", type=int, nargs="+", default=None, help="labelled CBCT volumes (default 1 2 4)"
+    )
+    parser.add_argument("--no-real", action="store_true", help="skip the real planning CT -> CBCT setting")
+    parser.add_argument("--no-cls", action="store_true", help="skip the classification settings")
     parser.add_argument("--out", type=Path, default=RESULT)
     args = parser.parse_args()
     quick = args.quick
@@ -373,8 +378,8 @@ def main() -> int:
     p_steps = args.pretrain_steps or (4 if quick else 800)
     s_steps = args.seg_steps or (2 if quick else 150)
     c_steps = args.cls_steps or (2 if quick else 60)
-    label_counts = [1] if quick else [1, 2, 4]
-    cls_counts = [8] if quick else [8, 32]
+    label_counts = args.label_counts or ([1] if quick else [1, 2, 4])
+    cls_counts = [] if args.no_cls else ([8] if quick else [8, 32])
     global WORK
     if quick:
         WORK = CACHE / "ssl_transfer_quick"
@@ -408,7 +413,7 @@ def main() -> int:
                 d = finetune_seg(data["cbct_seg"], encoders[arm], n, seed, s_steps)
                 seg_rows.append({"setting": "phantom_cbct", "labelled": n, "arm": arm, "seed": seed, **d})
                 print(f"seg phantom_cbct n={n} seed={seed} {arm}: dice_mean {d.get('dice_mean')}", flush=True)
-    if "real_seg" in data:
+    if "real_seg" in data and not args.no_real:
         for seed in seeds:
             for arm in args.arms:
                 d = finetune_seg(data["real_seg"], encoders[arm], None, seed, s_steps)
@@ -420,7 +425,7 @@ def main() -> int:
     ytr_all = np.array([PHASES.index(e["phase"]) for e in train_items])
     yte = np.array([PHASES.index(e["phase"]) for e in test_items])
     cls_rows = []
-    for arm in args.arms:
+    for arm in args.arms if cls_counts else ():
         xtr_all, xte = _embeddings(encoders[arm], train_items), _embeddings(encoders[arm], test_items)
         for n in cls_counts:
             for seed in seeds:
@@ -491,6 +496,7 @@ def main() -> int:
                 "pretrain_steps": p_steps,
                 "seg_steps": s_steps,
                 "cls_steps": c_steps,
+                "label_counts": label_counts,
                 "net": {"name": "resenc_unet", "args": NET_ARGS},
                 "patch": PATCH,
                 "spacing": SPACING,

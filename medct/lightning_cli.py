@@ -105,9 +105,12 @@ def run_lightning(args: list[str]) -> MedCTCLI:
             # jsonargparse wraps errors raised while instantiating the data module or task in a
             # ValueError listing every Union member it tried; surface the user's one sentence.
             cause = _medct_cause(e)
-            if cause is None:
-                raise
-            raise cause from e
+            if cause is not None:
+                raise cause from e
+            if isinstance(e, ValueError) and "Does not validate against any" in str(e):
+                # a network's or task's own argument check (e.g. "hidden_size must be divisible by 6")
+                raise ConfigError(condense_parser_error(str(e))) from e
+            raise
 
 
 def check_ckpt_path(args: list[str]) -> None:

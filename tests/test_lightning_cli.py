@@ -82,3 +82,31 @@ data:
     run_lightning(["fit", "--config", str(cfg)])
     assert SEEN["patch_size"] == [16, 16, 16]  # linked from data.patch_size
     assert SEEN["batch_keys"] == ["image"] and SEEN["shape"] == (1, 1, 16, 16, 16)
+
+
+def test_network_argument_error_is_one_sentence(tmp_path: Path) -> None:
+    """A network's own argument check (here mm_unetr's hidden_size rule) reaches the user as a
+    ConfigError naming the rule, not jsonargparse's listing of Union members."""
+    import pytest
+
+    from medct.errors import ConfigError
+
+    write_cohort(tmp_path / "scans", n=2, seed=0, shape=(24, 24, 24), spacing=(8.0, 8.0, 8.0))
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text(
+        f"""
+trainer: {{accelerator: cpu, devices: 1, max_steps: 1, logger: false, default_root_dir: {tmp_path / "runs"}}}
+model:
+  class_path: medct.finetune.segmentation.SegmentationTask
+  init_args:
+    net: {{class_path: medct.nets.MultiModalUNETR, init_args: {{modalities: [ct], hidden_size: 100, num_heads: 4}}}}
+data:
+  class_path: medct.data.SegmentationDataModule
+  init_args: {{data_dir: {tmp_path / "scans"}, spacing: [8.0, 8.0, 8.0], patch_size: [16, 16, 16], num_workers: 0}}
+"""
+    )
+    with pytest.raises(ConfigError) as info:
+        run_lightning(["fit", "--config", str(cfg)])
+    message = str(info.value)
+    assert "hidden_size must be divisible by 6" in message and "Given value" not in message
+    assert message.count("\n") == 0
