@@ -3,10 +3,13 @@
 The task receives its network as an argument (Lightning style guide: system vs model) and holds
 only the training logic:
   * loss: Dice + cross-entropy on softmax outputs (MONAI DiceCELoss; the nnU-Net loss, Isensee et
-    al., Nat. Methods 2021), summed over deep-supervision heads with halving weights when the
-    network returns them;
-  * optimiser: AdamW (Loshchilov & Hutter, ICLR 2019) with nnU-Net's polynomial decay
+    al., Nat. Methods 2021) or the focal Tversky loss (`finetune.losses`), over deep-supervision
+    heads with halving weights (nnU-Net) or their mean (Turbolift) when the network returns them;
+  * optimiser: AdamW (Loshchilov & Hutter, ICLR 2019) or Adam with nnU-Net's polynomial decay
     (1 - step/total)^0.9 or cosine decay, stepped per optimiser step over the whole run;
+  * sequential fine-tuning (Turbolift, `finetune.turbolift`): `init_checkpoint` starts from all
+    weights of an earlier stage; `regularizer` l2/ewc anchors them, `encoder_lr_scale` slows the
+    encoder (`finetune.safeguards`);
   * validation: whole preprocessed volumes through MONAI sliding_window_inference with Gaussian
     blending, per-class Dice (MONAI DiceMetric, background excluded) logged as val/dice_<name>
     and val/dice_mean, gathered over DDP ranks;
@@ -33,9 +36,11 @@ from monai.metrics import DiceMetric
 from monai.networks.utils import one_hot
 from torch import Tensor, nn
 
-from medct.checkpoint import ModelCard, store_card
+from medct.checkpoint import ModelCard, read_network_weights, store_card
 from medct.errors import ConfigError
-from medct.nets.encoder import load_pretrained_encoder
+from medct.finetune.losses import LossName, make_loss
+from medct.finetune.safeguards import WeightAnchor, load_fisher, param_groups
+from medct.nets.encoder import load_pretrained_encoder, load_unique_state_dict
 from medct.transforms import Preprocessing
 
 
@@ -53,6 +58,13 @@ class SegmentationTask(pl.LightningModule):
     is false (then they are only reported). `input_key` / `present`: a multimodal network
     (`mm_unetr`) reads the batch's "phases" channels and is given the names of the modalities the
     data has (any subset of its modalities, the same weights; BM-MAE's fine-tuning).
+
+    Chains of stages (`finetune.turbolift` writes these for each stage): `init_checkpoint` (a
+    medct .ckpt or model folder) gives all the network's weights, output layer included, before
+    training (after `pretrained_encoder`); `regularizer` "l2" or "ewc" with `regularizer_weight`
+    pulls the weights towards the init_checkpoint's, EWC weighting each by the Fisher information in
+    `fisher_path`; `encoder_lr_scale` < 1 trains the encoder slower than the decoder.
+    `loss` dice_ce | focal_tversky; `optimizer` adamw | adam; `ds_weighting` halving | mean.
     """
 
     def __init__(
@@ -74,6 +86,14 @@ class SegmentationTask(pl.LightningModule):
         encoder_strict: bool = True,
         input_key: str = "image",
         present: Sequence[str] | None = None,
+        loss: LossName = "dice_ce",
+        optimizer: Literal["adamw", "adam"] = "adamw",
+        ds_weighting: Literal["halving", "mean"] = "halving",
+        init_checkpoint: str | None = None,
+        regularizer: Literal["none", "l2", "ewc"] = "none",
+        regularizer_weight: float = 0.0,
+        fisher_path: str | None = None,
+        encoder_lr_scale: float = 1.0,
         compile: bool = False,
     ) -> None:
         super().__init__()
@@ -104,8 +124,33 @@ class SegmentationTask(pl.LightningModule):
         if unknown:
             raise ConfigError(f"model.keep_largest names {unknown}, which are not foreground labels of {self.labels}.")
         self.num_classes = len(self.labels)
-        self.loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
-        self.ds_loss_fn = DeepSupervisionLoss(self.loss_fn, weight_mode="exp")  # weights 1, 1/2, 1/4, ...
+        self.loss_fn = make_loss(loss)
+        # halving: weights 1, 1/2, 1/4, ... (nnU-Net); mean: equal weights, divided by the heads below
+        self.ds_loss_fn = DeepSupervisionLoss(self.loss_fn, weight_mode="exp" if ds_weighting == "halving" else "same")
+        self.eval_loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)  # val/loss is comparable across recipes
+        self.anchor: WeightAnchor | None = None
+        if init_checkpoint is not None:
+            try:
+                load_unique_state_dict(net, read_network_weights(init_checkpoint))
+            except RuntimeError as e:
+                first = str(e).splitlines()[0]
+                raise ConfigError(
+                    f"model.init_checkpoint {init_checkpoint} does not fit this network ({first})."
+                ) from e
+        if regularizer != "none":
+            if init_checkpoint is None:
+                raise ConfigError(
+                    f"model.regularizer {regularizer} anchors to model.init_checkpoint, which is not set."
+                )
+            if regularizer == "ewc" and fisher_path is None:
+                raise ConfigError(
+                    "model.regularizer ewc needs model.fisher_path (the previous stage's Fisher information)."
+                )
+            importance = load_fisher(fisher_path) if regularizer == "ewc" and fisher_path is not None else None
+            reference = {n: p for n, p in net.named_parameters()}
+            self.anchor = WeightAnchor(reference, regularizer_weight, importance)
+        if not 0.0 < encoder_lr_scale <= 1.0:
+            raise ConfigError(f"model.encoder_lr_scale must lie in (0, 1], got {encoder_lr_scale}.")
         self.dice_metric = DiceMetric(include_background=False, reduction="none", ignore_empty=True)
 
     @property
@@ -140,6 +185,10 @@ class SegmentationTask(pl.LightningModule):
         if self.net_config is not None:
             store_card(checkpoint, self.model_card(), net_prefix="net.")
 
+    def on_fit_start(self) -> None:
+        if self.anchor is not None:
+            self.anchor.to(self.device)
+
     def forward(self, x: Tensor) -> Tensor:  # (B, 1, D, H, W) -> (B, C, D, H, W) logits
         present = self.hparams.get("present")
         return self.net(x) if present is None else self.net(x, present=present)
@@ -149,16 +198,27 @@ class SegmentationTask(pl.LightningModule):
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         image, label = batch[self.hparams.get("input_key", "image")], batch["label"]  # (B, C, *patch), class indices
         logits = self(image)
-        if logits.ndim == image.ndim + 1:  # deep supervision: (B, heads, C, *patch), full resolution first
-            loss = self.ds_loss_fn(list(torch.unbind(logits, dim=1)), label)
-        else:
-            loss = self.loss_fn(logits, label)
+        loss = self.supervised_loss(logits, label)
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=image.shape[0])
+        if self.anchor is not None:
+            penalty = self.anchor.penalty(self.net)
+            self.log("train/anchor", penalty, on_step=True, on_epoch=False, batch_size=image.shape[0])
+            loss = loss + penalty
         return loss
+
+    def supervised_loss(self, logits: Tensor, label: Tensor) -> Tensor:
+        """The training loss of network outputs (with or without deep-supervision heads)."""
+        if logits.ndim == label.ndim + 1:  # deep supervision: (B, heads, C, *patch), full resolution first
+            heads = list(torch.unbind(logits, dim=1))
+            loss = self.ds_loss_fn(heads, label)
+            return loss / len(heads) if self.hparams.get("ds_weighting") == "mean" else loss
+        return self.loss_fn(logits, label)
 
     def configure_optimizers(self) -> Any:
         hp = self.hparams
-        opt = torch.optim.AdamW(self.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
+        groups = param_groups(self.net, hp.lr, float(hp.get("encoder_lr_scale", 1.0)), hp.weight_decay)
+        opt_cls = torch.optim.Adam if hp.get("optimizer", "adamw") == "adam" else torch.optim.AdamW
+        opt = opt_cls(groups, lr=hp.lr, weight_decay=hp.weight_decay)
         total = self.trainer.estimated_stepping_batches if self._trainer is not None else math.inf
         if hp.scheduler == "constant" or not math.isfinite(total):
             return opt
@@ -186,7 +246,7 @@ class SegmentationTask(pl.LightningModule):
     def _evaluate(self, batch: dict[str, Tensor], prefix: str) -> None:
         image, label = batch[self.hparams.get("input_key", "image")], batch["label"]  # (1, C, X, Y, Z) whole volumes
         logits = self._infer(image)
-        self.log(f"{prefix}/loss", self.loss_fn(logits.float(), label), batch_size=1, sync_dist=True)
+        self.log(f"{prefix}/loss", self.eval_loss_fn(logits.float(), label), batch_size=1, sync_dist=True)
         pred = one_hot(logits.argmax(dim=1, keepdim=True), self.num_classes)  # (1, C, X, Y, Z)
         self.dice_metric(y_pred=pred, y=one_hot(label.long(), self.num_classes))
 

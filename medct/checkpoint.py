@@ -297,3 +297,37 @@ def export_lightning_checkpoint(
             f"{src}: the card names the part '{empty[0]}' but the checkpoint holds no tensors for it."
         )
     return save_model_folder(net, card, out_dir, parts)
+
+
+def read_network_weights(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
+    """The network tensors of a medct Lightning checkpoint (`.ckpt`, the keys under the task's
+    network prefix, read with weights_only=True) or of a model folder (model.safetensors): what a
+    later training stage starts from (Turbolift's hand-over of all weights)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from medct.errors import InputPathError
+
+    src = Path(path)
+    if src.is_dir():
+        weights = src / WEIGHTS_FILE
+        if not weights.is_file():
+            raise ModelFolderError(f"Model folder '{src}' has no {WEIGHTS_FILE}.")
+        try:
+            return load_file(str(weights))
+        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+            raise ModelFolderError(f"{weights} is corrupt or not a safetensors file ({e}).") from e
+    if not src.is_file():
+        raise InputPathError(f"Checkpoint {src} does not exist.")
+    try:
+        ckpt = torch.load(src, map_location="cpu", weights_only=True)
+    except Exception as e:  # pickle/zip errors come in many types; all mean the same thing here
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelFolderError(f"{src} is not a loadable Lightning checkpoint ({first}).") from e
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
+        raise ModelFolderError(f"{src} is not a Lightning checkpoint (it has no state_dict).")
+    prefix = str((ckpt.get(CHECKPOINT_KEY) or {}).get("net_prefix", "net."))
+    state = {k[len(prefix) :]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
+    if not state:
+        raise ModelFolderError(f"{src} holds no network tensors under '{prefix}'.")
+    return state

@@ -42,6 +42,7 @@ NET_SHRINK: dict[str, Any] = {
 # Narrow variants by network class (argument names that mean other things elsewhere, e.g. SwinUNETR's num_heads).
 CLASS_SHRINK: dict[str, dict[str, Any]] = {
     "medct.nets.MultiModalUNETR": {"hidden_size": 48, "depth": 4, "num_heads": 4, "mlp_dim": 96},
+    "medct.nets.AttentionUNet": {"channels": [4, 8, 8, 16, 16]},  # 5 levels: deep supervision down to 1/8
 }
 TINY_PATCH = 32
 
@@ -108,10 +109,45 @@ def _tiny(cfg: dict[str, Any], tmp: Path) -> dict[str, Any]:
     return cfg
 
 
+def _tiny_chain(cfg: dict[str, Any], tmp: Path) -> dict[str, Any]:
+    """A Turbolift chain (`turbolift:` section): the shared recipe shrunk as above, each stage's
+    data a tiny cohort of its own, the stages written under tmp."""
+    chain = cfg.pop("turbolift")
+    cfg = _tiny(cfg, tmp)
+    spacing = cfg.get("data", {}).get("init_args", {}).get("spacing", [4.0, 4.0, 4.0])
+    for k, stage in enumerate(chain["stages"]):
+        data = stage.get("data") or {}
+        folder = tmp / f"stage_{k}"
+        if "phantom" in data:
+            data["phantom"] = {**(data["phantom"] or {}), "n": 4, "shape": [32, 32, 32], "spacing": spacing}
+        else:  # a datalist of real scans: a tiny cohort instead
+            write_cohort(folder, n=4, seed=k, shape=(32, 32, 32), spacing=tuple(spacing))
+            data.pop("datalist", None)
+        data["data_dir"] = str(folder)
+        data["val_fraction"] = 0.25
+        stage["data"] = data
+        stage.pop("trainer", None)
+    chain["output_dir"] = str(tmp / "chain")
+    return {**cfg, "turbolift": chain}
+
+
 @pytest.mark.parametrize("config", CONFIGS, ids=[str(c.relative_to(ROOT / "configs")) for c in CONFIGS])
 def test_recipe_runs_fast_dev_run(config, tmp_path):
     tiny = tmp_path / config.name
-    tiny.write_text(yaml.safe_dump(_tiny(yaml.safe_load(config.read_text()), tmp_path)))
+    recipe = yaml.safe_load(config.read_text())
+    if "turbolift" in recipe:  # a chain of stages: `medct turbolift`, each stage one fast_dev_run step
+        from medct.finetune.turbolift import run_chain
+
+        n = len(recipe["turbolift"]["stages"])
+        tiny.write_text(yaml.safe_dump(_tiny_chain(recipe, tmp_path)))
+        result = run_chain(
+            tiny, ["--trainer.fast_dev_run=true", "--trainer.accelerator=cpu", "--trainer.precision=32-true"]
+        )
+        assert len(result.matrix) == n and all(len(row) == n for row in result.matrix)
+        assert all(0.0 <= v <= 1.0 for row in result.matrix for v in row)
+        assert (Path(result.output_dir) / "forgetting.csv").is_file()
+        return
+    tiny.write_text(yaml.safe_dump(_tiny(recipe, tmp_path)))
     cli = run_lightning(
         [
             "fit",

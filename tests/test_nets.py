@@ -103,6 +103,20 @@ def test_resenc_unet_deep_supervision_output():
         assert net(torch.randn(1, 1, 32, 32, 32)).shape == (1, 2, 32, 32, 32)
 
 
+def test_attention_unet_deep_supervision_heads_see_their_own_scale():
+    """Turbolift's outputs at full, 1/2, 1/4 and 1/8 scale, the coarse ones upsampled to full size;
+    eval mode returns the full-resolution output alone; too many heads for the levels is an error."""
+    net = create_net("attention_unet", channels=[4, 8, 16, 32, 32], deep_supervision=True, deep_supr_num=3).train()
+    y = net(torch.randn(2, 1, 32, 32, 32))
+    assert y.shape == (2, 4, 2, 32, 32, 32)  # (B, 1 + 3 heads, C, D, H, W)
+    assert len(net.ds_heads) == 3 and not torch.allclose(y[:, 0], y[:, 3])
+    net.eval()
+    with torch.no_grad():
+        assert net(torch.randn(1, 1, 32, 32, 32)).shape == (1, 2, 32, 32, 32)
+    with pytest.raises(ValueError, match="deep_supr_num"):
+        create_net("attention_unet", channels=[4, 8, 16], deep_supervision=True, deep_supr_num=3)
+
+
 def test_encoder_round_trip_into_a_net_with_other_head(tmp_path):
     torch.manual_seed(0)
     src = create_net("resenc_unet", out_channels=2, filters=[4, 8, 16])

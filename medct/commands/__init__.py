@@ -15,6 +15,7 @@ COMMANDS: dict[str, str] = {
     "segment": "medct.commands.segment",
     "export": "medct.commands.export",
     "reduce": "medct.commands.reduce",
+    "turbolift": "medct.commands.turbolift",
     "phantom": "medct.commands.phantom",
     "demo": "medct.commands.demo",
 }

@@ -12,6 +12,7 @@ One file per family; each subclasses the MONAI network it wraps, so state-dict k
   swinunetr.py    `swinunetr` (MONAI SwinUNETR)
   nnunet.py       `nnunet_resenc`, `nnunet_plain` (nnU-Net v2's own networks, dynamic-network-architectures)
   mm_unetr.py     `mm_unetr` (BM-MAE's multimodal ViT, any subset of modalities, + UNETR decoder)
+  attention_unet.py `attention_unet` (Oktay's attention-gated U-Net, deep supervision; Turbolift's net)
   classifier.py   `encoder_classifier`: any backbone's encoder + a pooled linear head (volume-level classes)
 Every network exposes `encoder_prefixes` and `encoder_features(x)`; `save_encoder` / `load_encoder`
 move pretrained encoders between networks of one backbone. A new family is one more file here
@@ -61,6 +62,7 @@ _CLASSES = {
     "NNUNetResEnc": "medct.nets.nnunet",
     "EncoderClassifier": "medct.nets.classifier",
     "MultiModalUNETR": "medct.nets.mm_unetr",
+    "AttentionUNet": "medct.nets.attention_unet",
 }
 
 

@@ -58,6 +58,7 @@ NET_MODULES: dict[str, str] = {
     "nnunet_plain": "medct.nets.nnunet",
     "encoder_classifier": "medct.nets.classifier",
     "mm_unetr": "medct.nets.mm_unetr",
+    "attention_unet": "medct.nets.attention_unet",
 }
 
 
