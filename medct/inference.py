@@ -291,6 +291,16 @@ class Predictor:
             other.tta = check_flag("tta", tta)
         return other
 
+    def with_net(self, net: nn.Module) -> Predictor:
+        """A shallow copy that runs another network of the same card (e.g. a test-time-adapted copy):
+        moved to the device, eval mode, batch norm folded, channels_last on CPU, as in __init__."""
+        other = copy.copy(self)
+        other.net = fold_batch_norm(net.to(self.device).eval())
+        if self.channels_last:
+            other.net = other.net.to(memory_format=torch.channels_last_3d)
+        other.forward_seconds = 0.0
+        return other
+
     @property
     def num_classes(self) -> int:
         return max(self.card.labels) + 1

@@ -281,10 +281,15 @@ def _printable(value: object) -> object:
     return value
 
 
+ADAPT_COLUMNS = ["adapt", "adapt_steps", "adapt_seconds", "adapt_peak_mb", "adapt_loss", "adapt_reverted"]
+
+
 def _write_summary(rows: list[dict[str, object]], label_names: list[str], path: Path) -> None:
     columns = ["case", "status", "input", "output", "seconds", "network_seconds", "error", "note"] + [
         f"{n}_ml" for n in label_names
     ]
+    if any("adapt" in row for row in rows):  # test-time adaptation: steps, time, memory, guard per case
+        columns += ADAPT_COLUMNS
     buf = _io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore")
     writer.writeheader()
@@ -312,11 +317,17 @@ def segment_paths(
     debug: bool = False,
     output_format: str = "nifti",
     pipeline: bool = True,
+    adapt: str | None = None,
+    adapt_steps: int = 10,
+    adapt_reset: str = "case",
 ) -> RunReport:
     """Segment every case under `input_path` into `output_dir`; see the module docstring.
 
     pipeline: read the next case and write the previous one on two threads while the network runs
-    (False: one step after the other, as bench/segment_folder.py compares)."""
+    (False: one step after the other, as bench/segment_folder.py compares).
+    adapt: test-time adaptation method (tent, cotta, psmt; `medct.finetune.tta`) run on a copy of
+    the model before each case, `adapt_steps` steps, reset to the source weights per case or
+    never (continual along the folder, in the order the cases are listed)."""
     from tqdm import tqdm
 
     from medct.dicom_out import OUTPUT_FORMATS
@@ -329,6 +340,21 @@ def segment_paths(
     cases = discover_cases(input_path, ignored)  # path errors surface before the model loads
     predictor = Predictor.from_folder(model_dir, device=device, overlap=overlap, sw_batch_size=sw_batch_size, tta=tta)
     card = predictor.card
+    adapter = None
+    if adapt is not None:
+        from medct.checkpoint import load_model_folder
+        from medct.finetune.tta import TestTimeAdapter, make_method
+
+        source, _ = load_model_folder(model_dir, device="cpu")  # unfolded batch norm: what adaptation trains
+        adapter = TestTimeAdapter(
+            source,
+            make_method(adapt),
+            tuple(card.patch_size),  # type: ignore[arg-type]
+            steps=adapt_steps,
+            batch=predictor.sw_batch_size,
+            reset=adapt_reset,  # type: ignore[arg-type]
+            device=predictor.device,
+        )
     names = {i: n for i, n in card.labels.items() if i != 0}
     out_dir = prepare_output_folder(output_dir)
 
@@ -388,11 +414,16 @@ def segment_paths(
                     continue
                 claimed.add(job.case.name)
                 prepared = reads.pop(id(job)).result()
-                t_predict, t_forward = time.perf_counter(), predictor.forward_seconds
-                scores = predictor.run(prepared)
+                case_predictor = predictor
+                if adapter is not None and not (prepared.body is not None and prepared.body.empty):
+                    adapted, info = adapter.adapt(prepared.x, prepared.body)
+                    job.row.update(info.row())
+                    case_predictor = predictor.with_net(adapted)
+                t_predict, t_forward = time.perf_counter(), case_predictor.forward_seconds
+                scores = case_predictor.run(prepared)
                 del prepared  # the network input is not needed any more
                 job.run_seconds = time.perf_counter() - t_predict
-                job.network_seconds = predictor.forward_seconds - t_forward
+                job.network_seconds = case_predictor.forward_seconds - t_forward
                 job.row["network_seconds"] = f"{job.network_seconds:.2f}"
                 if pending is not None:  # at most one write in flight
                     _settle(*pending, debug)

@@ -19,6 +19,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--sw-batch-size", type=types.positive_int, default=None, help="patches per forward pass")
     p.add_argument("--tta", action="store_true", help="flip test-time augmentation (slower, smoother)")
+    p.add_argument(
+        "--adapt",
+        default=None,
+        choices=["tent", "cotta", "psmt"],
+        help="test-time adaptation to scanner shift on a copy of the model (the folder is not changed)",
+    )
+    p.add_argument("--adapt-steps", type=types.positive_int, default=10, help="adaptation steps per case (default 10)")
+    p.add_argument(
+        "--adapt-reset",
+        default="case",
+        choices=["case", "never"],
+        help="start each case from the model's weights (case) or adapt continually along the folder (never)",
+    )
     p.add_argument("--overwrite", action="store_true", help="recompute cases whose output already exists")
     p.add_argument("--preview", action="store_true", help="write a PNG (three planes, label overlay) per case")
     p.add_argument("--series-uid", default=None, help="pick one series from a DICOM folder holding several")
@@ -47,5 +60,8 @@ def run(args: argparse.Namespace) -> int:
         series_uid=args.series_uid,
         debug=args.debug,
         output_format=args.output_format,
+        adapt=args.adapt,
+        adapt_steps=args.adapt_steps,
+        adapt_reset=args.adapt_reset,
     )
     return 0 if not report.failed else 1
