@@ -55,3 +55,25 @@ def write_result(path: Path, name: str, body: dict[str, Any]) -> Path:
     os.replace(tmp, path)
     print(f"wrote {path}")
     return path
+
+
+def mean_sd(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation of the finite values (NaN, NaN when there are none)."""
+    import statistics
+
+    vals = [v for v in values if v == v]
+    if not vals:
+        return float("nan"), float("nan")
+    return statistics.fmean(vals), statistics.stdev(vals) if len(vals) > 1 else 0.0
+
+
+def quiet_lightning() -> None:
+    """Silence warnings and Lightning's per-fit banners (GPU available, tips, model summaries)."""
+    import logging
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    import lightning.pytorch  # noqa: F401  (sets its loggers' levels on import; quieten them after)
+
+    for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
+        logging.getLogger(name).setLevel(logging.ERROR)

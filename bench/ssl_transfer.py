@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import statistics
 import sys
 import time
 import warnings
@@ -44,7 +43,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from _common import CACHE, DATA, ROOT, write_result
+from _common import CACHE, DATA, ROOT, mean_sd, write_result
 
 RESULT = ROOT / "bench" / "results" / "ssl_transfer.json"
 WORK = CACHE / "ssl_transfer"
@@ -348,13 +347,6 @@ def finetune_cls(datalist: Path, encoder: Path | None, n_train: int, seed: int, 
     return {"accuracy": round(float(m["val/accuracy"]), 4), "auc": round(float(m["val/auc"]), 4)}
 
 
-def _mean_sd(values: list[float]) -> tuple[float, float]:
-    vals = [v for v in values if v == v]
-    if not vals:
-        return float("nan"), float("nan")
-    return statistics.mean(vals), statistics.stdev(vals) if len(vals) > 1 else 0.0
-
-
 # ----------------------------------------------------------------------------- main
 
 
@@ -446,7 +438,7 @@ def main() -> int:
     for setting, n in settings:
         line = f"{setting + ' n=' + str(n):<28}"
         for arm in args.arms:
-            m, sd = _mean_sd(
+            m, sd = mean_sd(
                 [
                     r.get("dice_mean", float("nan"))
                     for r in seg_rows
@@ -462,7 +454,7 @@ def main() -> int:
             for n in cls_counts:
                 line = f"{mode + ' n=' + str(n):<28}"
                 for arm in args.arms:
-                    m, sd = _mean_sd(
+                    m, sd = mean_sd(
                         [r[metric] for r in cls_rows if r["mode"] == mode and r["labelled"] == n and r["arm"] == arm]
                     )
                     summary["classification"].setdefault(f"{mode}_n{n}_{metric}", {})[arm] = {

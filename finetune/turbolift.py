@@ -322,7 +322,7 @@ def _load_weights(task: Any, ckpt: Path) -> None:
     task.load_state_dict(state, strict=True)
 
 
-def _evaluate(task: Any, trainer_cfg: dict[str, Any], data_cfg: dict[str, Any], datalist: Path) -> float:
+def dice_on_datalist(task: Any, trainer_cfg: dict[str, Any], data_cfg: dict[str, Any], datalist: Path) -> float:
     """Mean Dice of `task` on the validation cases of `datalist` (the shared data settings)."""
     import lightning.pytorch as pl
 
@@ -401,7 +401,7 @@ def run_chain(
         if chain.regularizer == "ewc" and i + 1 < len(chain.stages):
             _fisher(chain, i, cli.model, cli.datamodule)
         trainer_cfg = {**recipe.get("trainer", {}), **_override_dict(overrides, "trainer")}
-        row = [_evaluate(cli.model, trainer_cfg, recipe["data"], datalists[j]) for j in range(len(chain.stages))]
+        row = [dice_on_datalist(cli.model, trainer_cfg, recipe["data"], datalists[j]) for j in range(len(chain.stages))]
         rows.append(row)
         write_text_atomic(
             done,

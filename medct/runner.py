@@ -320,6 +320,7 @@ def segment_paths(
     adapt: str | None = None,
     adapt_steps: int = 10,
     adapt_reset: str = "case",
+    adapt_seed: int = 0,
 ) -> RunReport:
     """Segment every case under `input_path` into `output_dir`; see the module docstring.
 
@@ -327,7 +328,8 @@ def segment_paths(
     (False: one step after the other, as bench/segment_folder.py compares).
     adapt: test-time adaptation method (tent, cotta, psmt; `medct.finetune.tta`) run on a copy of
     the model before each case, `adapt_steps` steps, reset to the source weights per case or
-    never (continual along the folder, in the order the cases are listed)."""
+    never (continual along the folder, in the order the cases are listed); `adapt_seed` seeds the
+    draw of adaptation patches."""
     from tqdm import tqdm
 
     from medct.dicom_out import OUTPUT_FORMATS
@@ -354,6 +356,7 @@ def segment_paths(
             batch=predictor.sw_batch_size,
             reset=adapt_reset,  # type: ignore[arg-type]
             device=predictor.device,
+            seed=adapt_seed,
         )
     names = {i: n for i, n in card.labels.items() if i != 0}
     out_dir = prepare_output_folder(output_dir)

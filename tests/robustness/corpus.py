@@ -459,19 +459,42 @@ def b_encoder_folder_to_api(work: Path, model: Path) -> Callable[[], object]:
     return lambda: medct.load_model(str(enc))
 
 
+def b_turbolift_missing(work: Path, model: Path) -> list[str]:
+    return ["turbolift", "--config", str(work / "no_chain.yaml")]
+
+
+def b_turbolift_plain_recipe(work: Path, model: Path) -> list[str]:
+    return ["turbolift", "--config", _recipe("finetune/seg_phantom.yaml")]
+
+
+def b_turbolift_bad_regularizer(work: Path, model: Path) -> list[str]:
+    import yaml
+
+    cfg = yaml.safe_load(Path(_recipe("finetune/turbolift_phantom.yaml")).read_text())
+    cfg["turbolift"].update(regularizer="l1", output_dir=str(work / "chain"))
+    (work / "chain.yaml").write_text(yaml.safe_dump(cfg))
+    return ["turbolift", "--config", str(work / "chain.yaml")]
+
+
+def b_adapt_without_norm_affines(work: Path, model: Path) -> list[str]:
+    _write(real_ct(), work / "in.nii.gz")  # the corpus model is a MONAI UNet: instance norm without affine
+    return _segment(work, model, "in.nii.gz", "--adapt", "tent")
+
+
 def _has_cuda() -> bool:
     import torch
 
     return bool(torch.cuda.is_available())
 
 
-G_WRONG, G_DICOM, G_MISTAKE, G_LEFTOVER, G_BEFORE, G_PRETRAIN = (
+G_WRONG, G_DICOM, G_MISTAKE, G_LEFTOVER, G_BEFORE, G_PRETRAIN, G_FINETUNE = (
     "wrong result",
     "hospital DICOM",
     "user mistake",
     "left behind",
     "handled before",
     "pretraining",
+    "fine-tuning",
 )
 
 CASES: list[Case] = [
@@ -533,6 +556,13 @@ CASES: list[Case] = [
     Case("fit: encoder of another backbone", G_PRETRAIN, b_pretrained_encoder_other_backbone, 1, "does not fit network"),
     Case("segment -m an encoder folder", G_PRETRAIN, b_encoder_folder_as_model, 1, "encoder"),
     Case("API load_model(encoder folder)", G_PRETRAIN, b_encoder_folder_to_api, 1, "encoder"),
+    Case("turbolift: chain file missing", G_FINETUNE, b_turbolift_missing, 1, "does not exist"),
+    Case("turbolift: a plain recipe", G_FINETUNE, b_turbolift_plain_recipe, 1, "has no 'turbolift:' section"),
+    Case("turbolift: unknown regularizer", G_FINETUNE, b_turbolift_bad_regularizer, 1, "must be none, l2 or ewc"),
+    Case("segment --adapt tent, no norm affines", G_FINETUNE, b_adapt_without_norm_affines, 1, "normalisation layers"),
+    Case("--adapt-steps 0", G_FINETUNE, _option_case("--adapt", "tent", "--adapt-steps", "0"), 2, "whole number >= 1"),
+    Case("--adapt-reset sometimes", G_FINETUNE, _option_case("--adapt", "cotta", "--adapt-reset", "sometimes"), 2,
+         "invalid choice"),
 ]  # fmt: skip
 
 
