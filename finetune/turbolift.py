@@ -444,7 +444,7 @@ def write_matrix(folder: Path, names: list[str], rows: list[list[float]]) -> Non
     lines = ["after_stage," + ",".join(f"dice_{n}" for n in names)]
     lines += [names[i] + "," + ",".join("" if math.isnan(v) else f"{v:.4f}" for v in row) for i, row in enumerate(rows)]
     write_text_atomic(folder / "forgetting.csv", "\n".join(lines) + "\n")
-    fig, ax = plt.subplots(figsize=(1.6 + 1.1 * len(names), 1.2 + 0.9 * len(rows)))
+    fig, ax = plt.subplots(figsize=(3.0 + 1.2 * len(names), 1.4 + 0.9 * len(rows)))
     im = ax.imshow(rows, vmin=0.0, vmax=1.0, cmap="viridis")
     ax.set_xticks(range(len(names)), [f"on {n}" for n in names])
     ax.set_yticks(range(len(rows)), [f"after {n}" for n in names[: len(rows)]])
