@@ -19,7 +19,7 @@ Design:
   * Not here yet: the real CBCT (a source model trained on the planning CT crop, the same
     patient's CBCT as the shifted scan).
 
-CPU time: about 30 minutes on 2 cores (source model cached after the first run).
+CPU time: estimated at ~30 minutes on 2 cores, not yet run in full (the source model is cached).
 """
 
 from __future__ import annotations

@@ -25,7 +25,7 @@ Design:
     (../shared/data/pancreas_ct_cbct/crop_cbct_fov), each cut into 4 axial slabs of 16 slices
     (3 mm grid); slabs 1 and 3 train, 2 and 4 validate. Arms: CBCT only, chain, chain + L2, joint.
 
-CPU time: about 40 minutes for the phantom part on 2 cores, ~10 more with --real.
+CPU time: 48 minutes for the phantom part on 2 cores (measured); --real adds an unmeasured few minutes.
 """
 
 from __future__ import annotations
