@@ -15,13 +15,12 @@ CVPR 2022; reference code qinenergy/cotta), for `medct segment --adapt cotta`.
 
 from __future__ import annotations
 
-import copy
 import itertools
 
 import torch
 from torch import Tensor, nn
 
-from medct.finetune.tta import adaptation_mode, ema_update, soft_cross_entropy
+from medct.finetune.tta import adaptation_mode, ema_update, mean_teacher_start, soft_cross_entropy
 
 
 def _size_multiple(patch: tuple[int, ...]) -> int:
@@ -70,13 +69,7 @@ class CoTTA:
 
     def start(self, source: nn.Module) -> None:
         self.source = source
-        self.student = copy.deepcopy(source)
-        for p in self.student.parameters():
-            p.requires_grad_(True)
-        self.teacher = copy.deepcopy(source).eval()
-        for p in self.teacher.parameters():
-            p.requires_grad_(False)
-        self.optimizer = torch.optim.Adam(self.student.parameters(), lr=self.lr)
+        self.student, self.teacher, self.optimizer = mean_teacher_start(source, self.lr)
 
     @torch.no_grad()
     def pseudo_labels(self, x: Tensor) -> Tensor:

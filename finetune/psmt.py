@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from medct.finetune.safeguards import WeightAnchor, fisher_diagonal
-from medct.finetune.tta import adaptation_mode, ema_update, soft_cross_entropy
+from medct.finetune.tta import adaptation_mode, ema_update, mean_teacher_start, soft_cross_entropy
 
 
 class PSMT:
@@ -42,13 +42,7 @@ class PSMT:
 
     def start(self, source: nn.Module) -> None:
         self.source = source
-        self.student = copy.deepcopy(source)
-        for p in self.student.parameters():
-            p.requires_grad_(True)
-        self.teacher = copy.deepcopy(source).eval()
-        for p in self.teacher.parameters():
-            p.requires_grad_(False)
-        self.optimizer = torch.optim.Adam(self.student.parameters(), lr=self.lr)
+        self.student, self.teacher, self.optimizer = mean_teacher_start(source, self.lr)
         self.anchor, self.masks = None, {}  # the importance is measured on the first batch
 
     def _importance(self, x: Tensor) -> None:

@@ -227,3 +227,15 @@ def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
 def soft_cross_entropy(logits: Tensor, target_probs: Tensor) -> Tensor:
     """Mean over voxels of -sum_c q_c log p_c (the mean-teacher consistency loss of CoTTA)."""
     return -(target_probs * torch.log_softmax(logits.float(), dim=1)).sum(dim=1).mean()
+
+
+def mean_teacher_start(source: nn.Module, lr: float) -> tuple[nn.Module, nn.Module, torch.optim.Optimizer]:
+    """(student with every weight trainable, frozen eval-mode teacher, Adam on the student): the
+    starting point of the mean-teacher methods (CoTTA, PSMT), both copies of the source."""
+    student = copy.deepcopy(source)
+    for p in student.parameters():
+        p.requires_grad_(True)
+    teacher = copy.deepcopy(source).eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return student, teacher, torch.optim.Adam(student.parameters(), lr=lr)

@@ -239,6 +239,22 @@ def load_model_folder(
     return net.to(device).eval(), card
 
 
+def _read_lightning_checkpoint(src: Path) -> dict[str, Any]:
+    """torch.load(weights_only=True) of a Lightning checkpoint; one-sentence errors otherwise."""
+    from medct.errors import InputPathError
+
+    if not src.is_file():
+        raise InputPathError(f"Checkpoint {src} does not exist.")
+    try:
+        ckpt = torch.load(src, map_location="cpu", weights_only=True)
+    except Exception as e:  # pickle/zip errors come in many types; all mean the same thing here
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelFolderError(f"{src} is not a loadable Lightning checkpoint ({first}).") from e
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
+        raise ModelFolderError(f"{src} is not a Lightning checkpoint (it has no state_dict).")
+    return ckpt
+
+
 def export_lightning_checkpoint(
     ckpt_path: str | os.PathLike[str], out_dir: str | os.PathLike[str], licence: str | None = None
 ) -> Path:
@@ -249,19 +265,10 @@ def export_lightning_checkpoint(
     copied as it is (plus the source checkpoint, epoch and step, and `licence` when given), the
     tensors under the prefix are the network's. Nothing here knows a task's argument names.
     """
-    from medct.errors import InputPathError
     from medct.nets import create_net
 
     src = Path(ckpt_path)
-    if not src.is_file():
-        raise InputPathError(f"Checkpoint {src} does not exist.")
-    try:
-        ckpt = torch.load(src, map_location="cpu", weights_only=True)
-    except Exception as e:  # pickle/zip errors come in many types; all mean the same thing here
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ModelFolderError(f"{src} is not a loadable Lightning checkpoint ({first}).") from e
-    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
-        raise ModelFolderError(f"{src} is not a Lightning checkpoint (it has no state_dict).")
+    ckpt = _read_lightning_checkpoint(src)
     stored = ckpt.get(CHECKPOINT_KEY) or {}
     if "card" not in stored:
         raise ModelFolderError(
@@ -306,8 +313,6 @@ def read_network_weights(path: str | os.PathLike[str]) -> dict[str, torch.Tensor
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    from medct.errors import InputPathError
-
     src = Path(path)
     if src.is_dir():
         weights = src / WEIGHTS_FILE
@@ -317,15 +322,7 @@ def read_network_weights(path: str | os.PathLike[str]) -> dict[str, torch.Tensor
             return load_file(str(weights))
         except (SafetensorError, OSError, ValueError, RuntimeError) as e:
             raise ModelFolderError(f"{weights} is corrupt or not a safetensors file ({e}).") from e
-    if not src.is_file():
-        raise InputPathError(f"Checkpoint {src} does not exist.")
-    try:
-        ckpt = torch.load(src, map_location="cpu", weights_only=True)
-    except Exception as e:  # pickle/zip errors come in many types; all mean the same thing here
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ModelFolderError(f"{src} is not a loadable Lightning checkpoint ({first}).") from e
-    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
-        raise ModelFolderError(f"{src} is not a Lightning checkpoint (it has no state_dict).")
+    ckpt = _read_lightning_checkpoint(src)
     prefix = str((ckpt.get(CHECKPOINT_KEY) or {}).get("net_prefix", "net."))
     state = {k[len(prefix) :]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
     if not state:
