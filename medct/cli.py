@@ -2,7 +2,8 @@
 
 Lightning verbs (fit, validate, test, predict) go to LightningCLI (`medct.lightning_cli`), with
 YAML configs from configs/. The rest are plain argparse commands, one module each, listed in
-`medct.commands.COMMANDS` (segment, export, phantom, demo). Importing this module imports no torch:
+`medct.commands.COMMANDS` (segment, export, phantom, demo, ...); `medct fit` with a Turbolift chain
+recipe (a `turbolift:` section) runs the chain (`medct.commands.turbolift`). Importing this module imports no torch:
 each command imports what it needs when it runs. A bad option value is refused by argparse with
 one line (exit 2).
 
@@ -59,6 +60,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     from medct.errors import MedCTError
 
     try:
+        if argv and argv[0] == "fit":
+            from medct.commands.turbolift import chain_recipe, run_and_report
+
+            chain = chain_recipe(argv[1:])
+            if chain is not None:  # a Turbolift chain recipe: every stage is a fit
+                return run_and_report(*chain)
         if argv and argv[0] in LIGHTNING_VERBS:
             from medct.lightning_cli import run_lightning
 

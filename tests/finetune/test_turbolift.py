@@ -68,13 +68,33 @@ def _chain_yaml(tmp: Path, **turbolift: object) -> Path:
     return path
 
 
+FISHER_CALLS: list[dict[str, object]] = []  # what EWC's Fisher was computed from, during the chain
+
+
 @pytest.fixture(scope="module")
 def ewc_chain(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, object]:
+    import medct.finetune.safeguards as safeguards
+
+    real = safeguards.fisher_diagonal
+
+    def spy(net, batches, loss_of, max_batches):  # records the weights and cases it is given
+        FISHER_CALLS.append(
+            {
+                "weights": {k: v.detach().clone() for k, v in net.state_dict().items()},
+                "images": sorted(e["image"] for e in batches.dataset.data),
+            }
+        )
+        FISHER_CALLS[-1]["fisher"] = out = real(net, batches, loss_of, max_batches)
+        return out
+
     tmp = tmp_path_factory.mktemp("turbolift")
     cfg = _chain_yaml(
         tmp, rehearsal=0.25, regularizer="ewc", regularizer_weight=0.5, encoder_lr_scale=0.5, fisher_batches=2
     )
-    return cfg, run_chain(cfg, CPU)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(safeguards, "fisher_diagonal", spy)
+        result = run_chain(cfg, CPU)
+    return cfg, result
 
 
 def test_stage_hand_over_copies_all_weights_and_resets_the_optimiser(ewc_chain) -> None:
@@ -106,6 +126,30 @@ def test_stage_hand_over_copies_all_weights_and_resets_the_optimiser(ewc_chain) 
     assert first_ckpt["global_step"] > 0 and adam_steps == {float(second["global_step"])}
     groups = second["optimizer_states"][0]["param_groups"]
     assert sorted(g["lr"] for g in groups) == [0.00025, 0.0005]  # slow learner: encoder at half the rate
+
+
+def test_ewc_fisher_is_computed_on_the_previous_stage(ewc_chain) -> None:
+    from medct.finetune.safeguards import load_fisher
+
+    _, result = ewc_chain
+    out = Path(result.output_dir)
+    assert len(FISHER_CALLS) == 1  # after stage 1 only: the last stage has no successor to anchor
+    call = FISHER_CALLS[0]
+    # stage 1's best weights ...
+    best = torch.load(
+        json.loads((out / "00_ct" / "done.json").read_text())["best_checkpoint"], map_location="cpu", weights_only=True
+    )["state_dict"]
+    for k, v in call["weights"].items():
+        assert torch.equal(v, best["net." + k]), k
+    # ... on stage 1's own training cases (none of stage 2's) ...
+    own = sorted(e["image"] for e in json.loads((out / "00_ct" / "datalist.json").read_text())["training"])
+    assert call["images"] == own
+    later = {e["image"] for e in json.loads((out / "01_cbct" / "datalist.json").read_text())["training"]}
+    assert not later & set(own)
+    # ... is the Fisher stage 2 is anchored with
+    saved = load_fisher(out / "00_ct" / "fisher.safetensors")
+    assert saved.keys() == call["fisher"].keys()
+    assert all(torch.equal(saved[k], call["fisher"][k]) for k in saved)
 
 
 def test_rehearsal_replays_earlier_cases(ewc_chain) -> None:
@@ -223,3 +267,13 @@ def test_chain_errors_are_sentences(tmp_path: Path) -> None:
         read_chain(plain)
     chain = read_chain(_chain_yaml(tmp_path, rehearsal=0.5))
     assert rehearsal_items(chain, 0, 0) == []  # the first stage replays nothing
+
+
+def test_medct_fit_runs_a_chain_recipe(tmp_path: Path, capsys) -> None:
+    from medct.cli import main
+
+    cfg = _chain_yaml(tmp_path)
+    assert main(["fit", "--config", str(cfg), *CPU, "--trainer.fast_dev_run=true"]) == 0
+    assert "chain ct -> cbct" in capsys.readouterr().out
+    assert (tmp_path / "chain" / "forgetting.csv").is_file()
+    assert (tmp_path / "chain" / "01_cbct" / "done.json").is_file()
