@@ -28,7 +28,7 @@ Design:
     (../shared/data/pancreas_ct_cbct/crop_cbct_fov), each cut into 4 axial slabs of 16 slices
     (3 mm grid); slabs 1 and 3 train, 2 and 4 validate. Arms: CBCT only, chain, chain + L2, joint.
 
-CPU time: estimated ~55 minutes for the phantom part on 2 cores; --real adds ~10.
+CPU time: ~70 minutes measured for the phantom part on 2 cores shared with other jobs; --real not yet run at this size.
 """
 
 from __future__ import annotations
