@@ -28,7 +28,12 @@ Design:
     (../shared/data/pancreas_ct_cbct/crop_cbct_fov), each cut into 4 axial slabs of 16 slices
     (3 mm grid); slabs 1 and 3 train, 2 and 4 validate. Arms: CBCT only, chain, chain + L2, joint.
 
-CPU time: ~70 minutes measured for the phantom part on 2 cores shared with other jobs; --real not yet run at this size.
+  * The goal is 'not assessable' (met = null) with fewer than 3 seeds or when the chain's Dice on
+    the last domain is under MIN_ASSESSABLE_DICE: differences between untrained models mean nothing.
+
+CPU time: ~70 minutes measured for the phantom part on 2 cores shared with other jobs; the real part
+~10 minutes per seed (4 arms). At 300 steps the real arms reach only Dice 0.07-0.09 on the CBCT
+(4 organs, 2 training slabs): the real pair needs far more steps than a CPU run allows.
 """
 
 from __future__ import annotations
@@ -50,6 +55,7 @@ SPACING = [4.0, 4.0, 4.0]
 # (name, phantom variant, cases, seed, validation cases)
 DOMAINS = (("ct", "ct", 16, 0, 4), ("cbct", "cbct", 8, 100, 2), ("cbct_tst", "cbct_tst", 6, 200, 3))
 LIVER = 1  # the phantom label of the liver (medct.phantom.LABELS)
+MIN_ASSESSABLE_DICE = 0.3  # see _goal
 CHANNELS = [8, 16, 32, 64, 128]
 SAFEGUARDS: dict[str, dict[str, Any]] = {
     "chain": {},
@@ -284,7 +290,7 @@ def _table(rows: list[dict[str, Any]], arms: list[str], order: list[str], title:
                 line += f"{'-':>22}"
                 continue
             m, sd = mean_sd(vals)
-            entry[c] = {"mean": round(m, 4), "sd": round(sd, 4)}
+            entry[c] = {"mean": round(m, 4), "sd": round(sd, 4), "n": len(vals)}
             line += f"{m:>14.3f} ± {sd:<5.3f}"
         summary[arm] = entry
         print(line)
@@ -307,12 +313,20 @@ def _goal(summary: dict[str, Any], last: str, first: str) -> dict[str, Any]:
             "last_domain_cost": round(cost, 4),
             "ok": base_f > 0 and f <= 0.5 * base_f and cost <= 0.01,
         }
+    met: bool | None = chain_beats_last and any(v["ok"] for v in halved.values())
+    # A comparison between models that have not learnt the task says nothing: below this Dice on the
+    # last domain, or with fewer than 3 seeds, the goal is reported as not assessable (None).
+    n_seeds = summary["chain"][key].get("n", 0)
+    trained = summary["chain"][key]["mean"] >= MIN_ASSESSABLE_DICE
+    if not trained or n_seeds < 3:
+        met = None
     return {
         "target": f"chain beats last-only on {last}; a safeguard halves the forgetting of {first} at <= 0.01 Dice on {last}",
         "chain_beats_last_only": chain_beats_last,
         "chain_forgetting_first": base_f,
         "safeguards": halved,
-        "met": chain_beats_last and any(v["ok"] for v in halved.values()),
+        "assessable": {"seeds": n_seeds, "chain_last_dice_at_least": MIN_ASSESSABLE_DICE, "trained": trained},
+        "met": met,
     }
 
 
