@@ -18,6 +18,7 @@ _LAZY = {
     "read_rtstruct": "medct.dicom",
     "load_model": "medct.api",
     "segment": "medct.api",
+    "register": "medct.api",
     "MedCTError": "medct.errors",
 }
 

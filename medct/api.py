@@ -23,7 +23,9 @@ from medct.errors import ConfigError, InvalidVolumeError, ModelFolderError
 from medct.inference import Predictor, check_flag, check_overlap
 from medct.io import Volume, read_volume, write_volume
 
-__all__ = ["Predictor", "Volume", "load_model", "read_volume", "reconstruct_modality", "segment", "write_volume"]
+__all__ = [
+    "Predictor", "Volume", "load_model", "read_volume", "reconstruct_modality", "register", "segment", "write_volume",
+]  # fmt: skip
 
 
 # The predictor of each model-card task, as "module:Class" (imported on use; the class has
@@ -138,3 +140,38 @@ def segment(
     if overlap is not None or tta != predictor.tta:
         predictor = predictor.with_options(overlap=overlap, tta=tta)
     return predictor.predict(_as_volume(data, affine))  # predict() runs validate_for_inference
+
+
+def register(
+    fixed: str | os.PathLike[str] | Volume,
+    moving: str | os.PathLike[str] | Volume,
+    preset: str = "bspline",
+    parameter_files: tuple[str, ...] = (),
+    fixed_mask: str | os.PathLike[str] | Volume | None = None,
+    moving_mask: str | os.PathLike[str] | Volume | None = None,
+    moving_labels: str | os.PathLike[str] | Volume | None = None,
+) -> dict[str, Any]:
+    """Register `moving` to `fixed` with Elastix (`medct.registration.elastix`).
+
+    preset: rigid | affine | bspline (rigid -> affine -> bspline) | ct-cbct; or elastix
+    `parameter_files` run in order. Returns {"warped": the moving image on the fixed grid,
+    "warped_labels": `moving_labels` warped by nearest neighbour (or None), "transform": the
+    `ElastixTransform` (fixed -> moving world; `.warp`, `.points_moving_to_fixed`, `.jacobian`,
+    `.save`, ...)}. Every volume carries the fixed image's geometry.
+    """
+    from medct.registration import elastix
+
+    def vol(x: str | os.PathLike[str] | Volume | None) -> Volume | None:
+        return None if x is None else _as_volume(x, None)
+
+    fixed_v, moving_v = _as_volume(fixed, None), _as_volume(moving, None)
+    tr = elastix.register(
+        fixed_v, moving_v, preset=preset, parameter_files=parameter_files,
+        fixed_mask=vol(fixed_mask), moving_mask=vol(moving_mask),
+    )  # fmt: skip
+    labels = vol(moving_labels)
+    return {
+        "warped": tr.warp(moving_v),
+        "warped_labels": None if labels is None else tr.warp(labels, kind="labels"),
+        "transform": tr,
+    }

@@ -16,6 +16,7 @@ COMMANDS: dict[str, str] = {
     "export": "medct.commands.export",
     "reduce": "medct.commands.reduce",
     "turbolift": "medct.commands.turbolift",
+    "register": "medct.commands.register",
     "phantom": "medct.commands.phantom",
     "demo": "medct.commands.demo",
 }
