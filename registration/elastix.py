@@ -24,7 +24,8 @@ from __future__ import annotations
 import os
 import re
 import tempfile
-from collections.abc import Mapping, Sequence
+import warnings
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -33,6 +34,7 @@ import numpy as np
 
 from medct.errors import ConfigError, InputPathError, InvalidVolumeError, MedCTError
 from medct.io import affine_from_itk
+from medct.paths import atomic_file
 from medct.volume import Volume
 
 ParameterMap = dict[str, list[str]]
@@ -222,6 +224,39 @@ def _mask_itk(mask: Volume, like: Volume, name: str) -> Any:
     return to_itk(mask.with_array(m.astype(np.uint8)), pixel=np.uint8)
 
 
+def invert_points(
+    forward: Callable[[np.ndarray], np.ndarray], points: np.ndarray, tol_mm: float = 1e-3, max_iter: int = 50
+) -> np.ndarray:
+    """The points x with forward(x) = p, for (N, 3) points p (any transform, RAS mm).
+
+    Quasi-Newton iteration x <- x - A^-1 (forward(x) - p), with A the transform's Jacobian near
+    the points estimated once from 4 probe points: exact in one step for affine transforms, and
+    convergent where a deformation is small relative to that affine. Warns where it does not
+    converge (the transform folds or is not invertible there).
+    """
+    p = np.asarray(points, dtype=np.float64).reshape(-1, 3)
+    if len(p) == 0:
+        return p.copy()
+    probe = p.mean(axis=0) + np.vstack([np.zeros(3), np.eye(3) * 10.0])
+    tp = forward(probe)
+    a = (tp[1:] - tp[0]).T / 10.0  # (3, 3) Jacobian of the transform near the points
+    x = probe[0] + np.linalg.solve(a, (p - tp[0]).T).T
+    for _ in range(max_iter):
+        r = forward(x) - p
+        if float(np.abs(r).max()) < tol_mm:
+            return x
+        x = x - np.linalg.solve(a, r.T).T
+    worst = float(np.abs(forward(x) - p).max())
+    if worst > 10 * tol_mm:
+        warnings.warn(
+            f"points_moving_to_fixed: the transform could not be inverted to {tol_mm} mm at every point "
+            f"(worst residual {worst:.3g} mm); those points may lie where the transform folds.",
+            UserWarning,
+            stacklevel=3,
+        )
+    return x
+
+
 # --------------------------------------------------------------------------- the transform
 
 
@@ -344,26 +379,9 @@ class ElastixTransform:
         return out * _FLIP[None, :]
 
     def points_moving_to_fixed(self, points: np.ndarray, tol_mm: float = 1e-3, max_iter: int = 50) -> np.ndarray:
-        """(N, 3) RAS world mm of the moving image -> the fixed-image points x with T(x) = p.
-
-        elastix has no exact inverse, so each x is solved by fixed-point iteration
-        x <- x - (T(x) - p), which converges where T is a small deformation of a well-conditioned
-        affine; the affine part is inverted exactly first when the first stage is linear.
-        """
-        p = np.asarray(points, dtype=np.float64).reshape(-1, 3)
-        if len(p) == 0:
-            return p.copy()
-        # Start from the inverse of T's linear part estimated from 4 probe points (exact for affine T).
-        probe = p.mean(axis=0) + np.vstack([np.zeros(3), np.eye(3) * 10.0])
-        tp = self.points_fixed_to_moving(probe)
-        a = (tp[1:] - tp[0]).T / 10.0  # (3, 3) Jacobian of T near the points
-        x = probe[0] + np.linalg.solve(a, (p - tp[0]).T).T
-        for _ in range(max_iter):
-            r = self.points_fixed_to_moving(x) - p
-            if float(np.abs(r).max()) < tol_mm:
-                break
-            x = x - np.linalg.solve(a, r.T).T
-        return x
+        """(N, 3) RAS world mm of the moving image -> the fixed-image points x with T(x) = p
+        (elastix has no exact inverse: solved per point by `invert_points`)."""
+        return invert_points(self.points_fixed_to_moving, points, tol_mm, max_iter)
 
     # --- saving -------------------------------------------------------------------------------
     def save(self, folder: str | os.PathLike[str]) -> list[Path]:
@@ -378,9 +396,8 @@ class ElastixTransform:
             mm["InitialTransformParameterFileName"] = [str(paths[i - 1]) if i else "NoInitialTransform"]
             po = itk.ParameterObject.New()
             po.SetParameterMap(mm)
-            tmp = p.with_name(p.name + ".part.txt")
-            po.WriteParameterFile(str(tmp))
-            os.replace(tmp, p)
+            with atomic_file(p, suffix=".txt") as tmp:
+                po.WriteParameterFile(str(tmp))
         return paths
 
     @classmethod
@@ -470,6 +487,7 @@ def register(
     fixed_mask: Volume | None = None,
     moving_mask: Volume | None = None,
     number_of_threads: int | None = None,
+    seed: int | None = None,
     log_to_console: bool = False,
 ) -> ElastixTransform:
     """Register `moving` to `fixed` with elastix; returns the transform (fixed -> moving world).
@@ -477,7 +495,7 @@ def register(
     preset: rigid | affine (rigid -> affine) | bspline (rigid -> affine -> bspline) | ct-cbct
     (rigid -> the SynthRAD2025 CBCT map), or a comma list of stages ("rigid,bspline"); ignored when
     `parameter_files` are given (elastix text files, run in order). Masks restrict the metric's
-    samples and must lie on their image's grid.
+    samples and must lie on their image's grid. `seed` fixes elastix's random sampler (RandomSeed).
     """
     import itk
 
@@ -487,6 +505,8 @@ def register(
     reg = itk.ElastixRegistrationMethod.New(f_img, m_img)
     po = itk.ParameterObject.New()
     for m in maps:
+        if seed is not None:
+            m["RandomSeed"] = [str(int(seed))]
         po.AddParameterMap(m)
     reg.SetParameterObject(po)
     if fixed_mask is not None:
@@ -546,10 +566,8 @@ def read_points(path: str | os.PathLike[str], vol: Volume | None = None) -> np.n
 def write_points(path: str | os.PathLike[str], points_ras: np.ndarray) -> None:
     """(N, 3) RAS world mm as an elastix "point" file (LPS), written atomically."""
     pts = np.asarray(points_ras, dtype=np.float64).reshape(-1, 3) * _FLIP[None, :]
-    p = Path(path)
-    tmp = p.with_name(p.name + ".part")
-    tmp.write_text("point\n" + f"{len(pts)}\n" + "".join(f"{x:.6f} {y:.6f} {z:.6f}\n" for x, y, z in pts))
-    os.replace(tmp, p)
+    with atomic_file(path, suffix=".txt") as tmp:
+        tmp.write_text("point\n" + f"{len(pts)}\n" + "".join(f"{x:.6f} {y:.6f} {z:.6f}\n" for x, y, z in pts))
 
 
 __all__ = [
@@ -558,6 +576,7 @@ __all__ = [
     "RegistrationError",
     "check_pair",
     "from_itk",
+    "invert_points",
     "preset_maps",
     "read_parameter_file",
     "read_points",

@@ -26,6 +26,16 @@ HELP = "register a moving scan to a fixed one (Elastix presets), warping labels 
 PRESET_CHOICES = ("rigid", "affine", "bspline", "ct-cbct")
 
 
+def _preset(text: str) -> str:
+    """A preset name (or impact), or a comma list of stages (each one of the preset names)."""
+    if text in ("impact", "none"):
+        return text
+    parts = [t.strip() for t in text.split(",") if t.strip()] if "," in text else [text]
+    if not parts or any(t not in PRESET_CHOICES for t in parts):
+        raise argparse.ArgumentTypeError(f"'{text}' is not a preset or a comma list of {', '.join(PRESET_CHOICES)}")
+    return text
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("-f", "--fixed", default=None, help="fixed image (the grid everything is written on)")
     p.add_argument("-m", "--moving", default=None, help="moving image (warped onto the fixed grid)")
@@ -36,7 +46,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help='datalist JSON: [{"name", "fixed", "moving", optional "moving_labels", "fixed_mask", '
         '"moving_mask", "points"}, ...] (or {"pairs": [...]}); paths relative to the JSON',
     )
-    p.add_argument("--preset", default="bspline", choices=PRESET_CHOICES, help="registration preset (default bspline)")
+    p.add_argument(
+        "--preset",
+        default="bspline",
+        type=_preset,
+        help="rigid | affine (rigid -> affine) | bspline (rigid -> affine -> bspline, the default) | ct-cbct "
+        "(rigid -> the SynthRAD2025 CBCT map), impact (feature registration on --encoder), or stages joined by "
+        "commas, e.g. 'bspline' alone as 'bspline,'",
+    )
+    p.add_argument("--encoder", default=None, help="impact: a medct segmentation model or encoder folder")
+    p.add_argument(
+        "--impact-init", default="affine", type=_preset, help="impact: the Elastix preset run first, or 'none'"
+    )
+    p.add_argument("--impact-layers", type=int, nargs="+", default=[0, 1], help="impact: encoder stages (0 = full res)")
+    p.add_argument(
+        "--impact-mode", default="jacobian", choices=["jacobian", "static"], help="impact: optimisation mode"
+    )
     p.add_argument(
         "--params", nargs="+", default=None, help="elastix parameter files instead of a preset, run in order"
     )
@@ -95,6 +120,24 @@ def _checkerboard(fixed: Any, warped: Any, squares: int = 8) -> Any:
     return fixed.with_array(np.where(tiles, warped.array, fixed.array).astype(np.float32))
 
 
+def _impact(fixed: Any, moving: Any, masks: dict[str, Any], args: argparse.Namespace) -> Any:
+    """IMPACT on the --encoder's features, from an Elastix --impact-init transform."""
+    from medct.errors import ConfigError
+    from medct.registration import elastix, impact
+
+    if not args.encoder:
+        raise ConfigError("--preset impact needs --encoder MODEL_DIR (a medct segmentation model or encoder folder).")
+    if getattr(args, "_features", None) is None:  # loaded once for a whole datalist
+        args._features = impact.load_feature_model(args.encoder, layers=args.impact_layers)
+    initial = None
+    if args.impact_init != "none":
+        initial = elastix.register(
+            fixed, moving, preset=args.impact_init, fixed_mask=masks["fixed_mask"], number_of_threads=args.threads
+        )
+    settings = impact.ImpactSettings(mode=args.impact_mode)
+    return impact.register_impact(fixed, moving, args._features, settings, initial, fixed_mask=masks["fixed_mask"])
+
+
 def run_pair(entry: dict[str, Any], out: Path, args: argparse.Namespace) -> dict[str, Any]:
     """Register one pair and write its outputs into `out`; returns its summary row."""
     import numpy as np
@@ -111,15 +154,18 @@ def run_pair(entry: dict[str, Any], out: Path, args: argparse.Namespace) -> dict
 
         check_same_grid(labels, moving, "moving labels and moving image")
     points = elastix.read_points(entry["points"], moving) if entry.get("points") else None
-    tr = elastix.register(
-        fixed,
-        moving,
-        preset=args.preset,
-        parameter_files=args.params or (),
-        fixed_mask=masks["fixed_mask"],
-        moving_mask=masks["moving_mask"],
-        number_of_threads=args.threads,
-    )
+    if args.preset == "impact" and not args.params:
+        tr = _impact(fixed, moving, masks, args)
+    else:
+        tr = elastix.register(
+            fixed,
+            moving,
+            preset=args.preset,
+            parameter_files=args.params or (),
+            fixed_mask=masks["fixed_mask"],
+            moving_mask=masks["moving_mask"],
+            number_of_threads=args.threads,
+        )
     seconds_registration = time.perf_counter() - t0
     out.mkdir(parents=True, exist_ok=True)
     warped = tr.warp(moving)

@@ -277,3 +277,23 @@ def test_api_register_returns_volumes_with_the_fixed_geometry() -> None:
         np.testing.assert_allclose(res[key].affine, fixed.affine)
     assert res["warped_labels"].array.dtype == np.uint8
     assert isinstance(res["transform"], elastix.ElastixTransform)
+
+
+def test_user_parameter_files_run_in_order(tmp_path: Path) -> None:
+    import itk
+
+    for i, stage in enumerate(("rigid", "affine")):
+        po = itk.ParameterObject.New()
+        po.SetParameterMap(elastix.preset_maps(stage)[-1])
+        po.WriteParameterFile(str(tmp_path / f"p{i}.txt"))
+    shift = np.array([1.5, -2.0, 1.0])
+    fixed, moving = _pair(lambda y: y - shift)
+    tr = elastix.register(fixed, moving, parameter_files=[tmp_path / "p0.txt", tmp_path / "p1.txt"], seed=1)
+    assert [m["Transform"][0] for m in tr.maps] == ["EulerTransform", "AffineTransform"]
+    pts = _probe_points()
+    np.testing.assert_allclose(tr.points_fixed_to_moving(pts), pts + shift, atol=0.5)
+    (tmp_path / "bad.txt").write_text("(Metric AdvancedMattesMutualInformation)\n")
+    from medct.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="names no Transform"):
+        elastix.register(fixed, moving, parameter_files=[tmp_path / "bad.txt"])

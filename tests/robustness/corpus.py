@@ -481,13 +481,66 @@ def b_adapt_without_norm_affines(work: Path, model: Path) -> list[str]:
     return _segment(work, model, "in.nii.gz", "--adapt", "tent")
 
 
+def _register_pair(work: Path) -> tuple[Path, Path]:
+    """A fixed and a moving real CT crop (the moving one a few voxels off) for the register cases."""
+    vol = real_ct((64, 56, 16))
+    shifted = Volume(np.roll(vol.array, (3, -2, 1), axis=(0, 1, 2)), vol.affine.copy(), {})
+    return _write(vol, work / "fixed.nii.gz"), _write(shifted, work / "moving.nii.gz")
+
+
+def _register(work: Path, fixed: Path, moving: Path, *extra: str) -> list[str]:
+    return ["register", "-f", str(fixed), "-m", str(moving), "-o", str(work / "out"), "--preset", "rigid", *extra]
+
+
+def b_register_two_d(work: Path, model: Path) -> list[str]:
+    fixed, _ = _register_pair(work)
+    vol = real_ct((64, 56, 16))
+    flat = _write(Volume(vol.array[:, :, :1].copy(), vol.affine, {}), work / "flat.nii.gz")
+    return _register(work, fixed, flat)
+
+
+def b_register_disjoint(work: Path, model: Path) -> list[str]:
+    fixed, _ = _register_pair(work)
+    vol = real_ct((64, 56, 16))
+    far = vol.affine.copy()
+    far[:3, 3] += 2000.0
+    return _register(work, fixed, _write(Volume(vol.array, far, {}), work / "far.nii.gz"))
+
+
+def b_register_empty_mask(work: Path, model: Path) -> list[str]:
+    fixed, moving = _register_pair(work)
+    vol = real_ct((64, 56, 16))
+    mask = _write(vol.with_array(np.zeros(vol.shape, np.uint8)), work / "mask.nii.gz")
+    return _register(work, fixed, moving, "--fixed-mask", str(mask))
+
+
+def b_register_labels_other_grid(work: Path, model: Path) -> list[str]:
+    fixed, moving = _register_pair(work)
+    other = real_ct((60, 56, 16))
+    labels = _write(other.with_array((other.array > 0).astype(np.uint8)), work / "labels.nii.gz")
+    return _register(work, fixed, moving, "--moving-labels", str(labels))
+
+
+def b_register_pairs_one_bad(work: Path, model: Path) -> list[str]:
+    fixed, moving = _register_pair(work)
+    (work / "broken.nii.gz").write_bytes(b"not a nifti")
+    pairs = [{"name": "good", "fixed": "fixed.nii.gz", "moving": "moving.nii.gz"},
+             {"name": "bad", "fixed": "fixed.nii.gz", "moving": "broken.nii.gz"}]  # fmt: skip
+    (work / "pairs.json").write_text(json.dumps(pairs))
+    return ["register", "--pairs", str(work / "pairs.json"), "-o", str(work / "out"), "--preset", "rigid"]
+
+
+def b_register_no_inputs(work: Path, model: Path) -> list[str]:
+    return ["register", "-o", str(work / "out")]
+
+
 def _has_cuda() -> bool:
     import torch
 
     return bool(torch.cuda.is_available())
 
 
-G_WRONG, G_DICOM, G_MISTAKE, G_LEFTOVER, G_BEFORE, G_PRETRAIN, G_FINETUNE = (
+G_WRONG, G_DICOM, G_MISTAKE, G_LEFTOVER, G_BEFORE, G_PRETRAIN, G_FINETUNE, G_REGISTER = (
     "wrong result",
     "hospital DICOM",
     "user mistake",
@@ -495,6 +548,7 @@ G_WRONG, G_DICOM, G_MISTAKE, G_LEFTOVER, G_BEFORE, G_PRETRAIN, G_FINETUNE = (
     "handled before",
     "pretraining",
     "fine-tuning",
+    "registration",
 )
 
 CASES: list[Case] = [
@@ -563,6 +617,13 @@ CASES: list[Case] = [
     Case("--adapt-steps 0", G_FINETUNE, _option_case("--adapt", "tent", "--adapt-steps", "0"), 2, "whole number >= 1"),
     Case("--adapt-reset sometimes", G_FINETUNE, _option_case("--adapt", "cotta", "--adapt-reset", "sometimes"), 2,
          "invalid choice"),
+    Case("register: a 2D moving image", G_REGISTER, b_register_two_d, 1, "3D volume"),
+    Case("register: fields of view do not overlap", G_REGISTER, b_register_disjoint, 1, "do not overlap"),
+    Case("register: empty fixed mask", G_REGISTER, b_register_empty_mask, 1, "mask is empty"),
+    Case("register: labels on another grid", G_REGISTER, b_register_labels_other_grid, 1, "moving labels and moving image"),
+    Case("register: pairs, one unreadable", G_REGISTER, b_register_pairs_one_bad, 1, "bad",
+         {"good/warped.nii.gz": "fixed.nii.gz"}),
+    Case("register: no -f/-m or --pairs", G_REGISTER, b_register_no_inputs, 1, "Give -f FIXED"),
 ]  # fmt: skip
 
 
