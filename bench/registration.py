@@ -11,18 +11,21 @@ Setting (fixed before any run):
     (voxels above -1000). Presets rigid, affine (rigid -> affine), bspline (rigid -> affine ->
     bspline, 10 mm grid) and ct-cbct (rigid -> the SynthRAD2025 CBCT map), and the deformable
     stage alone from the clinic's rigid alignment ("bspline,", "ct-cbct,"); 3 elastix seeds.
-  * Known deformation: the planning CT crop warped by a smooth synthetic field u (three Gaussian
-    bumps, up to ~6 mm); fixed(x) = CT(x + u(x)), moving = CT, so the true T(x) = x + u(x).
+  * Known deformation: the planning CT crop warped by a smooth synthetic field u (sine waves of
+    150 mm, 2.5-4 mm amplitude); fixed(x) = CT(x + u(x)), moving = CT, so the true T(x) = x + u(x).
     Target registration error (mm) at 300 body voxels with tissue contrast (|grad| high), seed 0.
   * Folding: fraction of fixed voxels with Jacobian determinant <= 0 (elastix's spatial Jacobian).
   * Wall time of the registration alone, one pair at a time, all threads of this machine. The
     process warms itk up first (one tiny registration, not timed): a cold first call costs ~20 s.
-IMPACT (feature registration) is not yet implemented and has no row.
+  * IMPACT: "impact" starts from the clinic's alignment, "impact+affine" from the Elastix affine
+    (the issue's setting); features of a phantom-trained medct ResEnc U-Net (`_features`), Jacobian
+    mode, L1, control spacing 40 -> 20 -> 10 mm, 60/60/40 Adam steps; deterministic, so one run.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -37,6 +40,7 @@ RESULT = Path(__file__).resolve().parent / "results" / "registration.json"
 # "bspline," and "ct-cbct," are the deformable stage alone, starting from the clinic's own rigid
 # alignment of the pair (the CBCT was delivered resampled onto the planning-CT grid).
 PRESETS = ["rigid", "affine", "bspline", "ct-cbct", "bspline,", "ct-cbct,"]
+ALL_PRESETS = [*PRESETS, "impact", "impact+affine"]
 ORGANS = {1: "stomach_duodenum", 2: "small_bowel"}
 
 
@@ -59,9 +63,41 @@ def _warm_up() -> None:
     elastix.register(img, img, preset="rigid", seed=0)
 
 
+IMPACT_PRESETS = {"impact": "none", "impact+affine": "affine"}  # IMPACT arm -> its Elastix start
+_FEATURES: dict[str, Any] = {}
+
+
+def _features() -> Any:
+    """The IMPACT feature network: bench/tta.py's phantom-CT source model (ResEnc U-Net, 600 steps
+    on 16 phantom CTs at 4 mm; trained on first use, cached), encoder stages 0 and 1 (the paper's
+    early layers for CT/CBCT). Trained on phantoms only: it has never seen this patient. It is a
+    weak segmenter (phantom Dice 0.22, bench/results/tta.json), so this tests the machinery more
+    than the method's ceiling."""
+    if "src" not in _FEATURES:
+        from _common import CACHE
+        from tta import SPACING, _train_source
+
+        from medct.registration import impact
+
+        model_dir = _train_source(CACHE / "tta" / "source_600", None, 600, SPACING, [32, 32, 32])
+        _FEATURES["src"] = impact.load_feature_model(model_dir, layers=(0, 1))
+        _FEATURES["dir"] = str(model_dir)
+    return _FEATURES["src"]
+
+
+def _register(preset: str, fixed: Any, moving: Any, mask: Any, seed: int) -> Any:
+    from medct.registration import elastix, impact
+
+    if preset in IMPACT_PRESETS:
+        start = IMPACT_PRESETS[preset]
+        initial = None if start == "none" else elastix.register(fixed, moving, preset=start, fixed_mask=mask, seed=seed)
+        settings = impact.ImpactSettings(seed=seed)
+        return impact.register_impact(fixed, moving, _features(), settings, initial, fixed_mask=mask)
+    return elastix.register(fixed, moving, preset=preset, fixed_mask=mask, seed=seed)
+
+
 def real_pair(presets: list[str], seeds: list[int]) -> dict[str, Any]:
     from medct.io import read_volume
-    from medct.registration import elastix
 
     src = DATA / "pancreas_ct_cbct" / "crop_cbct_fov"
     cbct = read_volume(src / "cbct_CB07_on_planct_grid_crop.nii.gz")
@@ -74,9 +110,10 @@ def real_pair(presets: list[str], seeds: list[int]) -> dict[str, Any]:
     print(f"real pair before registration: {before}")
     rows = []
     for preset in presets:
-        for seed in seeds:
+        # IMPACT's optimisation has no random sampling: one run stands for every seed
+        for seed in seeds if preset not in IMPACT_PRESETS else seeds[:1]:
             t0 = time.perf_counter()
-            tr = elastix.register(cbct, ct, preset=preset, fixed_mask=fov, seed=seed)
+            tr = _register(preset, cbct, ct, fov, seed)
             seconds = time.perf_counter() - t0
             warped = tr.warp(ct_lab, kind="labels").array
             dice = _organ_dice(np.asarray(warped), np.asarray(cbct_lab))
@@ -87,19 +124,17 @@ def real_pair(presets: list[str], seeds: list[int]) -> dict[str, Any]:
 
 
 def _known_field(vol_shape: tuple[int, int, int], affine: np.ndarray) -> np.ndarray:
-    """(X, Y, Z, 3) RAS mm displacement u on the grid: three smooth Gaussian bumps."""
+    """(X, Y, Z, 3) RAS mm displacement u on the grid: a smooth field over the whole field of view,
+    u_a = A_a sin(2 pi k_a . x / 150 mm + phi_a), amplitudes 4 / 3 / 2.5 mm (gradient <= 0.17, no
+    folding), so every target point moves by millimetres."""
     idx = np.stack(np.meshgrid(*[np.arange(s) for s in vol_shape], indexing="ij"), -1).astype(np.float64)
     world = idx @ affine[:3, :3].T + affine[:3, 3]
-    centre = world.reshape(-1, 3).mean(0)
-    bumps = [
-        (centre + [20.0, 10.0, 0.0], 30.0, [4.0, -3.0, 2.0]),
-        (centre + [-25.0, -15.0, 10.0], 30.0, [-3.0, 4.0, 1.5]),
-        (centre + [0.0, 30.0, -10.0], 25.0, [2.5, 2.0, -3.0]),
-    ]
+    world = world - world.reshape(-1, 3).mean(0)
+    waves = [([0.8, 0.5, 0.3], 4.0, 0.3), ([-0.4, 0.9, 0.2], 3.0, 1.1), ([0.3, -0.2, 0.9], 2.5, 2.0)]
     u = np.zeros_like(world)
-    for c, sigma, amp in bumps:
-        w = np.exp(-((world - c) ** 2).sum(-1) / (2 * sigma**2))
-        u += w[..., None] * np.asarray(amp)
+    for axis, (k, amp, phase) in enumerate(waves):
+        kk = np.asarray(k) / np.linalg.norm(k)
+        u[..., axis] = amp * np.sin(2 * np.pi * (world @ kk) / 150.0 + phase)
     return u
 
 
@@ -107,7 +142,6 @@ def known_deformation(presets: list[str], n_points: int = 300) -> dict[str, Any]
     from scipy.ndimage import map_coordinates
 
     from medct.io import read_volume
-    from medct.registration import elastix
 
     ct = read_volume(DATA / "pancreas_ct_cbct" / "crop_cbct_fov" / "planct_crop.nii.gz")
     arr = np.asarray(ct.array, dtype=np.float32)
@@ -130,7 +164,7 @@ def known_deformation(presets: list[str], n_points: int = 300) -> dict[str, Any]
     rows = []
     for preset in presets:
         t0 = time.perf_counter()
-        tr = elastix.register(fixed, ct, preset=preset, seed=0)
+        tr = _register(preset, fixed, ct, None, 0)
         seconds = time.perf_counter() - t0
         tre = np.linalg.norm(tr.points_fixed_to_moving(pts) - truth, axis=1)
         fold = tr.folding_fraction()
@@ -175,7 +209,7 @@ def _goal(real: dict[str, Any], summary: dict[str, Any]) -> dict[str, Any]:
     B-spline under 60 s on CPU."""
     b = real["before"]
     deform = {}
-    for p in ("bspline", "ct-cbct", "bspline,", "ct-cbct,"):
+    for p in ("bspline", "ct-cbct", "bspline,", "ct-cbct,", "impact", "impact+affine"):
         if p not in summary:
             continue
         s = summary[p]
@@ -196,18 +230,34 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smoke run: rigid and affine, one seed")
     parser.add_argument("--seeds", type=int, nargs="+", default=None)
+    parser.add_argument("--presets", nargs="+", default=None, help=f"default: {' '.join(ALL_PRESETS)}")
+    parser.add_argument(
+        "--merge",
+        action="store_true",
+        help="keep the other presets' rows of the existing --out file (rerun only these)",
+    )
     parser.add_argument("--out", type=Path, default=RESULT)
     args = parser.parse_args()
-    presets = ["rigid", "affine"] if args.quick else PRESETS
+    presets = ["rigid", "affine"] if args.quick else (args.presets or ALL_PRESETS)
     seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
     t0 = time.perf_counter()
     real = real_pair(presets, seeds)
     known = known_deformation(presets)
+    if args.merge and args.out.is_file():
+        old = json.loads(args.out.read_text())
+        real["rows"] = [r for r in old["real"]["rows"] if r["preset"] not in presets] + real["rows"]
+        known["rows"] = [r for r in old["known_deformation"]["rows"] if r["preset"] not in presets] + known["rows"]
+        presets = [p for p in ALL_PRESETS if any(r["preset"] == p for r in real["rows"])]
     summary = _summary(real, presets)
     goal = _goal(real, summary)
     print("\ngoal:", goal)
     body = {
-        "settings": {"presets": presets, "seeds": seeds, "fixed_mask": "CBCT field of view"},
+        "settings": {
+            "presets": presets,
+            "seeds": seeds,
+            "fixed_mask": "CBCT field of view",
+            "impact_features": _FEATURES.get("dir", "bench/phantom_to_real.py model, seed 0, 1000 steps"),
+        },
         "real": {**real, "summary": summary},
         "known_deformation": known,
         "goal": goal if not args.quick else {"target": "quick smoke run: no goal", "met": None},
