@@ -337,19 +337,23 @@ class ElastixTransform:
     # --- displacement and Jacobian ------------------------------------------------------------
     def displacement(self) -> Volume:
         """(X, Y, Z, 3) on the fixed grid: T(x) - x as RAS world-mm vectors (fixed -> moving)."""
-        t = self._transformix(self._fixed_placeholder(), _NEAREST)
-        t.SetComputeDeformationField(True)
-        t.Update()
-        field = from_itk(t.GetOutputDeformationField())
+        with tempfile.TemporaryDirectory() as tmp:  # else transformix writes deformationField.* into the cwd
+            t = self._transformix(self._fixed_placeholder(), _NEAREST)
+            t.SetComputeDeformationField(True)
+            t.SetOutputDirectory(tmp)
+            t.Update()
+            field = from_itk(t.GetOutputDeformationField())
         field.array = field.array.astype(np.float32) * _FLIP[None, None, None, :].astype(np.float32)
         return field
 
     def jacobian(self) -> Volume:
         """(X, Y, Z) determinant of T's spatial Jacobian on the fixed grid (elastix's own, exact for
         B-splines): 1 keeps volume, < 1 compresses, <= 0 folds."""
-        t = self._transformix(self._fixed_placeholder(), _NEAREST)
-        t.Update()  # transformix must have run before it can compute the Jacobian image
-        det = from_itk(t.ComputeSpatialJacobianDeterminantImage())
+        with tempfile.TemporaryDirectory() as tmp:
+            t = self._transformix(self._fixed_placeholder(), _NEAREST)
+            t.SetOutputDirectory(tmp)
+            t.Update()  # transformix must have run before it can compute the Jacobian image
+            det = from_itk(t.ComputeSpatialJacobianDeterminantImage())
         return Volume(np.asarray(det.array, dtype=np.float32), self.fixed_affine)
 
     def folding_fraction(self, mask: Volume | np.ndarray | None = None) -> float:

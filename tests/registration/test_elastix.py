@@ -149,11 +149,14 @@ def test_bspline_reduces_a_smooth_deformation_and_labels_move_with_the_image() -
     np.testing.assert_allclose(det[core], fd[core], atol=0.02)
 
 
-def test_displacement_field_is_t_minus_x_in_ras() -> None:
+def test_displacement_field_is_t_minus_x_in_ras(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     shift = np.array([2.5, -1.5, 1.0])
     fixed, moving = _pair(lambda y: y - shift)
     tr = elastix.register(fixed, moving, preset="rigid")
+    monkeypatch.chdir(tmp_path)
     disp = tr.displacement()
+    tr.jacobian()
+    assert list(tmp_path.iterdir()) == []  # transformix leaves nothing in the working folder
     assert disp.array.shape == (*fixed.shape, 3)
     np.testing.assert_allclose(disp.array[20, 20, 14], shift, atol=0.5)
 

@@ -617,7 +617,7 @@ CASES: list[Case] = [
     Case("--adapt-steps 0", G_FINETUNE, _option_case("--adapt", "tent", "--adapt-steps", "0"), 2, "whole number >= 1"),
     Case("--adapt-reset sometimes", G_FINETUNE, _option_case("--adapt", "cotta", "--adapt-reset", "sometimes"), 2,
          "invalid choice"),
-    Case("register: a 2D moving image", G_REGISTER, b_register_two_d, 1, "3D volume"),
+    Case("register: a 2D moving image", G_REGISTER, b_register_two_d, 1, "is a 2D image"),
     Case("register: fields of view do not overlap", G_REGISTER, b_register_disjoint, 1, "do not overlap"),
     Case("register: empty fixed mask", G_REGISTER, b_register_empty_mask, 1, "mask is empty"),
     Case("register: labels on another grid", G_REGISTER, b_register_labels_other_grid, 1, "moving labels and moving image"),
