@@ -1,6 +1,6 @@
 """Registration benchmark: real planning CT <-> CBCT, and a real CT with a known deformation.
 
-    python bench/registration.py            # ~20 min on 2 CPU cores
+    python bench/registration.py            # ~26 min on 2 CPU cores (measured)
     python bench/registration.py --quick    # smoke run: rigid and affine, one seed
 
 Setting (fixed before any run):

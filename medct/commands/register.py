@@ -220,11 +220,17 @@ def run(args: argparse.Namespace) -> int:
                 f"{r['name']}: registered in {r['seconds_registration']:.1f} s, folding {100 * r['folding_fraction']:.3f} %"
                 f" -> {out}"
             )
-        except MedCTError as e:
+        except (MedCTError, RuntimeError) as e:
+            # RuntimeError: itk/elastix/transformix failing on one pair (their messages are long)
+            msg = str(e) if isinstance(e, MedCTError) else f"elastix failed: {str(e).strip().splitlines()[-1][:200]}"
             if single:
-                raise
-            failed.append((entry["name"], str(e)))
-            rows.append({"name": entry["name"], "status": "failed", "error": str(e)})
+                if isinstance(e, MedCTError):
+                    raise
+                from medct.registration.elastix import RegistrationError
+
+                raise RegistrationError(msg) from None
+            failed.append((entry["name"], msg))
+            rows.append({"name": entry["name"], "status": "failed", "error": msg})
     root.mkdir(parents=True, exist_ok=True)
     fields = [
         "name", "status", "seconds_registration", "seconds_total",
