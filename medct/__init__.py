@@ -19,6 +19,7 @@ _LAZY = {
     "load_model": "medct.api",
     "segment": "medct.api",
     "register": "medct.api",
+    "synthesize_ct": "medct.api",
     "MedCTError": "medct.errors",
 }
 

@@ -24,7 +24,8 @@ from medct.inference import Predictor, check_flag, check_overlap
 from medct.io import Volume, read_volume, write_volume
 
 __all__ = [
-    "Predictor", "Volume", "load_model", "read_volume", "reconstruct_modality", "register", "segment", "write_volume",
+    "Predictor", "Volume", "load_model", "read_volume", "reconstruct_modality", "register", "segment",
+    "synthesize_ct", "write_volume",
 ]  # fmt: skip
 
 
@@ -32,6 +33,7 @@ __all__ = [
 # `from_folder(model_dir, device=...)`). A method that exports a new task kind adds its entry here.
 PREDICTORS: dict[str, str] = {
     "segmentation": "medct.inference:Predictor",
+    "sct": "medct.synthesis.sct:SCTPredictor",
 }
 
 
@@ -175,3 +177,24 @@ def register(
         "warped_labels": None if labels is None else tr.warp(labels, kind="labels"),
         "transform": tr,
     }
+
+
+def synthesize_ct(
+    model: Any,
+    data: str | os.PathLike[str] | Volume | np.ndarray,
+    affine: np.ndarray | None = None,
+    tta: bool | None = None,
+    device: str | None = None,
+) -> Volume:
+    """Synthetic CT of a CBCT or MR volume: int16 HU in [-1024, 3071] on the input's exact grid.
+
+    model: an `SCTPredictor` (from `load_model` of an sCT model folder) or the folder itself;
+    data:  a path, a Volume, or an (X, Y, Z) array with its `affine`; tta: flip TTA (None: the
+    model's default).
+    """
+    from medct.synthesis.sct import SCTPredictor
+
+    predictor = model if isinstance(model, SCTPredictor) else SCTPredictor.from_folder(model, device=device)
+    if tta is not None and check_flag("tta", tta) != predictor.tta:
+        predictor = SCTPredictor(predictor.net, predictor.card, predictor.device, tta=tta)
+    return predictor.predict(_as_volume(data, affine))

@@ -9,6 +9,10 @@
 - MAE / PSNR / SSIM, optionally restricted to a mask (synthetic CT is scored inside the body).
   SSIM uses MONAI `compute_ssim_and_cs` (Wang et al. 2004, Gaussian 11-voxel window, sigma 1.5);
   the masked mean averages the SSIM map over mask voxels whose window lies inside the volume.
+- SynthRAD2025 scores (`synthrad_scores`): outside the mask both images are set to -1024 HU; MAE in
+  HU unclipped over the mask; PSNR with both clipped to [-1024, 3071], data range 4095, over the
+  mask; masked MS-SSIM over 5 scales (`ms_ssim_masked`), as github.com/SynthRAD2025/evaluation
+  (image_metrics.py) computes them.
 - TRE: Euclidean distance between corresponding landmarks in mm.
 - Jacobian determinant of x -> x + u(x) from a displacement field by central differences
   (`np.gradient`), and the fraction of voxels where it is <= 0 (folding).
@@ -143,6 +147,83 @@ def ssim(
     if not m.any():
         raise ValueError("mask has no voxel where the SSIM window fits inside the image")
     return float(smap[m].mean())
+
+
+SYNTHRAD_HU = (-1024.0, 3071.0)  # the SynthRAD2025 evaluation's fixed dynamic range
+MS_SSIM_WEIGHTS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)  # Wang, Simoncelli & Bovik 2003, Eq. 7
+
+
+def _ssim_components(a: np.ndarray, b: np.ndarray, data_range: float, luminance: float, cs_weight: float) -> np.ndarray:
+    """SSIM map l^luminance * (c * s)^cs_weight with a 7-voxel uniform window and sample covariance
+    (scikit-image's defaults, which the SynthRAD2025 code uses), every factor clipped at 0."""
+    from scipy.ndimage import uniform_filter
+
+    win = 7
+    cov_norm = win**a.ndim / (win**a.ndim - 1)
+    ux, uy = uniform_filter(a, win), uniform_filter(b, win)
+    vx = cov_norm * (uniform_filter(a * a, win) - ux * ux)
+    vy = cov_norm * (uniform_filter(b * b, win) - uy * uy)
+    vxy = cov_norm * (uniform_filter(a * b, win) - ux * uy)
+    sx, sy = np.sqrt(np.clip(vx, 0, None)), np.sqrt(np.clip(vy, 0, None))
+    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
+    c3 = c2 / 2
+    lum = np.clip((2 * ux * uy + c1) / (ux * ux + uy * uy + c1), 0, None)
+    con = np.clip((2 * sx * sy + c2) / (vx + vy + c2), 0, None)
+    struct = np.clip((vxy + c3) / (sx * sy + c3), 0, None)
+    return lum**luminance * con**cs_weight * struct**cs_weight
+
+
+def ms_ssim_masked(
+    pred: np.ndarray, ref: np.ndarray, mask: np.ndarray, hu_range: tuple[float, float] = SYNTHRAD_HU
+) -> float:
+    """Masked multi-scale SSIM of two 3D CT volumes (HU), as the SynthRAD2025 evaluation.
+
+    Both images are clipped to `hu_range`, set to its minimum outside the mask and shifted to start
+    at 0; volumes smaller than 97 voxels along an axis are edge-padded to 97 (five scales need it).
+    At each of the 5 scales the SSIM map (`_ssim_components`, the contrast and structure terms raised
+    to that scale's MS-SSIM weight) is averaged over the mask, 3 voxels in from the border; then the
+    images are smoothed with a 2x2x2 box and subsampled by 2, the mask subsampled. The result is the
+    product of the 5 masked means, each clipped to [0, 1]. As in that code, the luminance term has
+    weight 0 at every scale (its weights list puts 0.1333 at a 6th scale that is never reached), so
+    the figures here are comparable with the challenge's.
+    """
+    from scipy.signal import fftconvolve
+
+    if pred.shape != ref.shape or np.shape(mask) != ref.shape or ref.ndim != 3:
+        raise ValueError(f"MS-SSIM needs three 3D arrays of one shape, got {pred.shape}, {ref.shape}, {np.shape(mask)}")
+    m = np.asarray(mask) > 0
+    if not m.any():
+        raise ValueError("mask is empty")
+    lo, hi = hu_range
+    g = np.where(m, np.clip(np.asarray(ref, np.float64), lo, hi), lo) - lo
+    p = np.where(m, np.clip(np.asarray(pred, np.float64), lo, hi), lo) - lo
+    pad = [(max(97 - n, 0) // 2, max(97 - n, 0) - max(97 - n, 0) // 2) for n in g.shape]
+    g, p = np.pad(g, pad, mode="edge"), np.pad(p, pad, mode="edge")
+    m = np.pad(m, pad, mode="edge")
+    box = np.ones((2, 2, 2)) / 8.0
+    values = []
+    for w in MS_SSIM_WEIGHTS:
+        smap = _ssim_components(g, p, hi - lo, luminance=0.0, cs_weight=w)
+        inner, minner = smap[3:-3, 3:-3, 3:-3], m[3:-3, 3:-3, 3:-3]
+        values.append(float(np.clip(inner[minner].mean(), 0.0, 1.0)) if minner.any() else 0.0)
+        g, p = (fftconvolve(x, box, mode="same")[::2, ::2, ::2] for x in (g, p))
+        m = m[::2, ::2, ::2]
+    return float(np.prod(values))
+
+
+def synthrad_scores(sct: np.ndarray, ct: np.ndarray, mask: np.ndarray) -> dict[str, float]:
+    """MAE (HU), PSNR (dB) and MS-SSIM of a synthetic CT against the CT inside `mask`, as the
+    SynthRAD2025 evaluation: outside the mask both are -1024 HU; MAE unclipped; PSNR with both
+    clipped to [-1024, 3071] and data range 4095; `ms_ssim_masked`."""
+    m = np.asarray(mask) > 0
+    lo, hi = SYNTHRAD_HU
+    s = np.where(m, np.asarray(sct, np.float64), lo)
+    c = np.where(m, np.asarray(ct, np.float64), lo)
+    return {
+        "mae": mae(s, c, m),
+        "psnr": psnr(np.clip(s, lo, hi), np.clip(c, lo, hi), data_range=hi - lo, mask=m),
+        "ms_ssim": ms_ssim_masked(s, c, m),
+    }
 
 
 # --- registration ------------------------------------------------------------------------------

@@ -106,6 +106,10 @@ def _tiny(cfg: dict[str, Any], tmp: Path) -> dict[str, Any]:
     }.items():
         if key in data:
             data[key] = value
+    if data.get("align") == "elastix":  # synthetic CT's pair alignment: the cheapest preset (~1 s a pair)
+        data["align_preset"] = "rigid"
+    if "context" in data:  # 2.5D synthetic CT: patches are (X, Y, 2k+1) slices
+        data["patch_size"] = [patch, patch, 2 * int(data["context"]) + 1]
     return cfg
 
 

@@ -59,6 +59,43 @@ def test_ssim_identical_and_masked() -> None:
     assert metrics.ssim(noisy, ref, data_range=1.0) < 0.9
 
 
+def test_synthrad_scores_hand_values() -> None:
+    """SynthRAD2025: MAE unclipped inside the mask, PSNR clipped to [-1024, 3071] (range 4095)."""
+    rng = np.random.default_rng(0)
+    ct = rng.uniform(-900, 1500, (20, 20, 20))
+    ct[5, 5, 5] = 3071.0
+    mask = np.zeros(ct.shape, bool)
+    mask[2:18, 2:18, 2:18] = True
+    sct = ct + 10.0
+    sct[~mask] = 5000.0  # outside the mask: never counts
+    sct[5, 5, 5] = 3071.0 + 4096 * 10.0  # clipped to 3071 for PSNR (error 0 there), counted in full by MAE
+    n = mask.sum()
+    scores = metrics.synthrad_scores(sct, ct, mask)
+    assert scores["mae"] == pytest.approx((10.0 * (n - 1) + 4096 * 10.0) / n)
+    assert scores["psnr"] == pytest.approx(10 * math.log10(4095.0**2 / (100.0 * (n - 1) / n)))
+
+
+def test_ms_ssim_masked() -> None:
+    rng = np.random.default_rng(1)
+    ct = rng.uniform(-500, 500, (40, 36, 30))
+    mask = np.zeros(ct.shape, bool)
+    mask[5:35, 5:31, 5:25] = True
+    assert metrics.ms_ssim_masked(ct, ct, mask) == pytest.approx(1.0)
+    # the luminance term has weight 0 at every scale (as in the challenge code): an offset is seen
+    # only where the zero-padded 2x2x2 smoothing meets the volume's border
+    whole = np.ones(ct.shape, bool)
+    assert 0.99 < metrics.ms_ssim_masked(ct + 200.0, ct, whole) < 1.0
+    noisy = ct + rng.normal(0, 300, ct.shape)
+    worse = ct + rng.normal(0, 900, ct.shape)
+    a, b = metrics.ms_ssim_masked(noisy, ct, mask), metrics.ms_ssim_masked(worse, ct, mask)
+    assert 0.0 < b < a < 1.0
+    outside = ct.copy()
+    outside[~mask] = 3000.0  # set to -1024 before scoring: no effect
+    assert metrics.ms_ssim_masked(outside, ct, mask) == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="empty"):
+        metrics.ms_ssim_masked(ct, ct, np.zeros(ct.shape, bool))
+
+
 def test_tre() -> None:
     a = np.array([[0.0, 0.0, 0.0], [1.0, 2.0, 2.0]])
     b = np.array([[3.0, 4.0, 0.0], [1.0, 2.0, 2.0]])

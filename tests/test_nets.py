@@ -29,6 +29,12 @@ TINY = {name: (net_entry(name).tiny_args, net_entry(name).tiny_size) for name in
 DENSE = sorted(name for name in TINY if net_entry(name).output == "dense")  # segmentation-shaped outputs
 
 
+def _input(name: str, size: int, channels: int = 1) -> torch.Tensor:
+    """A test input for `name`: (1, C, s, s, s), or (1, C, s, s) for a 2D ("slices") network."""
+    spatial = (size, size) if net_entry(name).output == "slices" else (size, size, size)
+    return torch.randn(1, channels, *spatial)
+
+
 def test_registry_lists_every_network_and_default():
     assert set(list_nets()) >= {"unet", "resenc_unet", "resenc_unet_m", "resenc_unet_l", "segresnet", "swinunetr"}
     assert DEFAULT_NET == "resenc_unet"
@@ -59,11 +65,11 @@ def test_forward_shape_and_rebuild_from_config(name):
     args, size = TINY[name]
     torch.manual_seed(0)
     net = create_net(name, in_channels=1, out_channels=3, **args).eval()
-    x = torch.randn(1, 1, size, size, size)
+    x = _input(name, size)
     with torch.no_grad():
         y = net(x)
         feats = net.encoder_features(x)
-    assert y.shape == ((1, 3, size, size, size) if name in DENSE else (1, 3))
+    assert y.shape == ((1, 3, *x.shape[2:]) if net_entry(name).output in ("dense", "slices") else (1, 3))
     assert len(feats) >= 3 and feats[0].shape[0] == 1
     assert feats[-1].shape[-1] <= feats[0].shape[-1]  # shallow to deep (a ViT's are all on its token grid)
 
@@ -212,7 +218,7 @@ def test_model_folder_and_encoder_round_trip(name, tmp_path):
     net = create_net(name, out_channels=3, **args).eval()
     card = ModelCard(name, net.net_config["args"], {0: "bg", 1: "a", 2: "b"}, Preprocessing(), (size,) * 3)
     again, _ = load_model_folder(save_model_folder(net, card, tmp_path / "m"))
-    x = torch.randn(1, 1, size, size, size)
+    x = _input(name, size, getattr(net, "in_channels", 1) if net_entry(name).output == "slices" else 1)
     with torch.no_grad():
         assert torch.equal(again(x), net(x))
     twin = create_net(name, out_channels=5, **args)

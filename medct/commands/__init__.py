@@ -17,6 +17,7 @@ COMMANDS: dict[str, str] = {
     "reduce": "medct.commands.reduce",
     "turbolift": "medct.commands.turbolift",
     "register": "medct.commands.register",
+    "sct": "medct.commands.sct",
     "phantom": "medct.commands.phantom",
     "demo": "medct.commands.demo",
 }

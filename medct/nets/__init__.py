@@ -13,6 +13,7 @@ One file per family; each subclasses the MONAI network it wraps, so state-dict k
   nnunet.py       `nnunet_resenc`, `nnunet_plain` (nnU-Net v2's own networks, dynamic-network-architectures)
   mm_unetr.py     `mm_unetr` (BM-MAE's multimodal ViT, any subset of modalities, + UNETR decoder)
   attention_unet.py `attention_unet` (Oktay's attention-gated U-Net, deep supervision; Turbolift's net)
+  unetpp_2d.py    `unetpp_2d` (MONAI BasicUNetPlusPlus in 2D: 2k+1 slices -> 1; synthetic CT)
   classifier.py   `encoder_classifier`: any backbone's encoder + a pooled linear head (volume-level classes)
 Every network exposes `encoder_prefixes` and `encoder_features(x)`; `save_encoder` / `load_encoder`
 move pretrained encoders between networks of one backbone. A new family is one more file here
@@ -63,6 +64,7 @@ _CLASSES = {
     "EncoderClassifier": "medct.nets.classifier",
     "MultiModalUNETR": "medct.nets.mm_unetr",
     "AttentionUNet": "medct.nets.attention_unet",
+    "SliceUNetPlusPlus": "medct.nets.unetpp_2d",
 }
 
 
@@ -90,6 +92,7 @@ __all__ = [
     "ResEncUNet",
     "ResEncUNetL",
     "ResEncUNetM",
+    "SliceUNetPlusPlus",
     "create_net",
     "create_tiny_net",
     "encoder_state_dict",

@@ -38,7 +38,9 @@ class NetEntry:
     tiny_args: dict[str, Any] = field(default_factory=dict)
     tiny_size: int = 32  # cube side of a test input (a multiple of the net's total stride)
     variant_of: str | None = None  # registry name of the registered base class of a variant
-    output: str = "dense"  # "dense": (B, out_channels, X, Y, Z) maps; "classes": (B, out_channels) logits
+    # "dense": (B, out_channels, X, Y, Z) maps; "classes": (B, out_channels) logits; "slices": a 2D
+    # network, (B, in_channels, X, Y) -> (B, out_channels, X, Y) (2.5D synthetic CT)
+    output: str = "dense"
 
 
 _NETS: dict[str, NetEntry] = {}
@@ -59,6 +61,7 @@ NET_MODULES: dict[str, str] = {
     "encoder_classifier": "medct.nets.classifier",
     "mm_unetr": "medct.nets.mm_unetr",
     "attention_unet": "medct.nets.attention_unet",
+    "unetpp_2d": "medct.nets.unetpp_2d",
 }
 
 
@@ -101,10 +104,11 @@ def register_net(
     """Class decorator: make `cls` buildable as `create_net(name, ...)`.
 
     tiny_args / tiny_size: arguments and input cube side of a small, fast instance for tests.
-    output: "dense" (segmentation-shaped output) or "classes" (one logit vector per input).
+    output: "dense" (segmentation-shaped output), "classes" (one logit vector per input) or
+    "slices" (a 2D network on (B, C, X, Y) slices).
     """
-    if output not in ("dense", "classes"):
-        raise ValueError(f"output must be 'dense' or 'classes', got '{output}'")
+    if output not in ("dense", "classes", "slices"):
+        raise ValueError(f"output must be 'dense', 'classes' or 'slices', got '{output}'")
 
     def deco(cls: _T) -> _T:
         if name in _NETS:

@@ -534,13 +534,53 @@ def b_register_no_inputs(work: Path, model: Path) -> list[str]:
     return ["register", "-o", str(work / "out")]
 
 
+def _sct_model(work: Path) -> Path:
+    """A tiny untrained synthetic-CT model folder (2D U-Net++, 3 slices, CBCT at 4 mm)."""
+    import torch
+
+    from medct.checkpoint import ModelCard, save_model_folder
+    from medct.nets import create_tiny_net
+    from medct.transforms import Preprocessing
+
+    torch.manual_seed(0)
+    net = create_tiny_net("unetpp_2d", in_channels=3)
+    card = ModelCard(
+        "unetpp_2d", dict(net.net_config["args"]), {}, Preprocessing((4.0, 4.0, 4.0), -1024.0, 3071.0, "CBCT"),
+        (32, 32, 3), task="sct", inference={"context": 1, "tta": False},
+    )  # fmt: skip
+    return save_model_folder(net, card, work / "sct_model")
+
+
+def _cbct(work: Path, name: str = "cbct.nii.gz") -> Path:
+    return _write(real_ct((64, 56, 16)), work / "in" / name)
+
+
+def b_sct_segmentation_model(work: Path, model: Path) -> list[str]:
+    return ["sct", "-m", str(model), "-i", str(_cbct(work)), "-o", str(work / "out")]
+
+
+def b_sct_folder_nan_and_good(work: Path, model: Path) -> list[str]:
+    _cbct(work, "good.nii.gz")
+    vol = real_ct((64, 56, 16))
+    arr = vol.array.astype(np.float32)
+    arr[10, 10, 5] = np.nan
+    _write(Volume(arr, vol.affine, {}), work / "in" / "nan.nii.gz")
+    return ["sct", "-m", str(_sct_model(work)), "-i", str(work / "in"), "-o", str(work / "out")]
+
+
+def b_sct_two_d(work: Path, model: Path) -> list[str]:
+    vol = real_ct((64, 56, 16))
+    flat = _write(Volume(vol.array[:, :, :1].copy(), vol.affine, {}), work / "flat.nii.gz")
+    return ["sct", "-m", str(_sct_model(work)), "-i", str(flat), "-o", str(work / "out")]
+
+
 def _has_cuda() -> bool:
     import torch
 
     return bool(torch.cuda.is_available())
 
 
-G_WRONG, G_DICOM, G_MISTAKE, G_LEFTOVER, G_BEFORE, G_PRETRAIN, G_FINETUNE, G_REGISTER = (
+G_WRONG, G_DICOM, G_MISTAKE, G_LEFTOVER, G_BEFORE, G_PRETRAIN, G_FINETUNE, G_REGISTER, G_SCT = (
     "wrong result",
     "hospital DICOM",
     "user mistake",
@@ -549,6 +589,7 @@ G_WRONG, G_DICOM, G_MISTAKE, G_LEFTOVER, G_BEFORE, G_PRETRAIN, G_FINETUNE, G_REG
     "pretraining",
     "fine-tuning",
     "registration",
+    "synthetic CT",
 )
 
 CASES: list[Case] = [
@@ -624,6 +665,10 @@ CASES: list[Case] = [
     Case("register: pairs, one unreadable", G_REGISTER, b_register_pairs_one_bad, 1, "bad",
          {"good/warped.nii.gz": "fixed.nii.gz"}),
     Case("register: no -f/-m or --pairs", G_REGISTER, b_register_no_inputs, 1, "Give -f FIXED"),
+    Case("sct: a segmentation model", G_SCT, b_sct_segmentation_model, 1, "not a synthetic-CT model"),
+    Case("sct: folder with a NaN CBCT", G_SCT, b_sct_folder_nan_and_good, 1, "NaN",
+         {"good.nii.gz": "in/good.nii.gz"}),
+    Case("sct: a 2D image", G_SCT, b_sct_two_d, 1, "2D"),
 ]  # fmt: skip
 
 

@@ -1,0 +1,594 @@
+"""Synthetic CT from CBCT or MR: a 2.5D U-Net++ trained on aligned pairs (`medct fit`, `medct sct`).
+
+After Boussot et al., "Why Registration Quality Matters: Enhancing sCT Synthesis with IMPACT-Based
+Registration" (SynthRAD2025): alignment errors of the training pairs propagate into a supervised
+sCT model, so the pairs are first aligned (`align`: Elastix or IMPACT, a config choice, so the
+paper's comparison can be run), and the network is trained with L1 plus the IMPACT feature loss.
+
+  * network: 2D U-Net++ (MONAI BasicUNetPlusPlus, `medct.nets.unetpp_2d`): 2k+1 neighbouring
+    axial slices of the source in, the centre slice of the CT out (k = `context`, 1 or 2);
+  * intensities: CT clipped to [-1024, 3071] HU and mapped to [-1, 1]; CBCT mapped from its minimum
+    to its 99.5th percentile onto [-1, 1]; MR z-scored inside the body (`normalise_source`);
+  * training patches (X, Y, 2k+1) centred inside the mask (the CT's body within the source's field
+    of view, `pair_mask`), so air and the region a CBCT did not image teach nothing;
+  * loss: `l1_weight` * masked L1 on [-1, 1] + `impact_weight` * IMPACT distance between a frozen
+    medct encoder's features of the sCT and of the CT (`medct.registration.impact`); the encoder is
+    3D, so each 2D slice is seen as a slab of `impact_depth` copies of itself;
+  * inference (`SCTPredictor`): the input resampled to the model's spacing in RAS, every axial slice
+    predicted with its neighbours (edge slices repeat the border), mean over in-plane flips
+    (TTA), mapped back to HU and resampled onto the input's exact grid.
+
+Metrics are SynthRAD2025's (`medct.metrics.synthrad_scores`). Everything the task saves is a JSON
+primitive, and its checkpoints carry a model card (task "sct") that `medct export` writes out.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from medct.checkpoint import ModelCard, store_card
+from medct.data import PhantomCohort, VolumeDataModule
+from medct.errors import ConfigError, InvalidVolumeError
+from medct.transforms import Preprocessing
+from medct.volume import Volume
+
+CT_MIN, CT_MAX = -1024.0, 3071.0  # SynthRAD2025's CT range
+SOURCE_PERCENTILE = 99.5  # CBCT: [min, p99.5] -> [-1, 1]
+SUPPORT_FRACTION = {"CT": 0.25, "CBCT": 0.25, "MR": 0.1}  # source support: above this fraction of [min, p99.5]
+Align = Literal["none", "elastix", "impact"]
+
+
+# ----------------------------------------------------------------------------- intensities
+
+
+def ct_to_unit(hu: np.ndarray) -> np.ndarray:
+    """HU clipped to [-1024, 3071] -> [-1, 1] (float32)."""
+    x = np.clip(np.asarray(hu, np.float32), CT_MIN, CT_MAX)
+    return (x - CT_MIN) * np.float32(2.0 / (CT_MAX - CT_MIN)) - np.float32(1.0)
+
+
+def unit_to_ct(x: Tensor | np.ndarray) -> Any:
+    """[-1, 1] -> HU (the inverse of `ct_to_unit` on its range)."""
+    return (x + 1.0) * ((CT_MAX - CT_MIN) / 2.0) + CT_MIN
+
+
+def fill_slices(mask: np.ndarray) -> np.ndarray:
+    """Holes filled in every axial slice (axis 2): lungs, bowel gas and airways belong to the body."""
+    from scipy import ndimage
+
+    out = np.empty_like(mask, dtype=bool)
+    for k in range(mask.shape[2]):
+        out[:, :, k] = ndimage.binary_fill_holes(mask[:, :, k])
+    return out
+
+
+def source_support(array: np.ndarray, modality: str) -> np.ndarray:
+    """Where the source image holds the patient: above a fraction of its [min, p99.5] range (CBCT,
+    CT: soft tissue, not air or the -1000 outside a CBCT's field of view; MR: signal, not
+    background), holes filled per axial slice. (X, Y, Z) bool."""
+    a = np.asarray(array, np.float32)
+    lo, hi = float(a.min()), float(np.percentile(a, SOURCE_PERCENTILE))
+    frac = SUPPORT_FRACTION.get(modality.upper(), 0.25)
+    return fill_slices(a > lo + frac * (hi - lo))
+
+
+def ct_body(hu: np.ndarray) -> np.ndarray:
+    """The CT's body: above -500 HU (medct.body.BODY_HU), holes filled per axial slice."""
+    from medct.body import BODY_HU
+
+    return fill_slices(np.asarray(hu) > BODY_HU)
+
+
+def pair_mask(source: np.ndarray, ct_hu: np.ndarray, modality: str) -> np.ndarray:
+    """Training and scoring mask of a pair on one grid: the CT's body inside the source's support."""
+    return ct_body(ct_hu) & source_support(source, modality)
+
+
+def normalise_source(array: np.ndarray, modality: str) -> np.ndarray:
+    """The network's input scale (float32): CBCT [min, p99.5] -> [-1, 1] (clipped above); MR z-scored
+    inside `source_support`; CT as `ct_to_unit`."""
+    a = np.asarray(array, np.float32)
+    m = modality.upper()
+    if m == "CT":
+        return ct_to_unit(a)
+    if m == "CBCT":
+        lo, hi = float(a.min()), float(np.percentile(a, SOURCE_PERCENTILE))
+        if not hi > lo:
+            raise InvalidVolumeError("The CBCT is constant below its 99.5th percentile; it holds no image.")
+        return np.minimum((a - lo) * np.float32(2.0 / (hi - lo)) - np.float32(1.0), np.float32(1.0))
+    if m == "MR":
+        body = source_support(a, "MR")
+        if body.sum() < 2:
+            raise InvalidVolumeError("The MR has no signal above its background; it holds no image.")
+        mean, sd = float(a[body].mean()), float(a[body].std())
+        return (a - np.float32(mean)) / np.float32(max(sd, 1e-6))
+    raise ConfigError(f"Synthetic CT takes CBCT or MR (or CT) input, not '{modality}'.")
+
+
+class SCTPaird:
+    """MONAI-style dict transform on a pair on one grid (after Orientation/Spacing): adds "mask"
+    (`pair_mask`), maps "image" with `normalise_source` and "target" with `ct_to_unit`.
+    Deterministic, so a PersistentDataset caches its output; picklable (DataLoader workers)."""
+
+    def __init__(self, modality: str) -> None:
+        self.modality = str(modality)
+
+    def __call__(self, data: dict[str, Any]) -> dict[str, Any]:
+        out = dict(data)
+        image, target = data["image"], data["target"]  # (1, X, Y, Z) MetaTensors
+        src, ct = image[0].numpy(), target[0].numpy()
+        mask = pair_mask(src, ct, self.modality)
+        if not mask.any():
+            raise InvalidVolumeError(
+                f"{image.meta.get('filename_or_obj', 'A pair')}: the CT's body and the source image do not overlap."
+            )
+        out["image"] = image.clone()
+        out["image"][0] = torch.from_numpy(normalise_source(src, self.modality))
+        out["target"] = target.clone()
+        out["target"][0] = torch.from_numpy(ct_to_unit(ct))
+        out["mask"] = image.clone()
+        out["mask"][0] = torch.from_numpy(mask.astype(np.float32))
+        return out
+
+
+def sct_transforms(pre: Preprocessing, patch_size: Sequence[int], train: bool, num_samples: int = 2) -> Any:
+    """Load -> RAS -> spacing -> `SCTPaird` -> crop to the mask [-> pad, `num_samples` patches
+    centred inside the mask, random in-plane flips]."""
+    from monai.transforms import (
+        Compose,
+        CropForegroundd,
+        EnsureTyped,
+        Orientationd,
+        RandCropByPosNegLabeld,
+        RandFlipd,
+        Spacingd,
+        SpatialPadd,
+    )
+
+    from medct.transforms import BODY_MARGIN_VOXELS, AboveThreshold, _load_volumed_class
+
+    keys = ["image", "target", "mask"]
+    xs: list[Any] = [
+        _load_volumed_class()(keys=["image", "target"], label_keys=()),
+        Orientationd(keys=["image", "target"], axcodes="RAS", labels=None),
+        Spacingd(keys=["image", "target"], pixdim=tuple(pre.spacing), mode="bilinear", padding_mode="border"),
+        SCTPaird(pre.modality),
+        CropForegroundd(
+            keys=keys,
+            source_key="mask",
+            select_fn=AboveThreshold(0.5),
+            margin=BODY_MARGIN_VOXELS,
+            allow_smaller=True,
+            start_coord_key=None,
+            end_coord_key=None,
+        ),
+    ]
+    if train:
+        patch = tuple(int(p) for p in patch_size)
+        xs += [
+            SpatialPadd(keys=keys, spatial_size=patch, mode="replicate"),
+            RandCropByPosNegLabeld(
+                keys=keys, label_key="mask", spatial_size=patch, pos=1.0, neg=0.0, num_samples=num_samples
+            ),
+            # CT synthesis has no laterality: in-plane mirroring is a free augmentation
+            RandFlipd(keys=keys, prob=0.5, spatial_axis=0),
+            RandFlipd(keys=keys, prob=0.5, spatial_axis=1),
+        ]
+    xs.append(EnsureTyped(keys=keys, dtype=torch.float32, track_meta=False))
+    return Compose(xs)
+
+
+# ----------------------------------------------------------------------------- pair alignment
+
+
+def align_pair(
+    image_path: str,
+    target_path: str,
+    out_path: Path,
+    method: Align,
+    preset: str = "ct-cbct",
+    encoder: str | None = None,
+    modality: str = "CBCT",
+    seed: int = 0,
+) -> Path:
+    """Warp the CT (`target_path`) onto the source image's grid (`image_path`, the fixed image) by
+    Elastix `preset` or by IMPACT on `encoder`, the metric taken inside the source's support (a
+    CBCT's field of view, `source_support`), and write it to `out_path` (atomically)."""
+    from medct.io import read_volume, write_volume
+
+    fixed, moving = read_volume(image_path), read_volume(target_path)
+    mask = Volume(source_support(np.asarray(fixed.array), modality).astype(np.uint8), fixed.affine, {})
+    if method == "elastix":
+        from medct.registration.elastix import register
+
+        transform: Any = register(fixed, moving, preset=preset, fixed_mask=mask, seed=seed)
+    elif method == "impact":
+        from medct.registration.impact import ImpactSettings, load_feature_model, register_impact
+
+        if encoder is None:
+            raise ConfigError("data.align impact needs data.align_encoder (a medct model or encoder folder).")
+        transform = register_impact(
+            fixed, moving, load_feature_model(encoder), ImpactSettings(seed=seed), fixed_mask=mask
+        )
+    else:
+        raise ConfigError(f"data.align must be none, elastix or impact, got '{method}'.")
+    warped = transform.warp(moving, "image", default=CT_MIN)
+    return write_volume(warped, out_path)  # atomic: a crash never leaves a half-written pair
+
+
+class SCTDataModule(VolumeDataModule):
+    """Pairs ("image": CBCT or MR, "target": its CT) for synthetic CT, aligned first.
+
+    Args beyond `VolumeDataModule`'s (keys are ("image", "target")):
+        context: k, so that a training patch is (X, Y, 2k+1) slices; patch_size[2] must be 2k+1.
+            Defaults to 1.
+        align: "none" (pairs as they are), "elastix" (preset `align_preset`) or "impact" (features
+            of `align_encoder`): the CT is registered to the source image once, in prepare_data,
+            and written to `align_dir` (default: <cache_dir or data_dir>/aligned_<method>/).
+            Defaults to "none".
+        phantom: a synthetic paired cohort (`medct.phantom.pairs.write_pair_cohort`; variant cbct,
+            cbct_tst or mr) whose CT is moved by a known deformation of peak `phantom_misalign_mm`.
+    """
+
+    def __init__(
+        self,
+        data_dir: str | None = None,
+        datalist: str | None = None,
+        spacing: tuple[float, float, float] = (1.0, 1.0, 3.0),
+        modality: str | None = None,
+        patch_size: tuple[int, int, int] = (128, 128, 3),
+        context: int = 1,
+        batch_size: int = 4,
+        num_samples: int = 4,
+        num_workers: int = 2,
+        cache_dir: str | None = None,
+        val_fraction: float = 0.2,
+        seed: int = 0,
+        phantom: PhantomCohort | None = None,
+        phantom_misalign_mm: float = 8.0,
+        align: Align = "none",
+        align_preset: str = "ct-cbct",
+        align_encoder: str | None = None,
+        align_dir: str | None = None,
+        num_train: int | None = None,
+    ) -> None:
+        if phantom is not None and phantom.variant not in ("cbct", "cbct_tst", "mr"):
+            raise ConfigError(
+                f"data.phantom.variant of a synthetic-CT cohort must be cbct, cbct_tst or mr, got '{phantom.variant}'."
+            )
+        super().__init__(
+            keys=("image", "target"),
+            data_dir=data_dir,
+            datalist=datalist,
+            spacing=spacing,
+            hu_min=CT_MIN,
+            hu_max=CT_MAX,
+            modality=modality,
+            patch_size=patch_size,
+            batch_size=batch_size,
+            num_samples=num_samples,
+            num_workers=num_workers,
+            cache_dir=cache_dir,
+            val_fraction=val_fraction,
+            seed=seed,
+            phantom=phantom,
+            num_train=num_train,
+        )
+        if int(context) not in (1, 2, 3):
+            raise ConfigError(f"data.context must be 1, 2 or 3 (2k+1 input slices), got {context}.")
+        self.context = int(context)
+        if self.patch_size[2] != 2 * self.context + 1:
+            raise ConfigError(
+                f"data.patch_size[2] must be 2 * data.context + 1 = {2 * self.context + 1} slices, got {self.patch_size[2]}."
+            )
+        if self.modality.upper() not in ("CBCT", "MR", "CT"):
+            raise ConfigError(f"Synthetic CT takes CBCT or MR images, but data.modality is '{self.modality}'.")
+        if align not in ("none", "elastix", "impact"):
+            raise ConfigError(f"data.align must be none, elastix or impact, got '{align}'.")
+        if align == "impact" and align_encoder is None:
+            raise ConfigError("data.align impact needs data.align_encoder (a medct model or encoder folder).")
+        self.align, self.align_preset, self.align_encoder = align, str(align_preset), align_encoder
+        self.align_dir = align_dir
+        self.phantom_misalign_mm = float(phantom_misalign_mm)
+
+    def _aligned_path(self, item: dict[str, Any]) -> Path:
+        root = Path(self.align_dir or Path(self.cache_dir or str(self.data_dir or Path(str(self.datalist)).parent)))
+        if self.align_dir is None:
+            root = root / f"aligned_{self.align}"
+        key = json.dumps([item["image"], item["target"], self.align, self.align_preset, self.align_encoder])
+        return root / f"{volume_name(item['image'])}_{hashlib.sha1(key.encode()).hexdigest()[:10]}.nii.gz"
+
+    def prepare_data(self) -> None:
+        """Local rank 0 only: write the phantom pairs, align every pair, fill the disk cache."""
+        if self.phantom is not None and not self._json_path().is_file():
+            from medct.phantom.pairs import write_pair_cohort
+
+            p = self.phantom
+            write_pair_cohort(
+                str(self.data_dir),
+                n=p.n,
+                source=p.variant,
+                seed=p.seed,
+                shape=tuple(p.shape),  # type: ignore[arg-type]
+                spacing=tuple(p.spacing),  # type: ignore[arg-type]
+                misalign_mm=self.phantom_misalign_mm,
+            )
+        if self.align != "none":
+            train, val = super()._split()
+            for item in train + val:  # the source image is the fixed one: the CT moves onto its grid
+                out = self._aligned_path(item)
+                if not out.is_file():
+                    align_pair(
+                        item["image"],
+                        item["target"],
+                        out,
+                        self.align,
+                        self.align_preset,
+                        self.align_encoder,
+                        self.modality,
+                    )
+        if self.cache_dir is not None:
+            train, val = self._split()
+            for ds in (self._dataset(train, "train"), self._dataset(val, "val")):
+                for i in range(len(ds)):
+                    ds[i]
+
+    def _split(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        """The pairs ("image" and "target" only: MONAI takes other "image_*"/"target_*" keys for
+        meta data), each target the aligned CT when `align` is set."""
+        train, val = super()._split()
+
+        def pair(x: dict[str, Any]) -> dict[str, Any]:
+            target = x["target"] if self.align == "none" else str(self._aligned_path(x))
+            return {"image": x["image"], "target": target}
+
+        return [pair(x) for x in train], [pair(x) for x in val]
+
+    def cache_fingerprint(self) -> str:
+        key = {
+            "sct": 1,
+            "base": super().cache_fingerprint(),
+            "align": [self.align, self.align_preset, self.align_encoder],
+        }
+        return hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
+
+    def transforms(self, split: str) -> Any:
+        return sct_transforms(self.pre, self.patch_size, train=split == "train", num_samples=self.num_samples)
+
+
+def volume_name(path: str) -> str:
+    from medct.paths import volume_stem
+
+    name = os.path.basename(str(path).rstrip("/"))
+    return volume_stem(name) or name
+
+
+# ----------------------------------------------------------------------------- slice inference
+
+
+def predict_slices(
+    net: nn.Module, source: Tensor, context: int, batch_size: int = 16, tta: bool = False, amp: bool = False
+) -> Tensor:
+    """The network over every axial slice of a normalised source volume: (X, Y, Z) -> (X, Y, Z) in
+    [-1, 1] (clamped). Slice z sees z-k..z+k (the edge slice repeated beyond the ends); with `tta`
+    the mean over the 4 combinations of in-plane flips, each undone before averaging."""
+    from medct.nets.unetpp_2d import pad_to_stride
+
+    X, Y, Z = source.shape
+    k = int(context)
+    padded = torch.cat([source[:, :, :1].expand(X, Y, k), source, source[:, :, -1:].expand(X, Y, k)], dim=2)
+    slabs = padded.unfold(2, 2 * k + 1, 1)  # (X, Y, Z, 2k+1)
+    flips = [list(c) for r in range(3) for c in itertools.combinations((2, 3), r)] if tta else [[]]
+    out = torch.empty((X, Y, Z), dtype=torch.float32, device=source.device)
+    for z0 in range(0, Z, batch_size):
+        x = slabs[:, :, z0 : z0 + batch_size].permute(2, 3, 0, 1).contiguous()  # (b, 2k+1, X, Y)
+        x, (h, w) = pad_to_stride(x)
+        acc = torch.zeros((x.shape[0], 1, h, w), dtype=torch.float32, device=source.device)
+        for f in flips:
+            with torch.autocast(device_type=source.device.type, dtype=torch.bfloat16, enabled=amp):
+                y = net(torch.flip(x, f) if f else x).float()
+            acc += (torch.flip(y, f) if f else y)[:, :, :h, :w]
+        out[:, :, z0 : z0 + x.shape[0]] = (acc[:, 0] / len(flips)).permute(1, 2, 0)
+    return out.clamp_(-1.0, 1.0)
+
+
+class SCTPredictor:
+    """Synthetic CT of a CBCT/MR volume with an exported sCT model (`medct.load_model` gives one)."""
+
+    def __init__(
+        self, net: nn.Module, card: ModelCard, device: str | torch.device = "cpu", tta: bool | None = None
+    ) -> None:
+        from medct.inference import resolve_device
+
+        self.device = resolve_device(device) if not isinstance(device, torch.device) else device
+        self.net = net.to(self.device).eval()
+        self.card = card
+        self.context = int(card.inference.get("context", (card.patch_size[2] - 1) // 2))
+        self.tta = bool(card.inference.get("tta", True)) if tta is None else bool(tta)
+        self.batch_size = int(card.inference.get("batch_size", 16))
+        self.amp = self.device.type == "cuda"
+
+    @classmethod
+    def from_folder(cls, model_dir: str | os.PathLike[str], device: str | None = None) -> SCTPredictor:
+        from medct.checkpoint import load_model_folder
+        from medct.inference import resolve_device
+
+        dev = resolve_device(device)
+        net, card = load_model_folder(model_dir, device=str(dev))
+        if card.task != "sct":
+            raise ConfigError(f"{model_dir} holds a '{card.task}' model, not a synthetic-CT model.")
+        return cls(net, card, dev)
+
+    @property
+    def modality(self) -> str:
+        return self.card.preprocessing.modality
+
+    def predict(self, volume: Volume) -> Volume:
+        """(X, Y, Z) CBCT/MR -> int16 HU in [-1024, 3071] on the input's exact grid."""
+        from medct.geometry import Grid, network_grid, resample_volume
+        from medct.io import validate_for_inference
+
+        if np.asarray(volume.array).ndim != 3:
+            raise InvalidVolumeError(
+                f"{volume.meta.get('path', 'The volume')} has shape {np.shape(volume.array)}; a 3D (X, Y, Z) volume is needed."
+            )
+        validate_for_inference(volume)
+        grid = network_grid(volume.affine, volume.shape, self.card.preprocessing.spacing)
+        src = resample_volume(volume, grid, "linear", padding="border")
+        x = torch.from_numpy(normalise_source(src.array, self.modality)).to(self.device)
+        with torch.inference_mode():
+            unit = predict_slices(self.net, x, self.context, self.batch_size, self.tta, self.amp)
+        hu = Volume(unit_to_ct(unit).cpu().numpy(), grid.affine, {})
+        back = resample_volume(hu, Grid(tuple(volume.shape), volume.affine), "linear", padding="border")  # type: ignore[arg-type]
+        out = np.clip(np.rint(back.array), CT_MIN, CT_MAX).astype(np.int16)
+        return volume.with_array(out)
+
+
+# ----------------------------------------------------------------------------- the task
+
+
+class SCTTask(pl.LightningModule):
+    """Train `net` (a 2D network with 2k+1 input channels, e.g. `medct.nets.SliceUNetPlusPlus`) to
+    map a CBCT/MR slab to the CT's centre slice.
+
+    `spacing`, `patch_size` (X, Y, 2k+1) and `modality` come from the data module (linked by the
+    CLI) and go into the model card. Loss: `l1_weight` * L1 + `impact_weight` * IMPACT distance
+    (`impact_metric` over encoder stages `impact_layers` of the frozen medct model in `impact_model`,
+    a segmentation or encoder folder), both inside the mask. Validation predicts whole volumes slice
+    by slice and logs val/mae_hu (masked MAE in HU) and val/loss. `tta`: the model's default for
+    inference (flip TTA).
+    """
+
+    def __init__(
+        self,
+        net: nn.Module,
+        spacing: Sequence[float] = (1.0, 1.0, 3.0),
+        patch_size: Sequence[int] = (128, 128, 3),
+        modality: str = "CBCT",
+        lr: float = 2e-4,
+        weight_decay: float = 1e-4,
+        l1_weight: float = 1.0,
+        impact_weight: float = 0.0,
+        impact_model: str | None = None,
+        impact_layers: Sequence[int] = (0, 1),
+        impact_metric: Literal["l1", "l2", "cosine"] = "l1",
+        impact_depth: int = 16,
+        tta: bool = True,
+        val_batch_size: int = 16,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["net"])
+        self.hparams.update(
+            spacing=[float(s) for s in spacing],
+            patch_size=[int(p) for p in patch_size],
+            modality=str(modality),
+            impact_layers=[int(i) for i in impact_layers],
+        )
+        self.net = net
+        self.net_config: dict[str, Any] | None = getattr(net, "net_config", None)
+        slices = int(patch_size[2])
+        if slices % 2 != 1:
+            raise ConfigError(f"model.patch_size[2] must be an odd number of slices (2k+1), got {slices}.")
+        in_channels = getattr(net, "in_channels", None)
+        if in_channels is not None and int(in_channels) != slices:
+            raise ConfigError(
+                f"The network takes {in_channels} input slices but the patches have {slices} (data.patch_size[2]); "
+                "set model.init_args.net.init_args.in_channels to match."
+            )
+        self.context = (slices - 1) // 2
+        if impact_weight < 0 or l1_weight < 0 or impact_weight + l1_weight <= 0:
+            raise ConfigError("model.l1_weight and model.impact_weight must be >= 0 and not both 0.")
+        if impact_weight > 0 and impact_model is None:
+            raise ConfigError("model.impact_weight > 0 needs model.impact_model (a medct model or encoder folder).")
+        self._features: tuple[nn.Module, ...] = ()  # frozen; kept out of the state dict and checkpoints
+        if impact_weight > 0 and impact_model is not None:
+            from medct.registration.impact import load_feature_model
+
+            self._features = (load_feature_model(impact_model, impact_layers).model,)
+
+    def model_card(self) -> ModelCard:
+        if self.net_config is None:
+            raise ValueError("the network was not built by medct.nets.create_net (it has no net_config)")
+        hp = self.hparams
+        return ModelCard(
+            net_name=str(self.net_config["name"]),
+            net_args=dict(self.net_config["args"]),
+            labels={},
+            preprocessing=Preprocessing(spacing=tuple(hp.spacing), hu_min=CT_MIN, hu_max=CT_MAX, modality=hp.modality),  # type: ignore[arg-type]
+            patch_size=tuple(hp.patch_size),  # type: ignore[arg-type]
+            task="sct",
+            inference={"context": self.context, "tta": bool(hp.tta), "batch_size": int(hp.val_batch_size)},
+            outputs={"channels": 1, "units": "HU", "range": [CT_MIN, CT_MAX]},
+            extra={
+                "loss": {"l1": float(hp.l1_weight), "impact": float(hp.impact_weight), "impact_model": hp.impact_model}
+            },
+        )
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.net_config is not None:
+            store_card(checkpoint, self.model_card(), net_prefix="net.")
+
+    def on_fit_start(self) -> None:
+        self._features = tuple(m.to(self.device) for m in self._features)
+
+    def forward(self, x: Tensor) -> Tensor:  # (B, 2k+1, X, Y) -> (B, 1, X, Y)
+        return self.net(x)
+
+    def _loss(self, pred: Tensor, target: Tensor, mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(B, 1, X, Y) each -> total, L1, IMPACT (masked)."""
+        l1 = ((pred - target).abs() * mask).sum() / mask.sum().clamp_min(1.0)
+        impact = pred.new_zeros(())
+        if self._features and self.hparams.impact_weight > 0:
+            from medct.registration.impact import impact_distance
+
+            depth = int(self.hparams.impact_depth)
+            model = self._features[0]
+
+            def slab(t: Tensor) -> Tensor:  # (B, 1, X, Y) -> (B, 1, X, Y, depth)
+                return t.unsqueeze(-1).expand(*t.shape, depth)
+
+            f_pred = model(slab(unit_to_ct(pred)))
+            with torch.no_grad():
+                f_ct = model(slab(unit_to_ct(target)))
+            impact = impact_distance(f_pred, f_ct, metric=self.hparams.impact_metric, mask=slab(mask))
+        total = self.hparams.l1_weight * l1 + self.hparams.impact_weight * impact
+        return total, l1, impact
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        k = self.context
+        x = batch["image"][:, 0].permute(0, 3, 1, 2)  # (B, 1, X, Y, 2k+1) -> (B, 2k+1, X, Y)
+        target, mask = batch["target"][..., k], batch["mask"][..., k]  # (B, 1, X, Y) centre slices
+        pred = self(x)
+        total, l1, impact = self._loss(pred, target, mask)
+        bs = x.shape[0]
+        self.log("train/loss", total, prog_bar=True, batch_size=bs)
+        self.log("train/l1", l1, batch_size=bs)
+        if self._features:
+            self.log("train/impact", impact, batch_size=bs)
+        return total
+
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        source, target, mask = batch["image"][0, 0], batch["target"][0, 0], batch["mask"][0, 0]  # (X, Y, Z)
+        pred = predict_slices(self.net, source, self.context, int(self.hparams.val_batch_size), tta=False)
+        m = mask > 0.5
+        l1 = (pred - target).abs()[m].mean()
+        mae_hu = (unit_to_ct(pred) - unit_to_ct(target)).abs()[m].mean()
+        self.log("val/loss", l1, batch_size=1, sync_dist=True)
+        self.log("val/mae_hu", mae_hu, batch_size=1, sync_dist=True, prog_bar=True)
+
+    def configure_optimizers(self) -> Any:
+        opt = torch.optim.AdamW(self.net.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+        total = self.trainer.estimated_stepping_batches if self.trainer is not None else 1
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: (1.0 - min(s, total) / max(total, 1)) ** 0.9)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
