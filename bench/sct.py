@@ -368,6 +368,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--parts", nargs="+", default=["phantom_cbct", "phantom_mr", "real"])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--real-seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--mr-seeds", type=int, nargs="+", default=[0], help="the MR cohort (secondary): fewer seeds")
     ap.add_argument("--steps", type=int, default=300)
     args = ap.parse_args()
@@ -380,7 +381,7 @@ def main() -> None:
     if "phantom_mr" in args.parts:
         result["phantom_mr"] = phantom("mr", ("none", "elastix"), args.mr_seeds[: len(seeds)], steps, n)
     if "real" in args.parts:
-        result["real"] = real(ALIGNS, seeds, steps)
+        result["real"] = real(ALIGNS, args.real_seeds[: len(seeds)], steps)
     result["seconds"] = time.perf_counter() - start
     result["goal"] = _goal(result)
     for part in ("phantom_cbct", "phantom_mr"):
