@@ -435,7 +435,8 @@ class SCTPredictor:
         return self.card.preprocessing.modality
 
     def predict(self, volume: Volume) -> Volume:
-        """(X, Y, Z) CBCT/MR -> int16 HU in [-1024, 3071] on the input's exact grid."""
+        """(X, Y, Z) CBCT/MR -> int16 HU in [-1024, 3071] on the input's exact grid; -1024 outside
+        `source_support` (where the source shows no patient)."""
         from medct.geometry import Grid, network_grid, resample_volume
         from medct.io import validate_for_inference
 
@@ -447,8 +448,12 @@ class SCTPredictor:
         grid = network_grid(volume.affine, volume.shape, self.card.preprocessing.spacing)
         src = resample_volume(volume, grid, "linear", padding="border")
         x = torch.from_numpy(normalise_source(src.array, self.modality)).to(self.device)
+        # Outside the patient as the source shows it (air, a CBCT's -1000 beyond its field of view)
+        # the model was never trained: the sCT is air there, as SynthRAD scores it.
+        outside = torch.from_numpy(~source_support(src.array, self.modality)).to(self.device)
         with torch.inference_mode():
             unit = predict_slices(self.net, x, self.context, self.batch_size, self.tta, self.amp)
+            unit[outside] = -1.0
         hu = Volume(unit_to_ct(unit).cpu().numpy(), grid.affine, {})
         back = resample_volume(hu, Grid(tuple(volume.shape), volume.affine), "linear", padding="border")  # type: ignore[arg-type]
         out = np.clip(np.rint(back.array), CT_MIN, CT_MAX).astype(np.int16)
