@@ -20,6 +20,7 @@ _LAZY = {
     "segment": "medct.api",
     "register": "medct.api",
     "synthesize_ct": "medct.api",
+    "generate": "medct.api",
     "MedCTError": "medct.errors",
 }
 

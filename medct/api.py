@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,7 @@ __all__ = [
 PREDICTORS: dict[str, str] = {
     "segmentation": "medct.inference:Predictor",
     "sct": "medct.synthesis.sct:SCTPredictor",
+    "text2ct": "medct.synthesis.diffusion:TextToCT",
 }
 
 
@@ -198,3 +200,39 @@ def synthesize_ct(
     if tta is not None and check_flag("tta", tta) != predictor.tta:
         predictor = SCTPredictor(predictor.net, predictor.card, predictor.device, tta=tta)
     return predictor.predict(_as_volume(data, affine))
+
+
+def generate(
+    model: Any,
+    prompts: str | Sequence[str],
+    n: int = 1,
+    steps: int | None = None,
+    guidance: float | None = None,
+    seed: int = 0,
+    size: Sequence[int] | None = None,
+    spacing: Sequence[float] | None = None,
+    sampler: str | None = None,
+    device: str | None = None,
+    progress: bool = False,
+) -> list[Volume]:
+    """CT volumes (int16 HU, RAS grid) from report text with a text-to-CT model.
+
+    model: a `TextToCT` (from `load_model` of a text2ct model folder) or the folder itself;
+    prompts: one text or several; n volumes per prompt, volume k seeded by seed + k. steps,
+    guidance, sampler: None takes the model's defaults (30 steps, guidance 5).
+    """
+    from medct.synthesis.diffusion import TextToCT
+
+    gen = model if isinstance(model, TextToCT) else TextToCT.from_folder(model, device=device)
+    texts = [prompts] if isinstance(prompts, str) else list(prompts)
+    return gen.generate(
+        texts,
+        n=n,
+        steps=steps,
+        guidance=guidance,
+        seed=seed,
+        size=size,
+        spacing=spacing,
+        sampler=sampler,
+        progress=progress,
+    )

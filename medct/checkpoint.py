@@ -145,19 +145,26 @@ class ModelCard:
 
 
 def store_card(
-    checkpoint: dict[str, Any], card: ModelCard, net_prefix: str = "net.", parts: dict[str, str] | None = None
+    checkpoint: dict[str, Any],
+    card: ModelCard,
+    net_prefix: str = "net.",
+    parts: dict[str, str] | None = None,
+    files: dict[str, str] | None = None,
 ) -> None:
     """Put `card` into a Lightning checkpoint (call from a task's `on_save_checkpoint`).
 
     net_prefix: the state-dict prefix of the exported network inside the task (its attribute
     name plus a dot). parts: further modules to export beside it, name -> state-dict prefix
     (e.g. {"mae_decoder": "mae_decoder."}); `medct export` writes each as NAME.safetensors and the
-    card says how to rebuild it. JSON primitives only, so the checkpoint stays weights_only-loadable.
+    card says how to rebuild it. files: text files that travel with the model, name -> content
+    (e.g. a CLIP model's tokenizer.json). JSON primitives only, so the checkpoint stays
+    weights_only-loadable.
     """
     checkpoint[CHECKPOINT_KEY] = {
         "card": json.loads(json.dumps(card.to_dict())),
         "net_prefix": net_prefix,
         "parts": dict(parts or {}),
+        "files": {str(k): str(v) for k, v in (files or {}).items()},
     }
 
 
@@ -169,8 +176,10 @@ def save_model_folder(
     card: ModelCard,
     out_dir: str | os.PathLike[str],
     parts: dict[str, dict[str, torch.Tensor]] | None = None,
+    files: dict[str, str] | None = None,
 ) -> Path:
-    """Write `net` and `card` into `out_dir` atomically (staged in a sibling temp folder).
+    """Write `net` and `card` into `out_dir` atomically (staged in a sibling temp folder), with
+    `parts` (name -> tensors, as NAME.safetensors) and text `files` (name -> content) beside them.
 
     For an encoder card (task "encoder") only the encoder's tensors are written: a pretraining
     task's network has a decoder nobody trained (SparK and the contrastive methods use only the
@@ -187,6 +196,10 @@ def save_model_folder(
         for name, tensors in (parts or {}).items():  # e.g. a BM-MAE decoder beside its encoder
             part = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
             save_file(part, str(stage / f"{name}.safetensors"), metadata={"format": "pt"})
+        for name, text in (files or {}).items():
+            if Path(name).name != name or name in (WEIGHTS_FILE, CARD_FILE):
+                raise ValueError(f"a model folder file must be a plain new file name, got {name!r}")
+            (stage / name).write_text(text)
         (stage / CARD_FILE).write_text(json.dumps(card.to_dict(), indent=2) + "\n")
     return Path(out_dir)
 
@@ -303,7 +316,23 @@ def export_lightning_checkpoint(
         raise ModelFolderError(
             f"{src}: the card names the part '{empty[0]}' but the checkpoint holds no tensors for it."
         )
-    return save_model_folder(net, card, out_dir, parts)
+    return save_model_folder(net, card, out_dir, parts, dict(stored.get("files", {})))
+
+
+def read_part_weights(model_dir: str | os.PathLike[str], name: str) -> dict[str, torch.Tensor]:
+    """The tensors of part `name` of a model folder (NAME.safetensors); one sentence if absent or corrupt."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(model_dir) / f"{name}.safetensors"
+    if not path.is_file():
+        raise ModelFolderError(
+            f"Model folder '{model_dir}' lacks its '{name}' part ({path.name}); re-export it with `medct export`."
+        )
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise ModelFolderError(f"{path} is corrupt or not a safetensors file ({e}).") from e
 
 
 def read_network_weights(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:

@@ -271,6 +271,9 @@ class PhantomCohort:
     shape: tuple[int, int, int] = (64, 64, 64)
     spacing: tuple[float, float, float] = (3.0, 3.0, 3.0)
     phases: tuple[str, ...] | None = None  # one volume per contrast phase per case (multimodal: keys [phases])
+    phase: str = "venous"  # the contrast phase of every case, or "mixed" (a seeded phase per case)
+    varied_reports: bool = False  # each case's text in its own seeded wording (text-to-CT corpus)
+    center_mm: tuple[float, float, float] = (0.0, 0.0, 0.0)  # world RAS centre of the grid
 
 
 class VolumeDataModule(pl.LightningDataModule):
@@ -401,6 +404,9 @@ class VolumeDataModule(pl.LightningDataModule):
                 shape=tuple(p.shape),
                 spacing=tuple(p.spacing),
                 phases=tuple(p.phases) if p.phases else None,  # type: ignore[arg-type]
+                phase=p.phase,  # type: ignore[arg-type]
+                varied_reports=p.varied_reports,
+                center_mm=tuple(p.center_mm),  # type: ignore[arg-type]
             )
         if self.cache_dir is not None:
             train, val = self._split()

@@ -121,3 +121,42 @@ def save_preview(
     finally:
         plt.close(fig)
     return out
+
+
+def save_montage(
+    image: Volume,
+    path: str | os.PathLike[str],
+    window: tuple[float, float] = (-160.0, 240.0),
+    n_slices: int = 12,
+    title: str | None = None,
+) -> Path:
+    """Write a PNG montage of `n_slices` evenly spaced axial slices (radiological view, feet first,
+    inferior to superior), with a coronal plane through the centre; the PNG is written atomically."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    img, (si, sj, sk) = _to_ras(np.asarray(image.array), image.affine)
+    ks = np.linspace(0, img.shape[2] - 1, num=min(int(n_slices), img.shape[2]) + 2)[1:-1].round().astype(int)
+    cols = min(6, len(ks))
+    rows = -(-len(ks) // cols) + 1  # the last row: the coronal plane
+    fig = plt.figure(figsize=(2.0 * cols, 2.0 * rows * sj / si + 0.4))
+    fig.patch.set_facecolor("black")
+    for n, k in enumerate(ks):
+        ax = fig.add_subplot(rows, cols, n + 1)
+        ax.imshow(img[::-1, ::-1, k].T, cmap="gray", vmin=window[0], vmax=window[1], aspect=sj / si)
+        ax.set_title(f"z {k}", color="white", fontsize=7)
+        ax.set_axis_off()
+    ax = fig.add_subplot(rows, 1, rows)
+    ax.imshow(img[::-1, img.shape[1] // 2, ::-1].T, cmap="gray", vmin=window[0], vmax=window[1], aspect=sk / si)
+    ax.set_axis_off()
+    if title:
+        fig.suptitle(title if len(title) < 110 else title[:107] + "...", color="white", fontsize=8)
+    out = Path(path)
+    try:
+        with atomic_file(out, suffix=".png") as tmp:
+            fig.savefig(tmp, format="png", dpi=80, facecolor=fig.get_facecolor())
+    finally:
+        plt.close(fig)
+    return out

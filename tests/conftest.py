@@ -67,3 +67,42 @@ def make_model_folder(
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny untrained 3-class CT model folder at 4 mm with 32^3 patches (one per test module)."""
     return make_model_folder(tmp_path_factory.mktemp("model") / "tiny")
+
+
+REPORTS = (  # a few phantom-style reports: the corpus of the tiny tokenizers of the text-to-CT tests
+    "Non-contrast abdominal CT. Liver 1250 mL, normal size. No focal liver or renal lesion.",
+    "Arterial phase contrast-enhanced CT of the abdomen. Hepatomegaly, liver volume 2210 mL. One 18 mm hypodense lesion in the right kidney.",
+    "Portal venous phase CT of the abdomen with IV contrast. The liver is small (850 mL). Splenomegaly (512 mL).",
+)
+
+
+def make_text2ct_parts(
+    folder: Path, spacing: tuple[float, float, float] = (4.0, 4.0, 4.0), tile: int = 32, embed_dim: int = 8
+) -> tuple[Path, Path]:
+    """Untrained tiny VAE and CLIP model folders (what `medct export` writes for parts 1 and 2 of
+    text-to-CT), for the diffusion recipe and `medct generate` tests. Returns (vae_dir, clip_dir)."""
+    import torch
+
+    from medct.checkpoint import ModelCard, save_model_folder
+    from medct.nets import create_tiny_net
+    from medct.synthesis.clip3d import TOKENIZER_FILE, train_tokenizer
+    from medct.transforms import Preprocessing
+
+    torch.manual_seed(0)
+    pre = Preprocessing(spacing=spacing, hu_min=-1000.0, hu_max=1000.0, modality="CT")
+    vae = create_tiny_net("kl_autoencoder")
+    vae_card = ModelCard(
+        vae.net_config["name"],
+        vae.net_config["args"],
+        {},
+        pre,
+        (tile,) * 3,
+        task="vae",
+        inference={"scale_factor": 1.0, "tile": [tile] * 3, "overlap": 0.25},
+    )
+    clip = create_tiny_net("clip3d", embed_dim=embed_dim)
+    clip_card = ModelCard(clip.net_config["name"], clip.net_config["args"], {}, pre, (tile,) * 3, task="clip")
+    tok = train_tokenizer(REPORTS, vocab_size=clip.vocab_size).to_str()
+    vae_dir = save_model_folder(vae, vae_card, folder / "vae")
+    clip_dir = save_model_folder(clip, clip_card, folder / "clip", files={TOKENIZER_FILE: tok})
+    return vae_dir, clip_dir

@@ -42,6 +42,22 @@ NET_SHRINK: dict[str, Any] = {
 # Narrow variants by network class (argument names that mean other things elsewhere, e.g. SwinUNETR's num_heads).
 CLASS_SHRINK: dict[str, dict[str, Any]] = {
     "medct.nets.MultiModalUNETR": {"hidden_size": 48, "depth": 4, "num_heads": 4, "mlp_dim": 96},
+    "medct.nets.KLAutoencoder": {"channels": [8, 8, 8], "norm_num_groups": 4},
+    "medct.nets.CLIP3D": {
+        "image_args": {"filters": [4, 8, 16]},
+        "vocab_size": 300,
+        "max_length": 32,
+        "width": 16,
+        "layers": 1,
+        "heads": 2,
+        "embed_dim": 8,
+    },
+    "medct.nets.LatentDiffusionUNet": {
+        "channels": [8, 8, 8],
+        "norm_num_groups": 4,
+        "num_head_channels": 8,
+        "cross_attention_dim": 8,
+    },
     "medct.nets.AttentionUNet": {"channels": [4, 8, 8, 16, 16]},  # 5 levels: deep supervision down to 1/8
 }
 TINY_PATCH = 32
@@ -108,6 +124,12 @@ def _tiny(cfg: dict[str, Any], tmp: Path) -> dict[str, Any]:
             data[key] = value
     if data.get("align") == "elastix":  # synthetic CT's pair alignment: the cheapest preset (~1 s a pair)
         data["align_preset"] = "rigid"
+    if "size" in data:  # text-to-CT: the whole generation grid, then the patch inside it
+        data["size"] = [patch] * 3
+    if "vae" in model and "clip" in model:  # latent diffusion: the tiny parts 1 and 2 it builds on
+        from tests.conftest import make_text2ct_parts
+
+        model["vae"], model["clip"] = (str(p) for p in make_text2ct_parts(tmp / "parts", tuple(spacing), patch))
     if "context" in data:  # 2.5D synthetic CT: patches are (X, Y, 2k+1) slices
         data["patch_size"] = [patch, patch, 2 * int(data["context"]) + 1]
     return cfg

@@ -18,6 +18,7 @@ COMMANDS: dict[str, str] = {
     "turbolift": "medct.commands.turbolift",
     "register": "medct.commands.register",
     "sct": "medct.commands.sct",
+    "generate": "medct.commands.generate",
     "phantom": "medct.commands.phantom",
     "demo": "medct.commands.demo",
 }

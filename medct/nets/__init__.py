@@ -65,6 +65,9 @@ _CLASSES = {
     "MultiModalUNETR": "medct.nets.mm_unetr",
     "AttentionUNet": "medct.nets.attention_unet",
     "SliceUNetPlusPlus": "medct.nets.unetpp_2d",
+    "KLAutoencoder": "medct.nets.generative",
+    "LatentDiffusionUNet": "medct.nets.generative",
+    "CLIP3D": "medct.nets.generative",
 }
 
 

@@ -39,10 +39,14 @@ class NetEntry:
     tiny_size: int = 32  # cube side of a test input (a multiple of the net's total stride)
     variant_of: str | None = None  # registry name of the registered base class of a variant
     # "dense": (B, out_channels, X, Y, Z) maps; "classes": (B, out_channels) logits; "slices": a 2D
-    # network, (B, in_channels, X, Y) -> (B, out_channels, X, Y) (2.5D synthetic CT)
+    # network, (B, in_channels, X, Y) -> (B, out_channels, X, Y) (2.5D synthetic CT); the generative
+    # kinds of text-to-CT (medct.nets.generative): "latent" (an autoencoder), "denoiser" (a diffusion
+    # UNet), "embedding" (a CLIP model)
     output: str = "dense"
 
 
+OUTPUT_KINDS = ("dense", "classes", "slices", "latent", "denoiser", "embedding")
+SEGMENTATION_KINDS = ("dense", "classes", "slices")  # image in, one map/vector of out_channels out
 _NETS: dict[str, NetEntry] = {}
 
 # Where each registered name is defined, so that `create_net("nnunet_plain")` imports only that
@@ -62,6 +66,9 @@ NET_MODULES: dict[str, str] = {
     "mm_unetr": "medct.nets.mm_unetr",
     "attention_unet": "medct.nets.attention_unet",
     "unetpp_2d": "medct.nets.unetpp_2d",
+    "kl_autoencoder": "medct.nets.generative",
+    "latent_diffusion_unet": "medct.nets.generative",
+    "clip3d": "medct.nets.generative",
 }
 
 
@@ -104,11 +111,11 @@ def register_net(
     """Class decorator: make `cls` buildable as `create_net(name, ...)`.
 
     tiny_args / tiny_size: arguments and input cube side of a small, fast instance for tests.
-    output: "dense" (segmentation-shaped output), "classes" (one logit vector per input) or
-    "slices" (a 2D network on (B, C, X, Y) slices).
+    output: "dense" (segmentation-shaped output), "classes" (one logit vector per input),
+    "slices" (a 2D network on (B, C, X, Y) slices), or a generative kind (see NetEntry).
     """
-    if output not in ("dense", "classes", "slices"):
-        raise ValueError(f"output must be 'dense', 'classes' or 'slices', got '{output}'")
+    if output not in OUTPUT_KINDS:
+        raise ValueError(f"output must be one of {', '.join(OUTPUT_KINDS)}, got '{output}'")
 
     def deco(cls: _T) -> _T:
         if name in _NETS:

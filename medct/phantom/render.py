@@ -7,7 +7,7 @@ import numpy as np
 from medct.phantom.anatomy import _render
 from medct.phantom.appearance import _check, _image
 from medct.phantom.params import sample_params
-from medct.phantom.reports import describe
+from medct.phantom.reports import findings, report
 from medct.phantom.spec import DEFAULT_GRID, DEFAULT_LOOK, Appearance, GridSpec, PhantomCase, PhantomParams, _rng
 from medct.volume import Volume
 
@@ -37,14 +37,15 @@ def render_phantom(
         "source": "medct.phantom",
     }
     label = Volume(array=cv.label, affine=affine.copy(), meta=dict(meta))
-    text = describe(label, clean, look.variant, look.phase, liver_split_x=params.liver_right.center[0] - 50.0)
+    found = findings(label, clean, look.variant, look.phase, liver_split_x=params.liver_right.center[0] - 50.0)
+    text = report(found)
     image = Volume(array=img, affine=affine.copy(), meta={**meta, "text": text})
     disp = None
     if vz is not None:
         d = np.zeros((*shape_t, 3), np.float32)  # (X, Y, Z, 3) RAS mm, pull-back to end-exhale
         d[..., 2] = np.where(cv.moving, vz, 0.0)
         disp = Volume(array=d, affine=affine.copy(), meta={**meta, "kind": "displacement_ras_mm"})
-    return PhantomCase(image=image, label=label, text=text, params=params, displacement=disp)
+    return PhantomCase(image=image, label=label, text=text, params=params, displacement=disp, findings=found)
 
 
 def make_phantom(

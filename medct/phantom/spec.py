@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 
@@ -151,6 +151,7 @@ class PhantomCase:
     text: str
     params: PhantomParams
     displacement: Volume | None = None
+    findings: Any = None  # medct.phantom.reports.Findings: what `text` states, as attributes
 
 
 def _vec3(v) -> tuple[float, float, float]:
