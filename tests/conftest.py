@@ -106,3 +106,24 @@ def make_text2ct_parts(
     vae_dir = save_model_folder(vae, vae_card, folder / "vae")
     clip_dir = save_model_folder(clip, clip_card, folder / "clip", files={TOKENIZER_FILE: tok})
     return vae_dir, clip_dir
+
+
+def make_text2ct_model(folder: Path, objective: str = "rflow") -> Path:
+    """A tiny untrained text-to-CT model folder (32x32x16 at 4 mm), made the way users make one: the
+    diffusion task on parts 1 and 2, its checkpoint exported with `medct export`'s function."""
+    import torch
+
+    from medct.checkpoint import export_lightning_checkpoint
+    from medct.nets import create_tiny_net
+    from medct.synthesis.diffusion import LDMTask
+
+    vae_dir, clip_dir = make_text2ct_parts(folder / "parts")
+    torch.manual_seed(0)
+    net = create_tiny_net("latent_diffusion_unet")  # stride 2: sizes multiples of 4 x 2 = 8
+    task = LDMTask(
+        net, str(vae_dir), str(clip_dir), patch_size=(32, 32, 16), objective=objective, steps=4, guidance=3.0
+    )  # type: ignore[arg-type]
+    ckpt = {"state_dict": task.state_dict(), "epoch": 0, "global_step": 1}
+    task.on_save_checkpoint(ckpt)
+    torch.save(ckpt, folder / "ldm.ckpt")
+    return export_lightning_checkpoint(folder / "ldm.ckpt", folder / "text2ct")

@@ -574,13 +574,38 @@ def b_sct_two_d(work: Path, model: Path) -> list[str]:
     return ["sct", "-m", str(_sct_model(work)), "-i", str(flat), "-o", str(work / "out")]
 
 
+def _text2ct_model(work: Path) -> Path:
+    from tests.conftest import make_text2ct_model
+
+    return make_text2ct_model(work / "t2c")
+
+
+def b_generate_segmentation_model(work: Path, model: Path) -> list[str]:
+    return ["generate", "-m", str(model), "enlarged liver", "-o", str(work / "out" / "g.nii.gz")]
+
+
+def b_generate_empty_prompt(work: Path, model: Path) -> list[str]:
+    return ["generate", "-m", str(_text2ct_model(work)), " ", "-o", str(work / "out" / "g.nii.gz")]
+
+
+def b_generate_bad_size(work: Path, model: Path) -> list[str]:
+    args = ["generate", "-m", str(_text2ct_model(work)), "liver", "--size", "30", "32", "16"]
+    return [*args, "-o", str(work / "out" / "g.nii.gz"), "--no-progress"]
+
+
+def b_generate_missing_part(work: Path, model: Path) -> list[str]:
+    folder = _text2ct_model(work)
+    (folder / "clip.safetensors").unlink()
+    return ["generate", "-m", str(folder), "liver", "-o", str(work / "out" / "g.nii.gz")]
+
+
 def _has_cuda() -> bool:
     import torch
 
     return bool(torch.cuda.is_available())
 
 
-G_WRONG, G_DICOM, G_MISTAKE, G_LEFTOVER, G_BEFORE, G_PRETRAIN, G_FINETUNE, G_REGISTER, G_SCT = (
+G_WRONG, G_DICOM, G_MISTAKE, G_LEFTOVER, G_BEFORE, G_PRETRAIN, G_FINETUNE, G_REGISTER, G_SCT, G_GENERATE = (
     "wrong result",
     "hospital DICOM",
     "user mistake",
@@ -590,6 +615,7 @@ G_WRONG, G_DICOM, G_MISTAKE, G_LEFTOVER, G_BEFORE, G_PRETRAIN, G_FINETUNE, G_REG
     "fine-tuning",
     "registration",
     "synthetic CT",
+    "text-to-CT",
 )
 
 CASES: list[Case] = [
@@ -669,6 +695,10 @@ CASES: list[Case] = [
     Case("sct: folder with a NaN CBCT", G_SCT, b_sct_folder_nan_and_good, 1, "NaN",
          {"good.nii.gz": "in/good.nii.gz"}),
     Case("sct: a 2D image", G_SCT, b_sct_two_d, 1, "2D"),
+    Case("generate: a segmentation model", G_GENERATE, b_generate_segmentation_model, 1, "not a text-to-CT model"),
+    Case("generate: an empty prompt", G_GENERATE, b_generate_empty_prompt, 1, "prompt is empty"),
+    Case("generate: a size the VAE cannot code", G_GENERATE, b_generate_bad_size, 1, "multiple of 8"),
+    Case("generate: a model without its CLIP part", G_GENERATE, b_generate_missing_part, 1, "lacks its 'clip' part"),
 ]  # fmt: skip
 
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from medct.errors import ConfigError, MedCTError, ModelFolderError
-from tests.conftest import REPORTS, make_text2ct_parts
+from tests.conftest import REPORTS, make_text2ct_model, make_text2ct_parts
 
 # ----------------------------------------------------------------------------- reports and tokenizer
 
@@ -139,32 +139,19 @@ def test_clip_loss_is_lower_on_matched_than_shuffled_pairs_after_training():
 # ----------------------------------------------------------------------------- diffusion and generation
 
 
-def _ldm_task(tmp: Path, objective: str = "rflow"):
+def _ldm_task(tmp: Path):
     from medct.nets import create_tiny_net
     from medct.synthesis.diffusion import LDMTask
 
     vae_dir, clip_dir = make_text2ct_parts(tmp / "parts")
     torch.manual_seed(0)
     net = create_tiny_net("latent_diffusion_unet")  # stride 2: sizes multiples of 4 x 2 = 8
-    return LDMTask(
-        net, str(vae_dir), str(clip_dir), patch_size=(32, 32, 16), objective=objective, steps=4, guidance=3.0
-    )
-
-
-def _export(task, tmp: Path) -> Path:
-    """What `medct fit` + `medct export` do with the task's checkpoint."""
-    from medct.checkpoint import export_lightning_checkpoint
-
-    ckpt = {"state_dict": task.state_dict(), "epoch": 0, "global_step": 1}
-    task.on_save_checkpoint(ckpt)
-    torch.save(ckpt, tmp / "ldm.ckpt")
-    return export_lightning_checkpoint(tmp / "ldm.ckpt", tmp / "text2ct")
+    return LDMTask(net, str(vae_dir), str(clip_dir), patch_size=(32, 32, 16), steps=4, guidance=3.0)
 
 
 @pytest.fixture(scope="module")
 def text2ct_dir(tmp_path_factory) -> Path:
-    tmp = tmp_path_factory.mktemp("text2ct")
-    return _export(_ldm_task(tmp), tmp)
+    return make_text2ct_model(tmp_path_factory.mktemp("text2ct"))
 
 
 def test_training_step_and_card_name_every_part(tmp_path):
@@ -238,7 +225,7 @@ def test_generate_refuses_what_it_cannot_do(text2ct_dir, tmp_path):
 def test_ddpm_objective_samples_with_ddim(tmp_path):
     from medct.synthesis.diffusion import TextToCT
 
-    gen = TextToCT.from_folder(_export(_ldm_task(tmp_path, "ddpm"), tmp_path), device="cpu")
+    gen = TextToCT.from_folder(make_text2ct_model(tmp_path, "ddpm"), device="cpu")
     vol = gen.generate(["Non-contrast abdominal CT."], sampler="ddim", steps=3)[0]
     assert vol.shape == (32, 32, 16)
     with pytest.raises(ConfigError, match="samples with 'ddim'"):
