@@ -48,15 +48,13 @@ def check_size(shape: Sequence[int], factor: int, what: str = "The VAE") -> None
         )
 
 
-def _sliding(
-    fn: Any, x: Tensor, tile: Sequence[int], overlap: float, scale: float, sw_device: torch.device | None = None
-) -> Tensor:
-    """fn over overlapping tiles of x (B, C, X, Y, Z); the output may be zoomed by `scale` (MONAI
-    sliding_window_inference infers the zoom from the output of the first tile)."""
+def _sliding(fn: Any, x: Tensor, tile: Sequence[int], overlap: float) -> Tensor:
+    """fn over overlapping tiles of x (B, C, X, Y, Z), Gaussian-blended; the output may be zoomed
+    (MONAI sliding_window_inference infers the zoom from the output of the first tile)."""
     from monai.inferers import sliding_window_inference
 
     roi = tuple(min(int(t), int(s)) for t, s in zip(tile, x.shape[2:], strict=True))
-    return sliding_window_inference(x, roi, 1, fn, overlap=overlap, mode="gaussian", sw_device=sw_device)
+    return sliding_window_inference(x, roi, 1, fn, overlap=overlap, mode="gaussian")
 
 
 def encode(
@@ -69,7 +67,7 @@ def encode(
         return vae.encode(x)
     for t in tile:
         check_size([t], vae.downsample, "A VAE tile")
-    both = _sliding(lambda p: torch.cat(vae.encode(p), dim=1), x, tile, overlap, 1.0 / vae.downsample)
+    both = _sliding(lambda p: torch.cat(vae.encode(p), dim=1), x, tile, overlap)
     c = vae.latent_channels
     return both[:, :c], both[:, c:]
 
@@ -82,7 +80,7 @@ def decode(vae: nn.Module, z: Tensor, tile: Sequence[int] | None = None, overlap
         return vae.decode(z)
     for t in tile:
         check_size([t], f, "A VAE tile")
-    return _sliding(vae.decode, z, [int(t) // f for t in tile], overlap, float(f))
+    return _sliding(vae.decode, z, [int(t) // f for t in tile], overlap)
 
 
 def kl_divergence(mu: Tensor, sigma: Tensor) -> Tensor:
