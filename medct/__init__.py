@@ -21,6 +21,7 @@ _LAZY = {
     "register": "medct.api",
     "synthesize_ct": "medct.api",
     "generate": "medct.api",
+    "predict_motion": "medct.api",
     "MedCTError": "medct.errors",
 }
 

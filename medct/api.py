@@ -25,8 +25,8 @@ from medct.inference import Predictor, check_flag, check_overlap
 from medct.io import Volume, read_volume, write_volume
 
 __all__ = [
-    "Predictor", "Volume", "load_model", "read_volume", "reconstruct_modality", "register", "segment",
-    "synthesize_ct", "write_volume",
+    "Predictor", "Volume", "load_model", "predict_motion", "read_volume", "reconstruct_modality", "register",
+    "segment", "synthesize_ct", "write_volume",
 ]  # fmt: skip
 
 
@@ -36,6 +36,7 @@ PREDICTORS: dict[str, str] = {
     "segmentation": "medct.inference:Predictor",
     "sct": "medct.synthesis.sct:SCTPredictor",
     "text2ct": "medct.synthesis.diffusion:TextToCT",
+    "motion": "medct.synthesis.motion:MotionPredictor",
 }
 
 
@@ -236,3 +237,31 @@ def generate(
         sampler=sampler,
         progress=progress,
     )
+
+
+def predict_motion(
+    model: Any,
+    source: Any,
+    k: int,
+    method: str = "ar",
+    finetune_steps: int | None = None,
+    registration: str | None = None,
+    seed: int = 0,
+    device: str | None = None,
+) -> Any:
+    """The next `k` phases of a 4D CT (`medct.synthesis.motion.MotionPrediction`: predicted phase
+    volumes and displacement fields on the input grid).
+
+    model: a `MotionPredictor` (from `load_model` of a motion model folder), the folder itself, or
+    None with a baseline `method` (copy-last, linear, pca); source: a 4D NIfTI, a folder of phase
+    volumes, a list of phase paths or of `Volume`s in time order (phase 0 is the reference).
+    """
+    from medct.synthesis.motion import MotionPredictor
+
+    if isinstance(model, MotionPredictor):
+        pred = model
+    elif model is None:
+        pred = MotionPredictor(None, None, device or "cpu")
+    else:
+        pred = MotionPredictor.from_folder(model, device=device)
+    return pred.predict(source, k, method, finetune_steps, registration, seed)  # type: ignore[arg-type]

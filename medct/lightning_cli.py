@@ -39,6 +39,7 @@ DATA_LINKS: tuple[tuple[str, str, str], ...] = (
     ("data.init_args.hu_min", "model.init_args.hu_min", "parse"),
     ("data.init_args.hu_max", "model.init_args.hu_max", "parse"),
     ("data.init_args.patch_size", "model.init_args.patch_size", "parse"),
+    ("data.init_args.context", "model.init_args.context", "parse"),
     ("data.modality", "model.init_args.modality", "instantiate"),
     ("data.labels", "model.init_args.labels", "instantiate"),
     ("data.num_classes", "model.init_args.net.init_args.out_channels", "instantiate"),

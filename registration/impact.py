@@ -100,6 +100,21 @@ def load_feature_model(
     return FeatureSource(model, tuple(float(s) for s in pre.spacing), str(model_dir))  # type: ignore[arg-type]
 
 
+class _Intensity(nn.Module):
+    """The windowed image itself as the one feature layer (no network)."""
+
+    def encoder_features(self, x: Tensor) -> list[Tensor]:
+        return [x]
+
+
+def intensity_source(spacing_mm: float = 6.0, hu_min: float = -1000.0, hu_max: float = 500.0) -> FeatureSource:
+    """Raw intensities (HU window -> [0, 1]) as the features: the same optimiser as IMPACT with a
+    plain intensity metric, for images of one modality and scanner, such as the phases of a 4D CT
+    (`medct.synthesis.motion` registers every phase to the reference with it). No model needed."""
+    model = FeatureModel(_Intensity(), hu_min, hu_max, layers=(0,))
+    return FeatureSource(model, (float(spacing_mm),) * 3, "intensity")
+
+
 # --------------------------------------------------------------------------- the distance
 
 

@@ -58,8 +58,8 @@ def test_newer_format_and_other_tasks_are_refused_with_one_sentence(tmp_path: Pa
     (folder / CARD_FILE).write_text(json.dumps({**raw, "task": "encoder"}))
     with pytest.raises(ModelFolderError, match="holds a pretrained encoder, not a model that predicts"):
         medct.load_model(folder, device="cpu")
-    (folder / CARD_FILE).write_text(json.dumps({**raw, "task": "motion"}))
-    with pytest.raises(ModelFolderError, match="'motion' model, which has no predictor"):
+    (folder / CARD_FILE).write_text(json.dumps({**raw, "task": "vae"}))
+    with pytest.raises(ModelFolderError, match="'vae' model, which has no predictor"):
         medct.load_model(folder, device="cpu")
     (folder / CARD_FILE).write_text(json.dumps({**raw, "task": "encoder"}))
     with pytest.raises(ModelFolderError, match="segmentation needs a 'segmentation' model"):

@@ -58,7 +58,8 @@ CLASS_SHRINK: dict[str, dict[str, Any]] = {
         "num_head_channels": 8,
         "cross_attention_dim": 8,
     },
-    "medct.nets.AttentionUNet": {"channels": [4, 8, 8, 16, 16]},  # 5 levels: deep supervision down to 1/8
+    "medct.nets.AttentionUNet": {"channels": [4, 8, 8, 16, 16]},
+    "medct.nets.MotionTransformer": {"dim": 16, "depth": 1, "heads": 2},  # 5 levels: deep supervision down to 1/8
 }
 TINY_PATCH = 32
 
@@ -130,7 +131,10 @@ def _tiny(cfg: dict[str, Any], tmp: Path) -> dict[str, Any]:
         from tests.conftest import make_text2ct_parts
 
         model["vae"], model["clip"] = (str(p) for p in make_text2ct_parts(tmp / "parts", tuple(spacing), patch))
-    if "context" in data:  # 2.5D synthetic CT: patches are (X, Y, 2k+1) slices
+    if "phantom_patients" in data:  # motion: two small breathing phantoms, a short context
+        data.update(phantom_patients=2, phantom_shape=[32, 32, 24], phantom_spacing=12.0, context=4, n_phases=6)
+        data["samples_per_epoch"] = 4
+    elif "context" in data:  # 2.5D synthetic CT: patches are (X, Y, 2k+1) slices
         data["patch_size"] = [patch, patch, 2 * int(data["context"]) + 1]
     return cfg
 

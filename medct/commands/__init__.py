@@ -19,6 +19,7 @@ COMMANDS: dict[str, str] = {
     "register": "medct.commands.register",
     "sct": "medct.commands.sct",
     "generate": "medct.commands.generate",
+    "motion": "medct.commands.motion",
     "phantom": "medct.commands.phantom",
     "demo": "medct.commands.demo",
 }

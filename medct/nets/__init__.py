@@ -68,6 +68,7 @@ _CLASSES = {
     "KLAutoencoder": "medct.nets.generative",
     "LatentDiffusionUNet": "medct.nets.generative",
     "CLIP3D": "medct.nets.generative",
+    "MotionTransformer": "medct.nets.motion",
 }
 
 

@@ -41,11 +41,12 @@ class NetEntry:
     # "dense": (B, out_channels, X, Y, Z) maps; "classes": (B, out_channels) logits; "slices": a 2D
     # network, (B, in_channels, X, Y) -> (B, out_channels, X, Y) (2.5D synthetic CT); the generative
     # kinds of text-to-CT (medct.nets.generative): "latent" (an autoencoder), "denoiser" (a diffusion
-    # UNet), "embedding" (a CLIP model)
+    # UNet), "embedding" (a CLIP model); "motion" (medct.nets.motion): displacement fields in, the next
+    # phase's fields out
     output: str = "dense"
 
 
-OUTPUT_KINDS = ("dense", "classes", "slices", "latent", "denoiser", "embedding")
+OUTPUT_KINDS = ("dense", "classes", "slices", "latent", "denoiser", "embedding", "motion")
 SEGMENTATION_KINDS = ("dense", "classes", "slices")  # image in, one map/vector of out_channels out
 _NETS: dict[str, NetEntry] = {}
 
@@ -69,6 +70,7 @@ NET_MODULES: dict[str, str] = {
     "kl_autoencoder": "medct.nets.generative",
     "latent_diffusion_unet": "medct.nets.generative",
     "clip3d": "medct.nets.generative",
+    "motion_transformer": "medct.nets.motion",
 }
 
 

@@ -37,6 +37,7 @@ x < 0, and the liver at x > 0. Gravity (supine patient on the table) points to -
 Package layout (one concern per module): spec (labels, tissues, dataclasses, GridSpec and
 Appearance), params (seeded patients), anatomy (implicit shapes -> label/tissue maps), appearance
 (tissue -> intensity per variant, noise), reports (text), render (one case), breathing (4D),
+breathing4d (several irregular breaths with hysteresis, by warping any CT: motion prediction),
 cohort (writing a dataset). `make_phantom(seed, GridSpec(...), Appearance(...))` is the entry point.
 
 Why hand-written rather than a library: MONAI/TorchIO synthesise only blobs (monai.data.

@@ -605,7 +605,42 @@ def _has_cuda() -> bool:
     return bool(torch.cuda.is_available())
 
 
-G_WRONG, G_DICOM, G_MISTAKE, G_LEFTOVER, G_BEFORE, G_PRETRAIN, G_FINETUNE, G_REGISTER, G_SCT, G_GENERATE = (
+def _motion_phases(work: Path, n: int, shift_last: bool = False) -> Path:
+    """n small phantom phases in work/phases (phase_00 ...); shift_last puts the last on another grid."""
+    from medct.io import write_volume
+    from medct.phantom import make_phantom
+    from medct.phantom.spec import GridSpec
+
+    img = make_phantom(0, GridSpec(shape=(24, 24, 16), spacing=(16.0, 16.0, 16.0))).image
+    folder = work / "phases"
+    folder.mkdir(parents=True, exist_ok=True)
+    for t in range(n):
+        v = Volume(np.asarray(img.array), img.affine.copy())
+        if shift_last and t == n - 1:
+            v.affine[0, 3] += 8.0
+        write_volume(v, folder / f"phase_{t:02d}.nii.gz")
+    return folder
+
+
+def b_motion_segmentation_model(work: Path, model: Path) -> list[str]:
+    return ["motion", "-m", str(model), "-i", str(_motion_phases(work, 3)), "-o", str(work / "out"), "--predict", "2"]
+
+
+def b_motion_two_phases(work: Path, model: Path) -> list[str]:
+    args = ["motion", "--method", "pca", "-i", str(_motion_phases(work, 2)), "-o", str(work / "out")]
+    return [*args, "--predict", "2"]
+
+
+def b_motion_phase_grids_differ(work: Path, model: Path) -> list[str]:
+    args = ["motion", "--method", "pca", "-i", str(_motion_phases(work, 3, shift_last=True)), "-o", str(work / "out")]
+    return [*args, "--predict", "2"]
+
+
+def b_motion_no_such_input(work: Path, model: Path) -> list[str]:
+    return ["motion", "--method", "linear", "-i", str(work / "nope.nii.gz"), "-o", str(work / "out"), "--predict", "2"]
+
+
+G_WRONG, G_DICOM, G_MISTAKE, G_LEFTOVER, G_BEFORE, G_PRETRAIN, G_FINETUNE, G_REGISTER, G_SCT, G_GENERATE, G_MOTION = (
     "wrong result",
     "hospital DICOM",
     "user mistake",
@@ -616,6 +651,7 @@ G_WRONG, G_DICOM, G_MISTAKE, G_LEFTOVER, G_BEFORE, G_PRETRAIN, G_FINETUNE, G_REG
     "registration",
     "synthetic CT",
     "text-to-CT",
+    "4D motion",
 )
 
 CASES: list[Case] = [
@@ -699,6 +735,10 @@ CASES: list[Case] = [
     Case("generate: an empty prompt", G_GENERATE, b_generate_empty_prompt, 1, "prompt is empty"),
     Case("generate: a size the VAE cannot code", G_GENERATE, b_generate_bad_size, 1, "multiple of 8"),
     Case("generate: a model without its CLIP part", G_GENERATE, b_generate_missing_part, 1, "lacks its 'clip' part"),
+    Case("motion: a segmentation model", G_MOTION, b_motion_segmentation_model, 1, "not a motion model"),
+    Case("motion: only two phases", G_MOTION, b_motion_two_phases, 1, "at least 3 phases"),
+    Case("motion: phases on different grids", G_MOTION, b_motion_phase_grids_differ, 1, "different voxel grids"),
+    Case("motion: no such input", G_MOTION, b_motion_no_such_input, 1, "does not exist"),
 ]  # fmt: skip
 
 
