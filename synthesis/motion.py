@@ -120,6 +120,30 @@ def from_motion_grid(fields: np.ndarray, grid: Grid, reference: Volume) -> np.nd
     return np.stack(out).astype(np.float32)
 
 
+def read_displacement(path: str | Path, reference: Volume) -> np.ndarray:
+    """An (X, Y, Z, 3) RAS-mm displacement field from a NIfTI file (as `medct motion` writes them;
+    X, Y, Z, 1, 3 vector NIfTIs too), which must lie on the reference's grid. (`read_volume` reads
+    scalar images only.)"""
+    import nibabel as nib
+
+    from medct.io import check_same_grid
+
+    p = Path(path)
+    if not p.is_file():
+        raise InputPathError(f"Displacement field {p} does not exist.")
+    try:
+        img = nib.load(p)
+        arr = np.asarray(img.dataobj, dtype=np.float32)
+    except Exception as e:  # nibabel raises many types for broken files
+        raise InvalidVolumeError(f"{p} is not a readable NIfTI displacement field ({type(e).__name__}).") from e
+    arr = arr.reshape(*arr.shape[:3], -1) if arr.ndim == 5 else arr
+    if arr.ndim != 4 or arr.shape[-1] != 3:
+        raise InvalidVolumeError(f"{p} has shape {arr.shape}; a displacement field is (X, Y, Z, 3) in mm.")
+    field_vol = Volume(np.zeros(arr.shape[:3], np.float32), np.asarray(img.affine, np.float64))
+    check_same_grid(reference, field_vol, what=f"reference phase and displacement field {p.name}")
+    return arr
+
+
 def reference_channel(reference: Volume, grid: Grid, hu_min: float, hu_max: float) -> np.ndarray:
     """(1, x, y, z) the reference image on the motion grid, HU window -> [0, 1] (the anatomy input)."""
     from medct.geometry import resample_volume
@@ -508,11 +532,7 @@ class MotionDataModule(pl.LightningDataModule):
             ph = e["phases"]
             vols = read_sequence(path.parent / ph if isinstance(ph, str) else [path.parent / p for p in ph])
             if "displacements" in e:
-                from medct.io import read_volume
-
-                fields = np.stack(
-                    [np.asarray(read_volume(path.parent / d).array, np.float32) for d in e["displacements"]]
-                )
+                fields = np.stack([read_displacement(path.parent / d, vols[0]) for d in e["displacements"]])
             else:
                 fields = register_phases(vols, spacing_mm=6.0)
             if len(vols) <= hp.context:

@@ -256,3 +256,31 @@ def test_api_predict_motion_with_a_baseline():
     assert len(res.phases) == 2 and res.phases[0].shape == seq.phases[0].shape
     assert res.displacements[0].array.shape == (*seq.phases[0].shape, 3)
     assert np.allclose(res.phases[1].affine, seq.phases[0].affine)
+
+
+def test_datalist_sequences_with_and_without_their_fields(tmp_path):
+    from medct.io import write_volume
+    from medct.synthesis.motion import MotionDataModule
+
+    seq = _small_sequence(6)
+    a = _write_phases(seq, tmp_path / "a")
+    disp = []
+    for t, u in enumerate(seq.displacements):
+        disp.append(f"a_disp/u_{t:02d}.nii.gz")
+        write_volume(Volume(u, seq.phases[0].affine.copy()), tmp_path / disp[-1])
+    b = _write_phases(_small_sequence(6, seed=4), tmp_path / "b")
+    entries = [
+        {"phases": [str(p.relative_to(tmp_path)) for p in a], "displacements": disp},
+        {"phases": [str(p.relative_to(tmp_path)) for p in b]},  # registered at set-up
+    ]
+    (tmp_path / "list.json").write_text(json.dumps({"training": entries}))
+    dm = MotionDataModule(datalist=str(tmp_path / "list.json"), context=4, patch_size=(16, 16, 16), val_fraction=0.0)
+    dm.setup()
+    assert len(dm.train_seqs) == 2
+    (img_a, f_a), (img_b, f_b) = dm.train_seqs
+    assert f_a.shape[:2] == (6, 3) and img_a.shape == (1, *f_a.shape[2:]) and not np.any(f_b[0])
+    assert np.abs(f_a).max() > 5.0 and np.abs(f_b).max() > 2.0  # given and registered fields both hold the motion
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["fields"].shape == (4, 5, 3, 16, 16, 16) and batch["image"].shape == (4, 1, 16, 16, 16)
+    with pytest.raises(Exception, match="more than data.context"):
+        MotionDataModule(datalist=str(tmp_path / "list.json"), context=8).setup()
