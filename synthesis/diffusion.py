@@ -4,8 +4,11 @@ After Molino et al., "Text-to-CT Generation via 3D Latent Diffusion Model with C
 Vision-Language Pretraining" (2025; code cosbidev/Text2CT) and MONAI MAISI (Guo et al., WACV 2025):
 a frozen medct VAE (`medct.synthesis.vae`) maps CT to a latent at 1/f resolution; a 3D diffusion
 UNet (`medct.nets.LatentDiffusionUNet`, MONAI's DiffusionModelUNet) denoises latent * scale_factor
-with cross-attention on the pooled text embedding of a frozen medct 3D CLIP
-(`medct.synthesis.clip3d`), a context of length 1 as in Text2CT.
+with cross-attention on the text embedding of a frozen medct 3D CLIP (`medct.synthesis.clip3d`):
+`context="pooled"` (default) is the pooled, unit-norm embedding, a context of length 1 as in
+Text2CT; `context="tokens"` is the per-token sequence (B, max_length, D) of the CLIP text encoder,
+padding positions zeroed, as Stable Diffusion / MAISI-style models attend over text tokens: the
+denoiser can then read each stated fact from its own words instead of from one pooled vector.
 
   * objective "rflow" (default): rectified flow (Liu et al., ICLR 2023) with MONAI's RFlowScheduler,
     x_t = (1 - t) z + t eps, the network predicts v = z - eps; logit-normal timesteps (Esser et
@@ -49,6 +52,7 @@ from medct.synthesis.vae import check_size, decode
 from medct.volume import Volume
 
 Objective = Literal["rflow", "ddpm"]
+Context = Literal["pooled", "tokens"]
 TRAIN_TIMESTEPS = 1000
 
 
@@ -109,7 +113,7 @@ def sample_latent(
     null_value: float,
     progress: bool = False,
 ) -> Tensor:
-    """Run the sampling chain from `noise` (B, C, x, y, z) with cross-attention `context` (B, 1, D).
+    """Run the sampling chain from `noise` (B, C, x, y, z) with cross-attention `context` (B, L, D).
     guidance None: the conditional prediction only; a float: classifier-free guidance (MONAI's
     DiffusionInferer: uncond + guidance * (cond - uncond), uncond = context filled with null_value)."""
     from monai.inferers import DiffusionInferer
@@ -125,6 +129,17 @@ def sample_latent(
         cfg=None if guidance is None else float(guidance),
         cfg_fill_value=float(null_value),
     )
+
+
+def text_embedding(clip: nn.Module, ids: Tensor, context: str) -> Tensor:
+    """(B, L) token ids -> the cross-attention context of `context` kind: "pooled" (B, 1, D), the
+    unit-norm CLIP text embedding, or "tokens" (B, L, D), the token embeddings with padding zeroed."""
+    pooled, tokens = clip.encode_text(ids)
+    if context == "pooled":
+        return pooled.unsqueeze(1)
+    if context == "tokens":
+        return tokens * (ids != 0).unsqueeze(-1).to(tokens.dtype)
+    raise ConfigError(f"model.context must be 'pooled' or 'tokens', got '{context}'.")
 
 
 def _frozen(module: nn.Module) -> nn.Module:
@@ -149,7 +164,8 @@ class LDMTask(pl.LightningModule):
     conditioned on the text embedding of the CLIP folder `clip` (both exported with `medct export`).
 
     spacing / patch_size (the whole generation grid) / hu window come from the data module and must
-    match the VAE's. objective: "rflow" or "ddpm". cond_drop: probability of replacing the text
+    match the VAE's. objective: "rflow" or "ddpm". context: "pooled" (the CLIP text embedding, length
+    1, Text2CT) or "tokens" (the CLIP text encoder's token sequence). cond_drop: probability of replacing the text
     context by `null_value` (classifier-free guidance). steps / guidance: the card's sampling defaults.
     """
 
@@ -163,6 +179,7 @@ class LDMTask(pl.LightningModule):
         hu_min: float = -1000.0,
         hu_max: float = 1000.0,
         objective: Objective = "rflow",
+        context: Context = "pooled",
         lr: float = 1e-4,
         cond_drop: float = 0.1,
         null_value: float = -1.0,
@@ -174,6 +191,8 @@ class LDMTask(pl.LightningModule):
         self.hparams.update(spacing=[float(s) for s in spacing], patch_size=[int(p) for p in patch_size])
         if objective not in ("rflow", "ddpm"):
             raise ConfigError(f"model.objective must be 'rflow' or 'ddpm', got '{objective}'.")
+        if context not in ("pooled", "tokens"):
+            raise ConfigError(f"model.context must be 'pooled' or 'tokens', got '{context}'.")
         if not 0.0 <= cond_drop < 1.0:
             raise ConfigError(f"model.cond_drop must be in [0, 1), got {cond_drop}.")
         self.net = net
@@ -212,7 +231,7 @@ class LDMTask(pl.LightningModule):
         # initialise nn.Module), so the task holds it outside its module tree
         self._scheduler = (make_scheduler(objective, int(np.prod(self.latent_shape))),)
         self._latents: dict[str, tuple[Tensor, Tensor]] = {}  # case -> (mu, sigma) on CPU
-        self._contexts: dict[str, Tensor] = {}  # text -> (D,)
+        self._contexts: dict[str, Tensor] = {}  # text -> (L, D)
         self.center_mm = [0.0, 0.0, 0.0]
 
     # -- card
@@ -239,6 +258,7 @@ class LDMTask(pl.LightningModule):
                 "tile": list(self.vae_card.inference.get("tile", hp.patch_size)),
                 "center_mm": [float(c) for c in self.center_mm],
                 "max_length": int(self.clip.max_length),
+                "context": str(hp.context),
             },
             outputs={"units": "HU", "range": [self.vae_card.preprocessing.hu_min, self.vae_card.preprocessing.hu_max]},
             extra={
@@ -277,15 +297,14 @@ class LDMTask(pl.LightningModule):
     # -- conditioning and latents (frozen parts, cached)
 
     def text_context(self, texts: Sequence[str]) -> Tensor:
-        """(B,) texts -> (B, 1, D) pooled CLIP text embeddings."""
+        """(B,) texts -> (B, L, D) cross-attention contexts (L = 1 pooled, max_length tokens)."""
         missing = [t for t in dict.fromkeys(texts) if t not in self._contexts]
         if missing:
             with torch.no_grad():
-                emb, _tokens = self.clip.encode_text(
-                    tokenize(self.tokenizer, missing, self.clip.max_length).to(self.device)
-                )
+                ids = tokenize(self.tokenizer, missing, self.clip.max_length).to(self.device)
+                emb = text_embedding(self.clip, ids, self.hparams.context)
             self._contexts.update({t: e.detach().cpu() for t, e in zip(missing, emb, strict=True)})
-        return torch.stack([self._contexts[t] for t in texts]).to(self.device).unsqueeze(1)
+        return torch.stack([self._contexts[t] for t in texts]).to(self.device)
 
     def latents(self, images: Tensor, cases: Sequence[str]) -> Tensor:
         """(B, 1, X, Y, Z) images -> scaled latent samples (B, C, x, y, z)."""
@@ -404,10 +423,10 @@ class TextToCT:
         return int(self.vae.downsample) * int(self.net.stride)
 
     def context(self, prompts: Sequence[str]) -> Tensor:
-        """(B,) prompts -> (B, 1, D) text contexts."""
+        """(B,) prompts -> (B, L, D) text contexts of the model's kind (card inference.context)."""
         ids = tokenize(self.tokenizer, prompts, int(self.clip.max_length)).to(self.device)
         with torch.no_grad():
-            return self.clip.encode_text(ids)[0].unsqueeze(1)
+            return text_embedding(self.clip, ids, str(self.inference.get("context", "pooled")))
 
     def generate(
         self,

@@ -108,7 +108,7 @@ def make_text2ct_parts(
     return vae_dir, clip_dir
 
 
-def make_text2ct_model(folder: Path, objective: str = "rflow") -> Path:
+def make_text2ct_model(folder: Path, objective: str = "rflow", context: str = "pooled") -> Path:
     """A tiny untrained text-to-CT model folder (32x32x16 at 4 mm), made the way users make one: the
     diffusion task on parts 1 and 2, its checkpoint exported with `medct export`'s function."""
     import torch
@@ -121,8 +121,15 @@ def make_text2ct_model(folder: Path, objective: str = "rflow") -> Path:
     torch.manual_seed(0)
     net = create_tiny_net("latent_diffusion_unet")  # stride 2: sizes multiples of 4 x 2 = 8
     task = LDMTask(
-        net, str(vae_dir), str(clip_dir), patch_size=(32, 32, 16), objective=objective, steps=4, guidance=3.0
-    )  # type: ignore[arg-type]
+        net,
+        str(vae_dir),
+        str(clip_dir),
+        patch_size=(32, 32, 16),
+        objective=objective,  # type: ignore[arg-type]
+        context=context,  # type: ignore[arg-type]
+        steps=4,
+        guidance=3.0,
+    )
     ckpt = {"state_dict": task.state_dict(), "epoch": 0, "global_step": 1}
     task.on_save_checkpoint(ckpt)
     torch.save(ckpt, folder / "ldm.ckpt")

@@ -232,6 +232,30 @@ def test_ddpm_objective_samples_with_ddim(tmp_path):
         gen.generate(["liver"], sampler="rflow")
 
 
+def test_token_context_attends_over_the_report_words(tmp_path):
+    from medct.synthesis.clip3d import tokenize
+    from medct.synthesis.diffusion import TextToCT, text_embedding
+
+    gen = TextToCT.from_folder(make_text2ct_model(tmp_path, context="tokens"), device="cpu")
+    assert gen.card.inference["context"] == "tokens"
+    ids = tokenize(gen.tokenizer, [REPORTS[0], "Non-contrast CT."], gen.clip.max_length)
+    with torch.no_grad():
+        ctx = text_embedding(gen.clip, ids, "tokens")
+        pooled = text_embedding(gen.clip, ids, "pooled")
+    assert ctx.shape == (2, gen.clip.max_length, gen.clip.embed_dim) and pooled.shape == (2, 1, gen.clip.embed_dim)
+    assert torch.all(ctx[ids == 0] == 0) and torch.all(ctx[ids != 0].abs().sum(-1) > 0)  # padding zeroed only
+    assert torch.equal(gen.context(["Non-contrast CT."])[0], ctx[1])
+    torch.manual_seed(2)
+    with torch.no_grad():  # the untrained output layer is zero: give the UNet an output
+        for p in gen.net.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    a = gen.generate([REPORTS[0]], seed=1)[0]
+    b = gen.generate(["Non-contrast CT."], seed=1)[0]
+    assert a.shape == (32, 32, 16) and not np.array_equal(a.array, b.array)  # the words reach the sample
+    with pytest.raises(ConfigError, match="model.context must be"):
+        text_embedding(gen.clip, ids, "mean")
+
+
 def test_medct_generate_cli_writes_volumes_montages_and_summary(text2ct_dir, tmp_path, capsys):
     import csv
 
