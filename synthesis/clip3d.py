@@ -14,7 +14,9 @@ cross-attention context of the latent diffusion model (`medct.synthesis.diffusio
 Offline text: the tokenizer is trained by medct on the training reports (`train_tokenizer`: byte-level
 BPE of the Hugging Face `tokenizers` package, digits split one by one so that sizes are read digit by
 digit; lossless, so a report round-trips). It is stored in the checkpoints and exported beside the
-weights as `tokenizer.json`; nothing is downloaded.
+weights as `tokenizer.json`; nothing is downloaded. A tokenizer already on disk (the
+`tokenizer.json` of a locally installed Hugging Face text model, e.g. a clinical BERT's folder)
+is used instead with `tokenizer: PATH`; its id 0 must be its padding token (BERT's [PAD] is).
 
 Validation logs retrieval recall R@1/R@5 in both directions over the whole validation set
 (`retrieval_recall`): val/r1_i2t (image -> its report), val/r1_t2i, val/r5_*, and val/loss.
@@ -72,6 +74,34 @@ def load_tokenizer(text: str) -> Any:
     return Tokenizer.from_str(text)
 
 
+PAD_NAMES = ("[PAD]", "<pad>", "<|pad|>", "<PAD>")
+
+
+def read_tokenizer(path: str, vocab_size: int) -> Any:
+    """A tokenizer from a local tokenizer.json, or a model folder holding one, checked against the
+    text transformer: id 0 must be padding and every id must fit its `vocab_size` embeddings."""
+    from pathlib import Path
+
+    file = Path(path) / TOKENIZER_FILE if Path(path).is_dir() else Path(path)
+    if not file.is_file():
+        raise ConfigError(f"model.tokenizer '{path}' is neither a tokenizer.json nor a folder holding one.")
+    try:
+        tok = load_tokenizer(file.read_text())
+    except Exception as e:  # tokenizers raises its own Exception type for unreadable JSON
+        raise ConfigError(f"model.tokenizer '{file}' is not a readable tokenizers JSON ({str(e)[:80]}).") from e
+    if tok.id_to_token(0) not in PAD_NAMES:
+        raise ConfigError(
+            f"The tokenizer '{file}' has '{tok.id_to_token(0)}' as id 0; medct pads with id 0, so it must be a "
+            f"padding token ({', '.join(PAD_NAMES)})."
+        )
+    if tok.get_vocab_size() > int(vocab_size):
+        raise ConfigError(
+            f"The tokenizer '{file}' has {tok.get_vocab_size()} tokens; set the network's vocab_size to at least that "
+            f"(it is {vocab_size})."
+        )
+    return tok
+
+
 def tokenize(tokenizer: Any, texts: Sequence[str], max_length: int) -> Tensor:
     """Texts -> (B, max_length) int64 ids, truncated and padded with 0."""
     ids = torch.zeros(len(texts), max_length, dtype=torch.long)
@@ -104,7 +134,8 @@ class CLIPTask(pl.LightningModule):
     """Train `medct.nets.CLIP3D` on (volume, report) pairs of a `TextCTDataModule`.
 
     The tokenizer is trained on the data module's training reports at the start of fitting (unless
-    a checkpoint brought one) with `vocab_size` = the network's. pretrained_encoder: a medct encoder
+    a checkpoint brought one) with `vocab_size` = the network's, or read from `tokenizer` (a local
+    tokenizer.json or a folder holding one; nothing is downloaded). pretrained_encoder: a medct encoder
     folder/file loaded into the CT encoder before training.
     """
 
@@ -118,13 +149,14 @@ class CLIPTask(pl.LightningModule):
         lr: float = 3e-4,
         weight_decay: float = 0.05,
         pretrained_encoder: str | None = None,
+        tokenizer: str | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["net"])
         self.hparams.update(spacing=[float(s) for s in spacing], patch_size=[int(p) for p in patch_size])
         self.net = net
         self.net_config: dict[str, Any] | None = getattr(net, "net_config", None)
-        self.tokenizer: Any = None
+        self.tokenizer: Any = read_tokenizer(tokenizer, int(net.vocab_size)) if tokenizer else None
         if pretrained_encoder:
             from medct.nets import load_pretrained_encoder
 

@@ -35,6 +35,37 @@ def test_tokenizer_round_trips_and_pads():
         train_tokenizer(REPORTS, vocab_size=100)
 
 
+def test_clip_task_reads_a_local_tokenizer_and_refuses_unfit_ones(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from medct.nets import create_tiny_net
+    from medct.synthesis.clip3d import CLIPTask, train_tokenizer
+
+    net = create_tiny_net("clip3d")  # vocab_size 300
+    folder = tmp_path / "local_text_model"  # as a locally installed Hugging Face model folder
+    folder.mkdir()
+    tok = train_tokenizer(REPORTS, vocab_size=280)
+    (folder / "tokenizer.json").write_text(tok.to_str())
+    task = CLIPTask(net, tokenizer=str(folder))
+    assert task.tokenizer.encode(REPORTS[0]).ids == tok.encode(REPORTS[0]).ids
+    task.setup("fit")  # a given tokenizer is kept, not retrained (no data module needed)
+    assert task.tokenizer.to_str() == tok.to_str()
+
+    word = Tokenizer(models.WordLevel({"liver": 0, "[PAD]": 1, "[UNK]": 2}, unk_token="[UNK]"))
+    word.pre_tokenizer = pre_tokenizers.Whitespace()
+    (tmp_path / "bad_pad.json").write_text(word.to_str())
+    with pytest.raises(ConfigError, match="'liver' as id 0"):
+        CLIPTask(net, tokenizer=str(tmp_path / "bad_pad.json"))
+    (tmp_path / "big.json").write_text(train_tokenizer(REPORTS * 20, vocab_size=600).to_str())
+    with pytest.raises(ConfigError, match="vocab_size to at least"):
+        CLIPTask(net, tokenizer=str(tmp_path / "big.json"))
+    with pytest.raises(ConfigError, match="neither a tokenizer.json"):
+        CLIPTask(net, tokenizer=str(tmp_path / "missing"))
+    (tmp_path / "broken.json").write_text("{not json")
+    with pytest.raises(ConfigError, match="not a readable tokenizers JSON"):
+        CLIPTask(net, tokenizer=str(tmp_path / "broken.json"))
+
+
 def test_varied_reports_state_the_same_facts():
     from medct.phantom.reports import Findings, report
 
