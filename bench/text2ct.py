@@ -8,11 +8,13 @@ gives the prompts and the real volumes to compare with. Cached under ~/.cache/me
   * VAE: PSNR / SSIM of whole-volume and tiled (64x64x32 tiles) reconstructions of the held-out
     phantoms and of the real planning CT (../shared/data/pancreas_ct_cbct/planct.nii.gz at 4 mm).
   * CLIP: retrieval R@1 / R@5 both ways on the held-out (volume, report) pairs.
-  * controllability: each held-out report generates a volume (30 RFlow steps, guidance 5); a
-    phantom-trained medct segmenter measures it and each attribute the report states is checked:
-    contrast phase (nearest centroid of aorta/liver HU, fitted on the training volumes), liver size
-    bin (small / normal / enlarged by segmented volume), spleen (normal / enlarged), lesion present /
-    absent (a segmented lesion >= 8 mm), lesion site (organ and side of a stated lesion found).
+  * controllability: each held-out report generates a volume (30 RFlow steps, guidance 5; the
+    diffusion UNet cross-attends over the CLIP text tokens, `context: tokens`); a phantom-trained
+    medct segmenter (organs) and a binary one (lesions) measure it, and each attribute the report
+    states is checked: contrast phase (nearest centroid of aorta/liver HU, fitted on the training
+    volumes), liver size bin (small / normal / enlarged by segmented volume), spleen (normal /
+    enlarged), lesion present / absent (a segmented lesion >= 8 mm), lesion site (organ and side of
+    a stated lesion found).
     The same measure on: the real held-out volumes (the ceiling: how well the measure itself reads
     the truth), unconditional samples (null context), and shuffled prompts (each conditional
     sample checked against another report). Three sampling seeds (mean +- sd); the models are
@@ -54,12 +56,14 @@ def _setting(quick: bool) -> dict[str, Any]:
     if quick:
         return {
             "spacing": [8.0, 8.0, 8.0], "size": [48, 48, 32], "vae_patch": [32, 32, 32], "n_train": 12, "n_test": 6,
-            "seg_steps": 20, "vae_steps": 10, "clip_steps": 10, "ldm_steps": 10, "gen_steps": 4, "seeds": [0],
+            "seg_steps": 20, "lesion_steps": 10, "n_lesion": 6, "vae_steps": 10, "clip_steps": 10, "ldm_steps": 10,
+            "ldm_context": "tokens", "gen_steps": 4, "seeds": [0],
             "vae_channels": [8, 16, 16], "unet_channels": [16, 32, 32], "time_size": [64, 64, 32],
         }  # fmt: skip
     return {
         "spacing": [4.0, 4.0, 4.0], "size": [96, 96, 48], "vae_patch": [64, 64, 32], "n_train": 100, "n_test": 24,
-        "seg_steps": 500, "vae_steps": 700, "clip_steps": 200, "ldm_steps": 800, "gen_steps": 30, "seeds": [0, 1, 2],
+        "seg_steps": 500, "lesion_steps": 600, "n_lesion": 60, "vae_steps": 700, "clip_steps": 500, "ldm_steps": 2400,
+        "ldm_context": "tokens", "gen_steps": 30, "seeds": [0, 1, 2],
         "vae_channels": [16, 32, 64], "unet_channels": [32, 64, 64], "time_size": [128, 128, 64],
     }  # fmt: skip
 
@@ -133,6 +137,53 @@ def _segmenter(work: Path, s: dict[str, Any]) -> Path:
     return save_model_folder(task.net, task.model_card(), out)
 
 
+def _lesion_segmenter(work: Path, s: dict[str, Any]) -> Path:
+    """A binary lesion segmenter (background / lesion) for the lesion checks: the multi-organ
+    segmenter, with a lesion among 12 classes and 500 steps, finds no lesions at all (its held-out
+    lesion check was 'absent' for every case). Trained on a lesion-rich cohort (1-3 lesions per
+    case, another seed) with lesion-centred crops (pos 3 : neg 1)."""
+    out = work / f"lesion_segmenter_steps{s['lesion_steps']}"
+    if (out / "medct.json").is_file():
+        return out
+    import lightning.pytorch as pl
+
+    from medct.checkpoint import save_model_folder
+    from medct.data import SegmentationDataModule
+    from medct.finetune.segmentation import SegmentationTask
+    from medct.io import read_volume, write_volume
+    from medct.nets import create_net
+    from medct.phantom import LABEL_IDS, write_cohort
+    from medct.volume import Volume
+
+    folder = work / "lesion_train"
+    if not (folder / "dataset.json").is_file():
+        tmp = work / "lesion_train_full"
+        write_cohort(tmp, n=s["n_lesion"], seed=3, shape=tuple(s["size"]), spacing=tuple(s["spacing"]), phase="mixed",
+                     lesions=True, center_mm=(0.0, 0.0, -40.0))  # fmt: skip
+        meta = json.loads((tmp / "dataset.json").read_text())
+        (folder / "labelsTr").mkdir(parents=True, exist_ok=True)
+        for e in meta["training"]:
+            lab = read_volume(tmp / e["label"])
+            binary = (np.asarray(lab.array) == LABEL_IDS["lesion"]).astype(np.uint8)
+            write_volume(Volume(binary, lab.affine, {}), folder / e["label"])
+            e["image"] = str((tmp / e["image"]).resolve())
+            e["label"] = str((folder / e["label"]).resolve())
+        meta["labels"] = {"0": "background", "1": "lesion"}
+        (folder / "dataset.json").write_text(json.dumps(meta))
+    pl.seed_everything(0, verbose=False)
+    patch = [min(48, v) for v in s["size"]]
+    dm = SegmentationDataModule(
+        data_dir=str(folder), spacing=tuple(s["spacing"]), patch_size=patch, batch_size=2, num_samples=2, pos=3.0,
+        neg=1.0, num_workers=2, val_fraction=0.1, seed=0,
+    )  # fmt: skip
+    dm.prepare_data()
+    dm.setup("fit")
+    net = create_net("resenc_unet", filters=[16, 32, 64, 128], out_channels=dm.num_classes)
+    task = SegmentationTask(net, labels=dm.labels, spacing=s["spacing"], patch_size=patch, lr=3e-3, modality="CT")
+    _trainer(s["lesion_steps"]).fit(task, datamodule=dm)
+    return save_model_folder(task.net, task.model_card(), out)
+
+
 def _vae(work: Path, s: dict[str, Any], segmenter: Path) -> Path:
     out = work / "vae"
     if (out / "medct.json").is_file():
@@ -156,7 +207,7 @@ def _vae(work: Path, s: dict[str, Any], segmenter: Path) -> Path:
 
 
 def _clip(work: Path, s: dict[str, Any], segmenter: Path) -> Path:
-    out = work / "clip"
+    out = work / ("clip" if s["clip_steps"] == 200 else f"clip_steps{s['clip_steps']}")  # 200: the first run's
     if (out / "medct.json").is_file():
         return out
     import lightning.pytorch as pl
@@ -187,7 +238,7 @@ def _init_image_encoder(net: Any, segmenter: Path) -> None:
 
 
 def _ldm(work: Path, s: dict[str, Any], vae: Path, clip: Path) -> Path:
-    out = work / "text2ct"
+    out = work / f"text2ct_{s['ldm_context']}_steps{s['ldm_steps']}_{clip.name}"
     if (out / "medct.json").is_file():
         return out
     import lightning.pytorch as pl
@@ -205,10 +256,10 @@ def _ldm(work: Path, s: dict[str, Any], vae: Path, clip: Path) -> Path:
         norm_num_groups=16, num_head_channels=16, cross_attention_dim=clip_dim,
     )  # fmt: skip
     task = LDMTask(net, str(vae), str(clip), spacing=s["spacing"], patch_size=s["size"], lr=5e-4, cond_drop=0.1,
-                   steps=30, guidance=5.0)  # fmt: skip
+                   context=s["ldm_context"], steps=30, guidance=5.0)  # fmt: skip
     trainer = _trainer(s["ldm_steps"])
     trainer.fit(task, datamodule=dm)
-    ckpt = work / "ldm.ckpt"
+    ckpt = work / f"{out.name}.ckpt"
     trainer.save_checkpoint(ckpt)  # what `medct fit` leaves; exported as a user would
     torch.load(ckpt, map_location="cpu", weights_only=True)  # loadable safely
     return export_lightning_checkpoint(ckpt, out)
@@ -218,16 +269,28 @@ def _ldm(work: Path, s: dict[str, Any], vae: Path, clip: Path) -> Path:
 
 
 class Meter:
-    """Reads the attributes a report states from a volume, with the phantom-trained segmenter."""
+    """Reads the attributes a report states from a volume, with the phantom-trained segmenters:
+    organs from the multi-organ one, lesions from the binary lesion one (their host organ and side
+    from the organs around them)."""
 
-    def __init__(self, segmenter: Path) -> None:
+    def __init__(self, segmenter: Path, lesion_segmenter: Path) -> None:
         from medct.inference import Predictor
 
         self.predictor = Predictor.from_folder(segmenter, device="cpu")
+        self.lesion_predictor = Predictor.from_folder(lesion_segmenter, device="cpu")
         self.centroids: dict[str, np.ndarray] = {}
 
     def segment(self, vol: Any) -> Any:
-        return self.predictor.predict(vol)
+        """The organ labels with the lesion segmenter's lesions written over them."""
+        from medct.phantom import LABEL_IDS
+        from medct.volume import Volume
+
+        seg = self.predictor.predict(vol)
+        lesion = np.asarray(self.lesion_predictor.predict(vol).array) == 1
+        lab = np.asarray(seg.array).copy()
+        lab[lab == LABEL_IDS["lesion"]] = 0
+        lab[lesion] = LABEL_IDS["lesion"]
+        return Volume(lab, seg.affine, dict(seg.meta))
 
     def hu_features(self, vol: Any, seg: Any) -> np.ndarray:
         """Median HU in the aorta and in the liver (NaN where the segmenter finds none)."""
@@ -427,6 +490,8 @@ def run(quick: bool) -> dict[str, Any]:
     t0 = time.perf_counter()
     segmenter = _segmenter(work, s)
     print(f"segmenter ready ({time.perf_counter() - t0:.0f} s)", flush=True)
+    lesion_seg = _lesion_segmenter(work, s)
+    print(f"lesion segmenter ready ({time.perf_counter() - t0:.0f} s)", flush=True)
     vae = _vae(work, s, segmenter)
     print(f"VAE ready ({time.perf_counter() - t0:.0f} s)", flush=True)
     clip = _clip(work, s, segmenter)
@@ -439,7 +504,7 @@ def run(quick: bool) -> dict[str, Any]:
     result: dict[str, Any] = {"setting": s, "vae": _vae_eval(vae, test, s), "clip": _clip_eval(clip, test)}
     print("VAE:", json.dumps(result["vae"]), "\nCLIP:", json.dumps(result["clip"]), flush=True)
 
-    meter = Meter(segmenter)
+    meter = Meter(segmenter, lesion_seg)
     train_vols = [(read_volume(work / "train" / e["image"]), e["phase"]) for e in train[: 30 if not quick else 6]]
     meter.fit_phase(train_vols)
     truths = [stated(e) for e in test]
