@@ -111,10 +111,11 @@ def _test_cohort(work: Path, s: dict[str, Any]) -> list[dict[str, Any]]:
 # ----------------------------------------------------------------------------- training (cached)
 
 
-def _segmenter(work: Path, s: dict[str, Any]) -> Path:
-    out = work / "segmenter"
-    if (out / "medct.json").is_file():
-        return out
+def _fit_segmenter(
+    data_dir: Path, s: dict[str, Any], patch: list[int], steps: int, out: Path, samples: int = 1, pos: float = 1.0
+) -> Path:
+    """Train a resenc_unet segmenter on the MSD folder `data_dir` (crops `patch`, pos : 1 foreground
+    sampling) and export it to `out`."""
     import lightning.pytorch as pl
 
     from medct.checkpoint import save_model_folder
@@ -122,19 +123,25 @@ def _segmenter(work: Path, s: dict[str, Any]) -> Path:
     from medct.finetune.segmentation import SegmentationTask
     from medct.nets import create_net
 
-    _data(work, s, s["size"], 1)  # writes the training cohort
     pl.seed_everything(0, verbose=False)
-    patch = [min(64, v) for v in s["size"]]
     dm = SegmentationDataModule(
-        data_dir=str(work / "train"), spacing=tuple(s["spacing"]), patch_size=patch, batch_size=2, num_samples=1,
-        num_workers=2, val_fraction=0.1, seed=0,
+        data_dir=str(data_dir), spacing=tuple(s["spacing"]), patch_size=patch, batch_size=2, num_samples=samples,
+        pos=pos, neg=1.0, num_workers=2, val_fraction=0.1, seed=0,
     )  # fmt: skip
     dm.prepare_data()
     dm.setup("fit")
     net = create_net("resenc_unet", filters=[16, 32, 64, 128], out_channels=dm.num_classes)
     task = SegmentationTask(net, labels=dm.labels, spacing=s["spacing"], patch_size=patch, lr=3e-3, modality="CT")
-    _trainer(s["seg_steps"]).fit(task, datamodule=dm)
+    _trainer(steps).fit(task, datamodule=dm)
     return save_model_folder(task.net, task.model_card(), out)
+
+
+def _segmenter(work: Path, s: dict[str, Any]) -> Path:
+    out = work / "segmenter"
+    if (out / "medct.json").is_file():
+        return out
+    _data(work, s, s["size"], 1)  # writes the training cohort
+    return _fit_segmenter(work / "train", s, [min(64, v) for v in s["size"]], s["seg_steps"], out)
 
 
 def _lesion_segmenter(work: Path, s: dict[str, Any]) -> Path:
@@ -145,13 +152,8 @@ def _lesion_segmenter(work: Path, s: dict[str, Any]) -> Path:
     out = work / f"lesion_segmenter_steps{s['lesion_steps']}"
     if (out / "medct.json").is_file():
         return out
-    import lightning.pytorch as pl
 
-    from medct.checkpoint import save_model_folder
-    from medct.data import SegmentationDataModule
-    from medct.finetune.segmentation import SegmentationTask
     from medct.io import read_volume, write_volume
-    from medct.nets import create_net
     from medct.phantom import LABEL_IDS, write_cohort
     from medct.volume import Volume
 
@@ -170,18 +172,8 @@ def _lesion_segmenter(work: Path, s: dict[str, Any]) -> Path:
             e["label"] = str((folder / e["label"]).resolve())
         meta["labels"] = {"0": "background", "1": "lesion"}
         (folder / "dataset.json").write_text(json.dumps(meta))
-    pl.seed_everything(0, verbose=False)
-    patch = [min(48, v) for v in s["size"]]
-    dm = SegmentationDataModule(
-        data_dir=str(folder), spacing=tuple(s["spacing"]), patch_size=patch, batch_size=2, num_samples=2, pos=3.0,
-        neg=1.0, num_workers=2, val_fraction=0.1, seed=0,
-    )  # fmt: skip
-    dm.prepare_data()
-    dm.setup("fit")
-    net = create_net("resenc_unet", filters=[16, 32, 64, 128], out_channels=dm.num_classes)
-    task = SegmentationTask(net, labels=dm.labels, spacing=s["spacing"], patch_size=patch, lr=3e-3, modality="CT")
-    _trainer(s["lesion_steps"]).fit(task, datamodule=dm)
-    return save_model_folder(task.net, task.model_card(), out)
+    patch = [min(48, v) for v in s["size"]]  # lesion-centred crops (pos 3 : neg 1), two per volume
+    return _fit_segmenter(folder, s, patch, s["lesion_steps"], out, samples=2, pos=3.0)
 
 
 def _vae(work: Path, s: dict[str, Any], segmenter: Path) -> Path:
