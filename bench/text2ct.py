@@ -27,7 +27,7 @@ gives the prompts and the real volumes to compare with. Cached under ~/.cache/me
 
 Goal (issue 11): controllability >= 80% and clearly above unconditional and shuffled.
 
-    python bench/text2ct.py [--quick]
+    python bench/text2ct.py [--quick] [--fresh] [--clip-steps N] [--ldm-steps N]
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ def _setting(quick: bool) -> dict[str, Any]:
         }  # fmt: skip
     return {
         "spacing": [4.0, 4.0, 4.0], "size": [96, 96, 48], "vae_patch": [64, 64, 32], "n_train": 100, "n_test": 24,
-        "seg_steps": 500, "lesion_steps": 600, "n_lesion": 60, "vae_steps": 700, "clip_steps": 500, "ldm_steps": 2400,
+        "seg_steps": 500, "lesion_steps": 600, "n_lesion": 60, "vae_steps": 700, "clip_steps": 300, "ldm_steps": 1200,
         "ldm_context": "tokens", "gen_steps": 30, "seeds": [0, 1, 2],
         "vae_channels": [16, 32, 64], "unet_channels": [32, 64, 64], "time_size": [128, 128, 64],
     }  # fmt: skip
@@ -468,7 +468,7 @@ def _fid_all(seg_net: Any, pre: Any, a: list[Any], b: list[Any]) -> dict[str, fl
 # ----------------------------------------------------------------------------- main
 
 
-def run(quick: bool) -> dict[str, Any]:
+def run(quick: bool, steps: dict[str, int] | None = None) -> dict[str, Any]:
     import torch
 
     from medct.checkpoint import load_model_folder
@@ -477,7 +477,7 @@ def run(quick: bool) -> dict[str, Any]:
 
     quiet_lightning()
     torch.set_num_threads(2)
-    s = _setting(quick)
+    s = {**_setting(quick), **(steps or {})}
     work = CACHE / ("text2ct_quick" if quick else "text2ct")
     t0 = time.perf_counter()
     segmenter = _segmenter(work, s)
@@ -597,10 +597,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="tiny sizes and steps: checks the script in minutes")
     ap.add_argument("--fresh", action="store_true", help="retrain every model (delete the cache first)")
+    ap.add_argument("--clip-steps", type=int, help="CLIP training steps (default: the setting's)")
+    ap.add_argument("--ldm-steps", type=int, help="diffusion training steps (default: the setting's)")
     args = ap.parse_args()
+    steps = {k: v for k, v in (("clip_steps", args.clip_steps), ("ldm_steps", args.ldm_steps)) if v is not None}
     if args.fresh:
         shutil.rmtree(CACHE / ("text2ct_quick" if args.quick else "text2ct"), ignore_errors=True)
-    result = run(args.quick)
+    result = run(args.quick, steps)
     result["goal"] = _goal(result)
     _print(result)
     print(f"\ngoal: {result['goal']}")
