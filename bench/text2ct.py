@@ -593,12 +593,19 @@ def _print(result: dict[str, Any]) -> None:
     print("CPU seconds per volume:", result["cpu_seconds_per_volume"])
 
 
+def _positive(text: str) -> int:
+    """argparse type: a whole number >= 1 (one sentence otherwise)."""
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of steps >= 1, got {text!r}")
+    return int(text)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="tiny sizes and steps: checks the script in minutes")
     ap.add_argument("--fresh", action="store_true", help="retrain every model (delete the cache first)")
-    ap.add_argument("--clip-steps", type=int, help="CLIP training steps (default: the setting's)")
-    ap.add_argument("--ldm-steps", type=int, help="diffusion training steps (default: the setting's)")
+    ap.add_argument("--clip-steps", type=_positive, help="CLIP training steps (default: the setting's)")
+    ap.add_argument("--ldm-steps", type=_positive, help="diffusion training steps (default: the setting's)")
     args = ap.parse_args()
     steps = {k: v for k, v in (("clip_steps", args.clip_steps), ("ldm_steps", args.ldm_steps)) if v is not None}
     if args.fresh:
