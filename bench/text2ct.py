@@ -157,8 +157,9 @@ def _lesion_segmenter(work: Path, s: dict[str, Any]) -> Path:
     tried, on the same cohort, none better: whole volumes (batch 1, 400 steps) and 64x64x48 crops
     (pos 1 : neg 1, 400 steps), both with the organ segmenter's encoder, found no lesion anywhere;
     the same crops at 1200 steps marked one in every volume, nearly always in the right liver. At
-    4 mm the phantom lesions (10-32 mm, a median -10 to -35 HU from their organ, 12 HU noise) lie
-    within the organ's own spread (about +-40 HU from vessels and partial volume), which a
+    4 mm the phantom lesions (10-32 mm, a median -10 to -35 HU from their organ, 12 HU noise; read
+    by hand with the organ masks, not by this script) lie within the organ's own spread (about
+    +-40 HU from vessels and partial volume), which a
     segmenter trained within this CPU budget does not separate."""
     out = work / f"lesion_segmenter_steps{s['lesion_steps']}"
     if (out / "medct.json").is_file():
@@ -525,11 +526,13 @@ def run(quick: bool, steps: dict[str, int] | None = None) -> dict[str, Any]:
     samples = work / "generated" / model.name
     for seed in s["seeds"]:
         cond = _generated(
-            samples / f"conditional_seed{seed}",
+            samples / f"conditional_seed{seed}_steps{s['gen_steps']}",
+            prompts,
             partial(gen.generate, prompts, seed=1000 * seed, steps=s["gen_steps"], guidance=5.0),
         )
         unc = _generated(
-            samples / f"unconditional_seed{seed}",
+            samples / f"unconditional_seed{seed}_steps{s['gen_steps']}",
+            prompts,
             partial(gen.generate, prompts, seed=1000 * seed + 500, steps=s["gen_steps"], unconditional=True),
         )
         seconds += [v.meta["seconds"] for v in cond]
@@ -569,14 +572,16 @@ def run(quick: bool, steps: dict[str, int] | None = None) -> dict[str, Any]:
     return result
 
 
-def _generated(folder: Path, make: Callable[[], list[Any]]) -> list[Any]:
-    """The volumes `make()` generates, kept in `folder` (NIfTI + samples.json): a change to the
-    meter re-measures the same samples instead of generating them again (~30 min on 2 cores)."""
+def _generated(folder: Path, prompts: list[str], make: Callable[[], list[Any]]) -> list[Any]:
+    """The volumes `make()` generates for `prompts`, kept in `folder` (NIfTI + samples.json): a
+    change to the meter re-measures the same samples instead of generating them again (~30 min on
+    2 cores). Their `seconds` are those measured when they were generated. A folder made for other
+    prompts is generated again."""
     from medct.io import read_volume, write_volume
 
     index = folder / "samples.json"
-    if index.is_file():
-        meta = json.loads(index.read_text())
+    meta = json.loads(index.read_text()) if index.is_file() else []
+    if index.is_file() and [m["text"] for m in meta] == prompts:
         vols = [read_volume(folder / f"{i}.nii.gz") for i in range(len(meta))]
         for v, m in zip(vols, meta, strict=True):
             v.meta.update(m)
