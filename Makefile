@@ -7,11 +7,11 @@ TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.medct-installed
 
-.PHONY: install demo test test-slow bench bench-deps lint clean
+.PHONY: install demo test test-wheel test-slow bench bench-deps lint clean
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
 	$(PY) -m pip install --quiet -e ".[dev]"
@@ -22,6 +22,10 @@ demo: install
 
 test: install
 	$(VENV)/bin/pytest -q
+
+# the wheel (built from an sdist) in a fresh venv, run from outside the checkout
+test-wheel: install
+	TORCH_SPEC="$(TORCH_SPEC)" bash .ci/wheel $(PY)
 
 test-slow: install
 	$(VENV)/bin/pytest -q -m "slow"

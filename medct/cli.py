@@ -31,8 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="medct",
         description="CT foundation models: train from YAML, segment folders of scans, export models.",
-        epilog="Training verbs: medct fit|validate|test|predict --config configs/finetune/seg_phantom.yaml "
-        "(Lightning CLI; see `medct fit --help`).",
+        epilog="Training verbs: medct fit|validate|test|predict --config seg_phantom (a recipe `medct configs` "
+        "lists, or a YAML path; Lightning CLI, see `medct fit --help`).",
     )
     parser.add_argument("--version", action="version", version=f"medct {__version__}")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks for errors")
@@ -60,6 +60,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     from medct.errors import MedCTError
 
     try:
+        if argv and argv[0] in (*LIGHTNING_VERBS, "turbolift"):
+            from medct.recipes import resolve_config_args  # a recipe's name or a path
+
+            argv = [argv[0], *resolve_config_args(argv[1:])]
         if argv and argv[0] == "fit":
             from medct.commands.turbolift import chain_recipe, run_and_report
 

@@ -22,4 +22,5 @@ COMMANDS: dict[str, str] = {
     "motion": "medct.commands.motion",
     "phantom": "medct.commands.phantom",
     "demo": "medct.commands.demo",
+    "configs": "medct.commands.configs",
 }
