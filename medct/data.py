@@ -293,6 +293,9 @@ class VolumeDataModule(pl.LightningDataModule):
         num_samples: crops per volume. Defaults to 2.
         augment: intensity/affine augmentation in training. Defaults to True.
         num_workers: DataLoader workers. Defaults to 4.
+        multiprocessing_context: how workers start: "fork", "spawn" (macOS, Windows) or
+            "forkserver"; None = the platform's default. Every pipeline pickles, so all three work.
+            Defaults to None.
         cache_dir: disk cache of the deterministic preprocessing (None = no cache). Defaults to None.
         val_fraction, fold, num_folds, seed: the split when the datalist has no validation list.
         phantom: write this synthetic cohort into data_dir when it holds no dataset.json. Defaults to None.
@@ -314,6 +317,7 @@ class VolumeDataModule(pl.LightningDataModule):
         num_samples: int = 2,
         augment: bool = True,
         num_workers: int = 4,
+        multiprocessing_context: str | None = None,
         cache_dir: str | None = None,
         val_fraction: float = 0.2,
         fold: int | None = None,
@@ -342,8 +346,7 @@ class VolumeDataModule(pl.LightningDataModule):
         for name, value in (("batch_size", batch_size), ("num_samples", num_samples)):
             if int(value) < 1:
                 raise ConfigError(f"data.{name} must be at least 1, got {value}.")
-        if int(num_workers) < 0:
-            raise ConfigError(f"data.num_workers must be 0 or more, got {num_workers}.")
+        check_workers(num_workers, multiprocessing_context)
         self.data_dir = data_dir
         self.datalist = datalist
         self.phantom = phantom
@@ -361,6 +364,7 @@ class VolumeDataModule(pl.LightningDataModule):
         self.num_samples = int(num_samples)
         self.augment = augment
         self.num_workers = int(num_workers)
+        self.multiprocessing_context = multiprocessing_context
         self.cache_dir = cache_dir
         self.val_fraction, self.fold, self.num_folds, self.seed = val_fraction, fold, num_folds, seed
         if num_train is not None and int(num_train) < 1:
@@ -422,28 +426,32 @@ class VolumeDataModule(pl.LightningDataModule):
     # (a plain DataLoader would fork identical augmentation streams into all workers).
 
     def train_dataloader(self) -> DataLoader:
+        from monai.data import list_data_collate
+
+        # list_data_collate flattens the num_samples crops of each volume into the batch
+        return self.loader(self._dataset(self.train_items, "train"), self.batch_size, True, list_data_collate)
+
+    def val_dataloader(self) -> DataLoader:
+        return self.loader(self._dataset(self.val_items, "val"), batch_size=1, shuffle=False)
+
+    def loader(
+        self,
+        dataset: Any,
+        batch_size: int = 1,
+        shuffle: bool = False,
+        collate_fn: Any = None,
+        batch_sampler: Any = None,
+    ) -> DataLoader:
+        """A MONAI DataLoader with this module's workers (`num_workers`, `multiprocessing_context`);
+        `collate_fn` None: MONAI's list_data_collate; `batch_sampler` replaces batch_size/shuffle."""
         from monai.data import DataLoader as MonaiDataLoader
         from monai.data import list_data_collate
 
-        return MonaiDataLoader(
-            self._dataset(self.train_items, "train"),
-            batch_size=self.batch_size,
-            shuffle=True,
-            num_workers=self.num_workers,
-            collate_fn=list_data_collate,  # flattens the num_samples crops of each volume into the batch
-            persistent_workers=self.num_workers > 0,
-        )
-
-    def val_dataloader(self) -> DataLoader:
-        from monai.data import DataLoader as MonaiDataLoader
-
-        return MonaiDataLoader(
-            self._dataset(self.val_items, "val"),
-            batch_size=1,
-            shuffle=False,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-        )
+        workers = worker_options(self.num_workers, self.multiprocessing_context)
+        collate = collate_fn if collate_fn is not None else list_data_collate
+        if batch_sampler is not None:
+            return MonaiDataLoader(dataset, batch_sampler=batch_sampler, collate_fn=collate, **workers)
+        return MonaiDataLoader(dataset, batch_size=batch_size, shuffle=shuffle, collate_fn=collate, **workers)
 
     def test_dataloader(self) -> DataLoader:
         return self.val_dataloader()
@@ -561,6 +569,7 @@ class SegmentationDataModule(VolumeDataModule):
         augment: bool = True,
         flip_axes: tuple[int, ...] = (),
         num_workers: int = 4,
+        multiprocessing_context: str | None = None,
         cache_dir: str | None = None,
         val_fraction: float = 0.2,
         fold: int | None = None,
@@ -582,6 +591,7 @@ class SegmentationDataModule(VolumeDataModule):
             num_samples=num_samples,
             augment=augment,
             num_workers=num_workers,
+            multiprocessing_context=multiprocessing_context,
             cache_dir=cache_dir,
             val_fraction=val_fraction,
             fold=fold,
@@ -653,6 +663,7 @@ class ClassificationDataModule(VolumeDataModule):
         batch_size: int = 2,
         augment: bool = True,
         num_workers: int = 4,
+        multiprocessing_context: str | None = None,
         cache_dir: str | None = None,
         val_fraction: float = 0.2,
         fold: int | None = None,
@@ -674,6 +685,7 @@ class ClassificationDataModule(VolumeDataModule):
             num_samples=1,
             augment=augment,
             num_workers=num_workers,
+            multiprocessing_context=multiprocessing_context,
             cache_dir=cache_dir,
             val_fraction=val_fraction,
             fold=fold,
@@ -742,19 +754,37 @@ class ClassificationDataModule(VolumeDataModule):
     def transforms(self, split: str) -> Any:
         return classification_transforms(self.pre, self.patch_size, train=split == "train", augment=self.augment)
 
-    def val_dataloader(self) -> DataLoader:
-        from monai.data import DataLoader as MonaiDataLoader
-
-        return MonaiDataLoader(  # fixed-size items: validation batches like training
-            self._dataset(self.val_items, "val"),
-            batch_size=self.batch_size,
-            shuffle=False,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-        )
+    def val_dataloader(self) -> DataLoader:  # fixed-size items: validation batches like training
+        return self.loader(self._dataset(self.val_items, "val"), batch_size=self.batch_size, shuffle=False)
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "classes": self.labels, "class_key": self.class_key}
+
+
+START_METHODS = ("fork", "spawn", "forkserver")
+
+
+def check_workers(num_workers: int, multiprocessing_context: str | None) -> None:
+    """Refuse, in one sentence, a negative worker count or an unknown start method."""
+    if int(num_workers) < 0:
+        raise ConfigError(f"data.num_workers must be 0 or more, got {num_workers}.")
+    if multiprocessing_context is not None and multiprocessing_context not in START_METHODS:
+        raise ConfigError(
+            f"data.multiprocessing_context must be one of {', '.join(START_METHODS)} or null, "
+            f"got '{multiprocessing_context}'."
+        )
+
+
+def worker_options(num_workers: int, multiprocessing_context: str | None) -> dict[str, Any]:
+    """DataLoader options of the workers: persistent across epochs, started by
+    `multiprocessing_context` (torch refuses a context without workers, so none then)."""
+    if num_workers == 0:
+        return {"num_workers": 0}
+    return {
+        "num_workers": num_workers,
+        "persistent_workers": True,
+        "multiprocessing_context": multiprocessing_context,
+    }
 
 
 def _check_positive(name: str, values: Sequence[Any], kind: type) -> None:

@@ -22,8 +22,7 @@ PersistentDataset caches to disk.
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -124,135 +123,14 @@ def _check_label_values(array: np.ndarray, where: str) -> None:
         raise InvalidVolumeError(f"{where} holds values in [{lo}, {hi}]; class indices must lie in [0, {MAX_LABEL}].")
 
 
-@functools.cache
-def _load_volumed_class() -> type:
-    """Define LoadVolumed on first use: MapTransform needs MONAI (~3 s to import), and this module
-    must stay cheap for readers of `Preprocessing` (model cards, the CLI)."""
-    from monai.transforms import MapTransform
-
-    class LoadVolumed(MapTransform):
-        """Read each key's path with `medct.io.read_volume` into a MetaTensor (1, X, Y, Z).
-
-        Written by hand because MONAI's LoadImaged has its own readers: reading through medct.io
-        gives training the exact geometry (and DICOM handling, and error messages) of inference.
-        Images become float32 HU; `label_keys` become uint8 after checking they are class indices.
-        All loaded keys must share the first key's voxel grid (GeometryMismatchError otherwise).
-        A value that is already a `Volume` is used as is.
-        """
-
-        def __init__(
-            self,
-            keys: Sequence[str] = ("image", "label"),
-            label_keys: Sequence[str] = ("label",),
-            allow_missing_keys: bool = False,
-        ) -> None:
-            super().__init__(keys, allow_missing_keys)
-            self.label_keys = tuple(label_keys)
-
-        def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
-            from medct.io import Volume, check_same_grid, read_volume
-
-            d = dict(data)
-            ref: tuple[Hashable, Volume] | None = None
-            for key in self.key_iterator(d):
-                vol = d[key] if isinstance(d[key], Volume) else read_volume(d[key])
-                if ref is None:
-                    ref = (key, vol)
-                else:
-                    case = ref[1].meta.get("path", "case")
-                    check_same_grid(ref[1], vol, what=f"{key} and {ref[0]} of {case}")
-                if key in self.label_keys:
-                    _check_label_values(vol.array, str(vol.meta.get("path", key)))
-                    d[key] = volume_to_metatensor(vol, np.uint8)
-                else:
-                    d[key] = volume_to_metatensor(vol, np.float32)
-            return d
-
-    return LoadVolumed
-
-
-@functools.cache
-def _load_phasesd_class() -> type:
-    """Define LoadPhasesd on first use (MONAI import, see `_load_volumed_class`)."""
-    from monai.transforms import MapTransform
-
-    class LoadPhasesd(MapTransform):
-        """Read a 4D scan's phases (`medct.io.read_phases`: a list of paths or one 4D NIfTI) into
-        one MetaTensor (T, X, Y, Z) float32: phases as channels, so every spatial transform moves
-        them together. Written by hand: MONAI has no reader for an ordered list of phase files."""
-
-        def __init__(self, keys: Sequence[str] = ("phases",)) -> None:
-            super().__init__(keys)
-
-        def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
-            import torch
-
-            from medct.io import read_phases
-
-            d = dict(data)
-            for key in self.key_iterator(d):
-                vols = read_phases(d[key])
-                first = volume_to_metatensor(vols[0], np.float32)  # (1, X, Y, Z) with the grid's meta
-                stacked = torch.stack([torch.from_numpy(np.asarray(v.array, dtype=np.float32)) for v in vols])
-                d[key] = _with_meta(stacked, first)
-            return d
-
-    return LoadPhasesd
-
-
-def _with_meta(array: Any, like: Any) -> Any:
-    """A MetaTensor holding `array` (T, X, Y, Z) with the affine and meta of `like`."""
-    from monai.data import MetaTensor
-
-    meta = {k: v for k, v in like.meta.items() if k != "affine"}  # the affine is given on its own
-    return MetaTensor(array, affine=like.affine, meta=meta)
-
-
-@functools.cache
-def _kept_slicesd_class() -> type:
-    """Define KeptSlicesd on first use (MONAI import, see `_load_volumed_class`)."""
-    from monai.transforms import MapTransform
-
-    class KeptSlicesd(MapTransform):
-        """Add "kept": a uint8 map (1, X, Y, Z) on the image's grid that is 1 on the axial slices an
-        entry's "slices" list keeps (`medct.pretrain.reduction`), so that crop centres can be drawn
-        from them after every spatial step. "slices" index the stored voxel axis nearest to S-I
-        (`medct.pretrain.reduction.axial_axis`); an entry without "slices" keeps every slice.
-        Written by hand: MONAI has no transform from slice indices to a sampling map."""
-
-        def __init__(self, image_key: str = "image") -> None:
-            super().__init__([image_key])
-            self.image_key = image_key
-
-        def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
-            import torch
-
-            d = dict(data)
-            image = d[self.image_key]  # MetaTensor (1, X, Y, Z) as loaded, before orientation
-            affine = np.asarray(image.affine, dtype=np.float64)
-            direction = affine[:3, :3] / np.linalg.norm(affine[:3, :3], axis=0, keepdims=True)
-            axis = int(np.argmax(np.abs(direction[2])))
-            slices = d.pop("slices", None)
-            kept = (
-                torch.zeros(image.shape, dtype=torch.uint8)
-                if slices is not None
-                else torch.ones(image.shape, dtype=torch.uint8)
-            )
-            if slices is not None:
-                index = [slice(None)] * 4
-                index[axis + 1] = [int(k) for k in slices if 0 <= int(k) < image.shape[axis + 1]]
-                kept[tuple(index)] = 1
-            d["kept"] = _with_meta(kept, image)
-            return d
-
-    return KeptSlicesd
+_LOADERS = ("LoadVolumed", "LoadPhasesd", "KeptSlicesd")
 
 
 def __getattr__(name: str) -> Any:  # PEP 562: `from medct.transforms import LoadVolumed` imports MONAI then
-    if name == "LoadVolumed":
-        return _load_volumed_class()
-    if name == "LoadPhasesd":
-        return _load_phasesd_class()
+    if name in _LOADERS:
+        from medct import loaders
+
+        return getattr(loaders, name)
     raise AttributeError(f"module 'medct.transforms' has no attribute {name!r}")
 
 
@@ -261,11 +139,13 @@ def _deterministic(pre: Preprocessing, keys: Sequence[str], crop: bool) -> list[
     import torch
     from monai.transforms import CastToTyped, CropForegroundd, Orientationd, ScaleIntensityRanged, Spacingd
 
+    from medct.loaders import LoadVolumed
+
     keys = list(keys)
     has_label = "label" in keys
     modes = ["nearest" if k == "label" else "bilinear" for k in keys]
     xs: list[Any] = [
-        _load_volumed_class()(keys=keys, label_keys=("label",)),
+        LoadVolumed(keys=keys, label_keys=("label",)),
         Orientationd(keys=keys, axcodes="RAS", labels=None),
         Spacingd(keys=keys, pixdim=tuple(pre.spacing), mode=modes, padding_mode="border"),
         ScaleIntensityRanged(keys="image", a_min=pre.hu_min, a_max=pre.hu_max, b_min=0.0, b_max=1.0, clip=True),
@@ -408,6 +288,8 @@ def generic_transforms(
         SpatialPadd,
     )
 
+    from medct.loaders import KeptSlicesd, LoadPhasesd, LoadVolumed
+
     keys = list(keys)
     vols = [k for k in keys if k != "text"]
     separate = set(vols) == {"fixed", "moving"}  # the one key set whose grids may differ
@@ -415,16 +297,16 @@ def generic_transforms(
     threshold = AboveThreshold(body_threshold(pre))
     xs: list[Any] = []
     if "phases" in vols:
-        xs.append(_load_phasesd_class()(keys=["phases"]))
+        xs.append(LoadPhasesd(keys=["phases"]))
         if "label" in vols:
-            xs.append(_load_volumed_class()(keys=["label"], label_keys=("label",)))
+            xs.append(LoadVolumed(keys=["label"], label_keys=("label",)))
     elif separate:
-        xs += [_load_volumed_class()(keys=[k], label_keys=()) for k in vols]
+        xs += [LoadVolumed(keys=[k], label_keys=()) for k in vols]
     else:
-        xs.append(_load_volumed_class()(keys=vols, label_keys=("label",)))
+        xs.append(LoadVolumed(keys=vols, label_keys=("label",)))
     kept = kept_slices and train and vols == ["image"]
     if kept:  # a sampling map that follows the image through every spatial step (nearest)
-        xs.append(_kept_slicesd_class()("image"))
+        xs.append(KeptSlicesd("image"))
         vols = ["image", "kept"]
     xs += [
         Orientationd(keys=vols, axcodes="RAS", labels=None),

@@ -119,6 +119,7 @@ class ContinualDataModule(VolumeDataModule):
         num_samples: int = 1,
         augment: bool = True,
         num_workers: int = 4,
+        multiprocessing_context: str | None = None,
         cache_dir: str | None = None,
         val_fraction: float = 0.2,
         seed: int = 0,
@@ -137,6 +138,7 @@ class ContinualDataModule(VolumeDataModule):
             num_samples=num_samples,
             augment=augment,
             num_workers=num_workers,
+            multiprocessing_context=multiprocessing_context,
             cache_dir=cache_dir,
             val_fraction=val_fraction,
             seed=seed,
@@ -198,32 +200,15 @@ class ContinualDataModule(VolumeDataModule):
         self.old_train, self.old_val = self._old_split()
 
     def train_dataloader(self) -> DataLoader:
-        from monai.data import DataLoader as MonaiDataLoader
-        from monai.data import list_data_collate
-
         new, old = self._dataset(self.train_items, "train"), self._dataset(self.old_train, "train")
         sampler = ReplayBatchSampler(
             len(self.train_items), len(self.old_train), self.batch_size, self.replay_fraction, self.seed
         )
-        return MonaiDataLoader(
-            ConcatDataset([new, old]),
-            batch_sampler=sampler,
-            num_workers=self.num_workers,
-            collate_fn=list_data_collate,
-            persistent_workers=self.num_workers > 0,
-        )
+        return self.loader(ConcatDataset([new, old]), batch_sampler=sampler)
 
     def val_dataloader(self) -> Any:
-        from monai.data import DataLoader as MonaiDataLoader
-
         items = {"new": self.val_items, "old": self.old_val, "both": self.val_items + self.old_val}[self.validate_on]
-        return MonaiDataLoader(
-            self._dataset(items, "val"),
-            batch_size=1,
-            shuffle=False,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-        )
+        return self.loader(self._dataset(items, "val"), batch_size=1, shuffle=False)
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "replay_train": len(self.old_train), "replay_fraction": self.replay_fraction}

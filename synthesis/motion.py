@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from medct.data import check_workers, worker_options
 from medct.errors import ConfigError, InputPathError, InvalidVolumeError, MedCTError
 from medct.geometry import Grid
 from medct.volume import Volume
@@ -474,7 +475,8 @@ class MotionDataModule(pl.LightningDataModule):
         spacing, hu_min, hu_max: motion grid (mm) and reference window. Defaults to 8 mm, -1000, 500.
         context: training windows hold context + 1 fields. Defaults to 16.
         patch_size: training crop on the motion grid. Defaults to (32, 32, 24).
-        batch_size, samples_per_epoch, val_fraction, seed, num_workers: as usual.
+        batch_size, samples_per_epoch, val_fraction, seed, num_workers, multiprocessing_context:
+            as in `medct.data.VolumeDataModule`.
     """
 
     def __init__(
@@ -496,8 +498,10 @@ class MotionDataModule(pl.LightningDataModule):
         val_fraction: float = 0.2,
         seed: int = 0,
         num_workers: int = 0,
+        multiprocessing_context: str | None = None,
     ) -> None:
         super().__init__()
+        check_workers(num_workers, multiprocessing_context)
         if (datalist is None) == (phantom_patients <= 0):
             raise ConfigError("Give exactly one of data.datalist (a JSON file) or data.phantom_patients (> 0).")
         if n_phases < context + 1 and datalist is None:
@@ -550,7 +554,8 @@ class MotionDataModule(pl.LightningDataModule):
     def train_dataloader(self) -> Any:
         hp = self.hparams
         ds = _Windows(self.train_seqs, hp.context + 1, hp.patch_size, hp.samples_per_epoch, hp.seed)
-        return torch.utils.data.DataLoader(ds, batch_size=hp.batch_size, num_workers=hp.num_workers, shuffle=False)
+        workers = worker_options(int(hp.num_workers), hp.multiprocessing_context)
+        return torch.utils.data.DataLoader(ds, batch_size=hp.batch_size, shuffle=False, **workers)
 
     def val_dataloader(self) -> Any:
         items = [

@@ -156,11 +156,12 @@ def sct_transforms(pre: Preprocessing, patch_size: Sequence[int], train: bool, n
         SpatialPadd,
     )
 
-    from medct.transforms import BODY_MARGIN_VOXELS, AboveThreshold, _load_volumed_class
+    from medct.loaders import LoadVolumed
+    from medct.transforms import BODY_MARGIN_VOXELS, AboveThreshold
 
     keys = ["image", "target", "mask"]
     xs: list[Any] = [
-        _load_volumed_class()(keys=["image", "target"], label_keys=()),
+        LoadVolumed(keys=["image", "target"], label_keys=()),
         Orientationd(keys=["image", "target"], axcodes="RAS", labels=None),
         Spacingd(keys=["image", "target"], pixdim=tuple(pre.spacing), mode="bilinear", padding_mode="border"),
         SCTPaird(pre.modality),
@@ -252,6 +253,7 @@ class SCTDataModule(VolumeDataModule):
         batch_size: int = 4,
         num_samples: int = 4,
         num_workers: int = 2,
+        multiprocessing_context: str | None = None,
         cache_dir: str | None = None,
         val_fraction: float = 0.2,
         seed: int = 0,
@@ -279,6 +281,7 @@ class SCTDataModule(VolumeDataModule):
             batch_size=batch_size,
             num_samples=num_samples,
             num_workers=num_workers,
+            multiprocessing_context=multiprocessing_context,
             cache_dir=cache_dir,
             val_fraction=val_fraction,
             seed=seed,
