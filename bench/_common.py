@@ -1,14 +1,27 @@
-"""Helpers every benchmark shares: the machine description and the result file."""
+"""Helpers every benchmark shares: the machine description, the result file and the goal rule.
+
+A result file says what it holds (`write_result`): the command line (paths relative to the
+repository, so it reruns on any machine), the git commit, full or quick, the machine and the wall
+time. A `--quick` run writes `bench/results/<name>_quick.json` (ignored by git) and never replaces
+the committed full result. A goal that compares arms is judged by one rule (`paired_goal`).
+"""
 
 from __future__ import annotations
 
 import datetime as dt
 import json
+import math
 import os
 import platform
+import statistics
+import subprocess
 import sys
+import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+START = time.monotonic()  # the benchmark imports this module first: its wall time counts from here
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("MEDCT_SHARED_DATA", ROOT / ".." / "shared" / "data")).resolve()
@@ -40,12 +53,57 @@ def machine() -> dict[str, object]:
     }
 
 
-def write_result(path: Path, name: str, body: dict[str, Any]) -> Path:
-    """bench/results/<name>.json with the command line, date and machine first (atomic)."""
+def git_commit() -> dict[str, Any]:
+    """The commit the benchmark ran from and whether the tree had uncommitted changes."""
+
+    def git(*args: str) -> str:
+        out = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=False)
+        return out.stdout.strip()
+
+    sha = git("rev-parse", "HEAD")
+    return {"commit": sha or None, "dirty": bool(git("status", "--porcelain", "--untracked-files=no")) if sha else None}
+
+
+GIT = git_commit()  # read when the benchmark starts: the code it runs, not a later checkout
+
+
+def command_line(argv: Sequence[str]) -> tuple[str, list[str]]:
+    """`python bench/x.py ...` with every path inside the repository made relative to it, and the
+    arguments that name a path outside it (a command that names one cannot rerun elsewhere)."""
+    words, outside = [], []
+    for i, a in enumerate(argv):
+        value = a.split("=", 1)[1] if a.startswith("--") and "=" in a else a
+        if i == 0 or os.path.isabs(value) or os.path.exists(value):
+            path = Path(value).resolve()
+            if path.is_relative_to(ROOT):
+                a = a[: len(a) - len(value)] + os.path.relpath(path, ROOT)
+            elif os.path.isabs(value) or ".." in Path(value).parts:
+                outside.append(a)
+        words.append(a)
+    return "python " + " ".join(words), outside
+
+
+def result_path(path: Path, quick: bool) -> Path:
+    """Where a result goes: `path` for a full run, `<stem>_quick.json` beside it for a quick one."""
+    if quick and not path.stem.endswith("_quick"):
+        return path.with_name(f"{path.stem}_quick{path.suffix}")
+    return path
+
+
+def write_result(path: Path, name: str, body: dict[str, Any], quick: bool) -> Path:
+    """The result JSON (atomic) with what it holds first: command, commit, run (full or quick),
+    date, wall time and machine. A quick run goes to `<stem>_quick.json` (`result_path`)."""
+    command, outside = command_line(sys.argv)
+    if outside:
+        print(f"note: the command names paths outside the repository ({' '.join(outside)}): it cannot rerun elsewhere")
+    path = result_path(Path(path), quick)
     result = {
         "benchmark": name,
-        "command": "python " + " ".join([os.path.relpath(sys.argv[0], ROOT), *sys.argv[1:]]),
+        "command": command,
+        "run": "quick" if quick else "full",
+        "git": GIT,
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "wall_s": round(time.monotonic() - START, 1),
         "machine": machine(),
         **body,
     }
@@ -57,10 +115,70 @@ def write_result(path: Path, name: str, body: dict[str, Any]) -> Path:
     return path
 
 
+GOAL_RULE = (
+    "met only when the arms differ by more than their spread: the paired differences (one per seed "
+    "or repeat; positive = the goal's direction, after its margin) have a mean above two standard "
+    "errors, or every one of at least 3 is positive; fewer than 2 pairs: not judged (met null)"
+)
+
+
+def paired_goal(
+    target: str,
+    better: Sequence[float],
+    worse: Sequence[float] | float,
+    margin: float = 0.0,
+    min_pairs: int = 2,
+) -> dict[str, Any]:
+    """Judge "`better` exceeds `worse` by more than `margin`" over paired seeds (GOAL_RULE).
+
+    `better` and `worse` are per-seed values in the goal's direction (pass the error of the
+    baseline as `better`-side negatives, or swap the arms, for lower-is-better measures); a single
+    `worse` number is a fixed baseline or threshold. `min_pairs=1` for a deterministic measurement
+    (one run says it all). Returns the target, the rule, the differences, their mean, sd and
+    standard error, how the rule was met (or not) and `met` (True, False or None: not judged)."""
+    b = [float(v) for v in better]
+    w = [float(worse)] * len(b) if isinstance(worse, int | float) else [float(v) for v in worse]
+    if len(b) != len(w):
+        raise ValueError(f"paired goal needs as many values on both sides, got {len(b)} and {len(w)}")
+    diffs = [x - y - margin for x, y in zip(b, w, strict=True) if math.isfinite(x - y)]
+    n = len(diffs)
+    mean = statistics.fmean(diffs) if diffs else float("nan")
+    sd = statistics.stdev(diffs) if n > 1 else 0.0
+    se = sd / math.sqrt(n) if n > 1 else 0.0
+    if n < min_pairs:
+        met, how = None, f"{n} pair(s): not judged"
+    elif n == 1:
+        met, how = diffs[0] > 0, "one deterministic measurement"
+    elif mean > 2 * se and mean > 0:
+        met, how = True, "mean difference > 2 standard errors"
+    elif n >= 3 and all(d > 0 for d in diffs):
+        met, how = True, "every seed agrees"
+    else:
+        met, how = False, "difference within its spread" if mean > 0 else "difference not in the goal's direction"
+    return {
+        "target": target,
+        "rule": GOAL_RULE,
+        "margin": margin,
+        "differences": [round(d, 6) for d in diffs],
+        "mean_difference": round(mean, 6),
+        "sd": round(sd, 6),
+        "se": round(se, 6),
+        "n": n,
+        "judged_by": how,
+        "met": met,
+    }
+
+
+def all_met(goals: Sequence[dict[str, Any]]) -> bool | None:
+    """True when every goal is met, False when one is not, None when none failed but one was not judged."""
+    values = [g["met"] for g in goals]
+    if any(v is False for v in values):
+        return False
+    return None if any(v is None for v in values) else True
+
+
 def mean_sd(values: list[float]) -> tuple[float, float]:
     """Mean and sample standard deviation of the finite values (NaN, NaN when there are none)."""
-    import statistics
-
     vals = [v for v in values if v == v]
     if not vals:
         return float("nan"), float("nan")

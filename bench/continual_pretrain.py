@@ -350,6 +350,7 @@ def main() -> int:
             "goal": goal,
             "seconds": round(time.perf_counter() - t0, 1),
         },
+        quick=args.quick,
     )
     return 0
 

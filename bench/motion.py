@@ -246,7 +246,7 @@ def main() -> None:
     print(f"goal (AR beats copy-last and PCA in every training seed): {'met' if met else 'NOT met'}")
     out = OUT if args.steps == 600 else OUT.with_name(f"motion_steps{args.steps}.json")
     write_result(
-        out if not args.quick else OUT.with_name("motion_quick.json"),
+        out,
         "motion",
         {
             "setting": {
@@ -277,6 +277,7 @@ def main() -> None:
             },
             "minutes": (time.perf_counter() - t_start) / 60.0,
         },
+        quick=args.quick,
     )
 
 

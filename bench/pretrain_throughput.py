@@ -205,6 +205,7 @@ def main() -> int:
             "rows": rows,
             "goal": goal,
         },
+        quick=args.quick,
     )
     return 0
 

@@ -263,7 +263,7 @@ def main() -> int:
         "goal": goal if not args.quick else {"target": "quick smoke run: no goal", "met": None},
         "seconds": round(time.perf_counter() - t0, 1),
     }
-    write_result(args.out, "registration", body)
+    write_result(args.out, "registration", body, quick=args.quick)
     return 0
 
 

@@ -77,6 +77,7 @@ def main() -> int:
                 "met": handled == len(rows),
             },
         },
+        quick=args.quick,
     )
     return 0 if handled == len(rows) else 1
 

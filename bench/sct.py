@@ -404,7 +404,7 @@ def main() -> None:
             ]
             print(f"  {name:28s} {cells[0]}  |  {cells[1]}")
     print(f"\ngoal: {result['goal']}")
-    write_result(OUT if not args.quick else OUT.with_name("sct_quick.json"), "sct", result)
+    write_result(OUT, "sct", result, quick=args.quick)
 
 
 if __name__ == "__main__":

@@ -433,6 +433,7 @@ def main() -> int:
                 "met": met_overhead,
             },
         },
+        quick=args.quick,
     )
     return 0
 

@@ -141,6 +141,7 @@ def main() -> int:
                 "met": measured <= TARGET_RATIO,
             },
         },
+        quick=args.quick,
     )
     return 0
 

@@ -501,6 +501,7 @@ def main() -> int:
             "goal": goal,
             "seconds": round(time.perf_counter() - t0, 1),
         },
+        quick=args.quick,
     )
     return 0
 

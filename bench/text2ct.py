@@ -660,7 +660,7 @@ def main() -> None:
     result["goal"] = _goal(result)
     _print(result)
     print(f"\ngoal: {result['goal']}")
-    write_result(OUT if not args.quick else OUT.with_name("text2ct_quick.json"), "text2ct", result)
+    write_result(OUT, "text2ct", result, quick=args.quick)
 
 
 if __name__ == "__main__":

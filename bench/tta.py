@@ -323,7 +323,7 @@ def main() -> int:
     print("\ngoal:", json.dumps(goal))
     body["goal"] = goal
     body["seconds"] = round(time.perf_counter() - t0, 1)
-    write_result(args.out, "tta", body)
+    write_result(args.out, "tta", body, quick=args.quick)
     return 0
 
 

@@ -375,7 +375,7 @@ def main() -> int:
         print("\ngoal:", json.dumps(goal))
     body["goal"] = goal or {"target": "quick smoke run: no goal", "met": None}
     body["seconds"] = round(time.perf_counter() - t0, 1)
-    write_result(args.out, "turbolift", body)
+    write_result(args.out, "turbolift", body, quick=args.quick)
     return 0
 
 
