@@ -34,6 +34,7 @@ test-slow: install
 bench-deps: install
 	$(PY) -m pip install --quiet --no-deps -r bench/requirements-nnunet.txt
 
+# quick variants only: each writes bench/results/<name>_quick.json, the committed full results stay as they are
 bench: install
 	@for b in bench/[!_]*.py; do echo "== $$b --quick"; $(PY) $$b --quick || exit 1; done
 

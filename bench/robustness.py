@@ -74,6 +74,7 @@ def main() -> int:
             "goal": {
                 "target": "100% of the robustness corpus handled (exit code, one sentence, nothing left behind, exact geometry)",
                 "measured": {"handled": handled, "cases": len(rows), "fraction": round(fraction, 4)},
+                "rule": "a count over the whole corpus, no spread: met only when every case is handled",
                 "met": handled == len(rows),
             },
         },

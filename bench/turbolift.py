@@ -41,13 +41,14 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import statistics
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import yaml
-from _common import CACHE, DATA, ROOT, mean_sd, quiet_lightning, write_result
+from _common import CACHE, DATA, ROOT, all_met, mean_sd, paired_goal, quiet_lightning, write_result
 
 RESULT = ROOT / "bench" / "results" / "turbolift.json"
 WORK = CACHE / "turbolift"
@@ -55,7 +56,7 @@ SPACING = [4.0, 4.0, 4.0]
 # (name, phantom variant, cases, seed, validation cases)
 DOMAINS = (("ct", "ct", 16, 0, 4), ("cbct", "cbct", 8, 100, 2), ("cbct_tst", "cbct_tst", 6, 200, 3))
 LIVER = 1  # the phantom label of the liver (medct.phantom.LABELS)
-MIN_ASSESSABLE_DICE = 0.3  # see _goal
+MIN_ASSESSABLE_DICE = 0.3  # see judge
 CHANNELS = [8, 16, 32, 64, 128]
 SAFEGUARDS: dict[str, dict[str, Any]] = {
     "chain": {},
@@ -297,34 +298,41 @@ def _table(rows: list[dict[str, Any]], arms: list[str], order: list[str], title:
     return summary
 
 
-def _goal(summary: dict[str, Any], last: str, first: str) -> dict[str, Any]:
+def judge(rows: list[dict[str, Any]], last: str, first: str) -> dict[str, Any]:
+    """The goal from the per-seed rows (`_common.paired_goal`, paired by seed): the chain beats
+    last-only on the last domain, and a safeguard halves the chain's forgetting of the first domain
+    (0.5 x chain's - the safeguard's > 0) at a cost <= 0.01 Dice on the last domain."""
     key = f"final_dice_{last}"
-    chain_beats_last = summary["chain"][key]["mean"] > summary["last_only"][key]["mean"]
-    base_f = summary["chain"]["forgetting_first"]["mean"]
-    halved = {}
+
+    def per_seed(arm: str, column: str) -> list[float]:
+        return [float(r[column]) for r in sorted((r for r in rows if r["arm"] == arm), key=lambda r: r["seed"])]
+
+    chain_last, chain_f = per_seed("chain", key), per_seed("chain", "forgetting_first")
+    beats = paired_goal(f"chain beats last-only on {last}", chain_last, per_seed("last_only", key))
+    safeguards = {}
     for arm in SAFEGUARDS:
-        if arm == "chain" or arm not in summary or "forgetting_first" not in summary[arm]:
+        if arm == "chain" or not per_seed(arm, "forgetting_first"):
             continue
-        f = summary[arm]["forgetting_first"]["mean"]
-        cost = summary["chain"][key]["mean"] - summary[arm][key]["mean"]
-        halved[arm] = {
-            "forgetting": f,
-            "halves_forgetting": base_f > 0 and f <= 0.5 * base_f,
-            "last_domain_cost": round(cost, 4),
-            "ok": base_f > 0 and f <= 0.5 * base_f and cost <= 0.01,
-        }
-    met: bool | None = chain_beats_last and any(v["ok"] for v in halved.values())
+        halves = paired_goal(
+            f"{arm} halves the forgetting of {first}", [0.5 * f for f in chain_f], per_seed(arm, "forgetting_first")
+        )
+        cost = paired_goal(f"{arm} costs <= 0.01 Dice on {last}", per_seed(arm, key), chain_last, margin=-0.01)
+        safeguards[arm] = {"halves_forgetting": halves, "last_domain_cost": cost, "ok": all_met([halves, cost])}
+    ok = [v["ok"] for v in safeguards.values()]
+    any_ok = True if True in ok else (None if None in ok else False)
+    met: bool | None = all_met([beats, {"met": any_ok}])
     # A comparison between models that have not learnt the task says nothing: below this Dice on the
     # last domain, or with fewer than 3 seeds, the goal is reported as not assessable (None).
-    n_seeds = summary["chain"][key].get("n", 0)
-    trained = summary["chain"][key]["mean"] >= MIN_ASSESSABLE_DICE
+    n_seeds = len(chain_last)
+    trained = bool(chain_last) and statistics.fmean(chain_last) >= MIN_ASSESSABLE_DICE
     if not trained or n_seeds < 3:
         met = None
     return {
         "target": f"chain beats last-only on {last}; a safeguard halves the forgetting of {first} at <= 0.01 Dice on {last}",
-        "chain_beats_last_only": chain_beats_last,
-        "chain_forgetting_first": base_f,
-        "safeguards": halved,
+        "rule": "_common.paired_goal for each comparison",
+        "chain_beats_last_only": beats,
+        "chain_forgetting_first": round(statistics.fmean(chain_f), 4) if chain_f else None,
+        "safeguards": safeguards,
         "assessable": {"seeds": n_seeds, "chain_last_dice_at_least": MIN_ASSESSABLE_DICE, "trained": trained},
         "met": met,
     }
@@ -359,7 +367,7 @@ def main() -> int:
             rows, arms, order, f"phantom liver, CT -> CBCT -> CBCT-TST, {steps} steps per arm, {len(seeds)} seeds"
         )
         body["phantom"] = {"rows": rows, "summary": summary}
-        goal = _goal(summary, order[-1], order[0])
+        goal = judge(rows, order[-1], order[0])
     if args.real or args.real_only:
         lists = _real_lists(WORK)
         order = ["planct", "cbct"]
@@ -367,7 +375,7 @@ def main() -> int:
         rows = [run_arm(a, lists, order, steps, s, "real", [3.0, 3.0, 3.0], [64, 64, 16]) for s in seeds for a in arms]
         summary = _table(rows, arms, order, f"real planning CT -> CBCT (one patient, slabs), {steps} steps per arm")
         body["real"] = {"rows": rows, "summary": summary}
-        real_goal = _goal(summary, "cbct", "planct")
+        real_goal = judge(rows, "cbct", "planct")
         body["real_goal"] = real_goal
         if not goal:
             goal = real_goal
