@@ -68,6 +68,8 @@ def resolve_config(value: str) -> str:
     recipe = find_recipe(value)
     if recipe is not None:
         return str(recipe.path)
+    if "/" in value or "\\" in value or re.search(r"\.ya?ml$", value):  # meant as a file
+        raise InputPathError(f"the --config file '{value}' does not exist (and no recipe medct ships has that name).")
     raise InputPathError(
         f"--config '{value}' is neither a file nor a recipe medct ships; `medct configs` lists the recipes."
     )
