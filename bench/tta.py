@@ -168,6 +168,7 @@ def _dice(pred: np.ndarray, ref: np.ndarray, classes: int) -> float:
 def _run(
     model: Path, scans: Path, out: Path, cases: list[dict[str, str]], adapt: str | None, reset: str, seed: int
 ) -> list[dict[str, Any]]:
+    import medct.finetune.tta  # noqa: F401 - registers the adaptation methods the runner looks up
     from medct.checkpoint import read_model_card
     from medct.io import read_volume
     from medct.runner import segment_paths

@@ -23,17 +23,19 @@ from __future__ import annotations
 import copy
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from functools import partial
+from typing import Protocol
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
+from medct.adaptation import AdapterFactory, AdaptOptions, ResetMode, register_adaptation
 from medct.errors import ConfigError
 
 ADAPT_METHODS = ("tent", "cotta", "psmt")
-ResetMode = Literal["case", "never"]
 
 
 class AdaptationMethod(Protocol):
@@ -194,6 +196,24 @@ def make_method(name: str, lr: float | None = None) -> AdaptationMethod:
 
         return PSMT() if lr is None else PSMT(lr=lr)
     raise ConfigError(f"--adapt must be one of {', '.join(ADAPT_METHODS)}, got '{name}'.")
+
+
+def harness(make: Callable[[], AdaptationMethod]) -> AdapterFactory:
+    """An entry of `medct.adaptation`'s table that runs the method `make()` builds inside the
+    `TestTimeAdapter` harness (random body patches, reset, collapse guard) with the run's options."""
+
+    def build(source: object, options: AdaptOptions) -> TestTimeAdapter:
+        assert isinstance(source, nn.Module)
+        return TestTimeAdapter(
+            source, make(), options.patch_size, steps=options.steps, batch=options.batch,
+            reset=options.reset, device=options.device, seed=options.seed,
+        )  # fmt: skip
+
+    return build
+
+
+for _name in ADAPT_METHODS:  # `medct segment --adapt tent|cotta|psmt`
+    register_adaptation(_name, harness(partial(make_method, _name)))
 
 
 # ----------------------------------------------------------------------------- shared by the methods

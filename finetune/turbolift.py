@@ -170,9 +170,9 @@ def _instantiate_data(data_cfg: dict[str, Any]) -> Any:
         ns = parser.parse_object({"data": data_cfg})
         return parser.instantiate_classes(ns).data
     except Exception as e:
-        from medct.lightning_cli import _medct_cause, condense_parser_error
+        from medct.lightning_cli import condense_parser_error, medct_cause
 
-        cause = _medct_cause(e)
+        cause = medct_cause(e)
         if cause is not None:
             raise cause from e
         raise ConfigError(condense_parser_error(str(e))) from e

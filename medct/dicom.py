@@ -37,6 +37,7 @@ from medct.errors import (
     InvalidVolumeError,
     UnreadableVolumeError,
 )
+from medct.paths import is_raw_dicom
 from medct.volume import LPS_TO_RAS, Volume
 
 # Modalities that carry no image slices (a structure set next to its CT is not a second series).
@@ -97,8 +98,6 @@ def dcmread(path: Path, stop_before_pixels: bool = False, specific_tags: list[st
     """pydicom.dcmread, also of data sets stored without the preamble (`force` only for files that
     start like a DICOM data set, so that random files are still refused)."""
     import pydicom
-
-    from medct.io import is_raw_dicom
 
     raw = is_raw_dicom(path)
     ds = pydicom.dcmread(path, stop_before_pixels=stop_before_pixels, specific_tags=specific_tags, force=raw)

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from medct.errors import GeometryMismatchError, InputPathError, InvalidVolumeError, UnreadableVolumeError
-from medct.paths import DICOM_SUFFIXES, NIFTI_SUFFIXES, atomic_files_in
+from medct.paths import DICOM_SUFFIXES, NIFTI_SUFFIXES, atomic_files_in, is_dicom_file
 from medct.volume import LPS_TO_RAS, Volume
 
 __all__ = [
@@ -38,6 +38,7 @@ __all__ = [
     "write_volume",
     "validate_for_inference",
     "check_same_grid",
+    "is_dicom_file",
     "read_phases",
 ]
 
@@ -60,36 +61,6 @@ def _format_of(path: Path) -> str | None:
     if path.suffix.lower() in DICOM_SUFFIXES:
         return "dicom"
     return None
-
-
-def is_dicom_file(path: Path) -> bool:
-    """True when the file has the DICOM Part 10 preamble ('DICM' at byte 128), or is a DICOM data
-    set written without it (`is_raw_dicom`)."""
-    try:
-        with open(path, "rb") as f:
-            head = f.read(132)
-    except OSError:
-        return False
-    return head[128:132] == b"DICM" or _raw_dicom_start(head)
-
-
-# The first element of a DICOM data set without preamble: group 0x0002 (file meta) or 0x0008
-# (identifying), little endian, an element number below 0x0100, explicit VR letters or an implicit length.
-def _raw_dicom_start(head: bytes) -> bool:
-    if len(head) < 8 or head[1] != 0 or head[0] not in (0x02, 0x08) or head[3] != 0:
-        return False
-    vr = head[4:6]
-    return vr.isalpha() and vr.isupper() or int.from_bytes(head[4:8], "little") < 1024
-
-
-def is_raw_dicom(path: Path) -> bool:
-    """A DICOM data set stored without the 128-byte preamble and 'DICM' (old exports, some PACS)."""
-    try:
-        with open(path, "rb") as f:
-            head = f.read(132)
-    except OSError:
-        return False
-    return head[128:132] != b"DICM" and _raw_dicom_start(head)
 
 
 def affine_from_itk(origin_lps: np.ndarray, spacing: np.ndarray, direction_lps: np.ndarray) -> np.ndarray:

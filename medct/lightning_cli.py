@@ -105,7 +105,7 @@ def run_lightning(args: list[str]) -> MedCTCLI:
         except Exception as e:
             # jsonargparse wraps errors raised while instantiating the data module or task in a
             # ValueError listing every Union member it tried; surface the user's one sentence.
-            cause = _medct_cause(e)
+            cause = medct_cause(e)
             if cause is not None:
                 raise cause from e
             if isinstance(e, ValueError) and "Does not validate against any" in str(e):
@@ -138,7 +138,7 @@ def check_ckpt_path(args: list[str]) -> None:
             )
 
 
-def _medct_cause(e: BaseException) -> MedCTError | None:
+def medct_cause(e: BaseException) -> MedCTError | None:
     seen: set[int] = set()
     cur: BaseException | None = e
     while cur is not None and id(cur) not in seen:

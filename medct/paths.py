@@ -155,3 +155,36 @@ def write_text_atomic(path: str | os.PathLike[str], text: str) -> Path:
     with atomic_file(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
     return Path(path)
+
+
+# -- what a file is, from its first bytes (io.py reads volumes, dicom.py series: both ask this)
+
+
+def is_dicom_file(path: str | os.PathLike[str]) -> bool:
+    """True when the file has the DICOM Part 10 preamble ('DICM' at byte 128), or is a DICOM data
+    set written without it (`is_raw_dicom`)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(132)
+    except OSError:
+        return False
+    return head[128:132] == b"DICM" or _raw_dicom_start(head)
+
+
+# The first element of a DICOM data set without preamble: group 0x0002 (file meta) or 0x0008
+# (identifying), little endian, an element number below 0x0100, explicit VR letters or an implicit length.
+def _raw_dicom_start(head: bytes) -> bool:
+    if len(head) < 8 or head[1] != 0 or head[0] not in (0x02, 0x08) or head[3] != 0:
+        return False
+    vr = head[4:6]
+    return vr.isalpha() and vr.isupper() or int.from_bytes(head[4:8], "little") < 1024
+
+
+def is_raw_dicom(path: str | os.PathLike[str]) -> bool:
+    """A DICOM data set stored without the 128-byte preamble and 'DICM' (old exports, some PACS)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(132)
+    except OSError:
+        return False
+    return head[128:132] != b"DICM" and _raw_dicom_start(head)

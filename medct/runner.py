@@ -281,15 +281,14 @@ def _printable(value: object) -> object:
     return value
 
 
-ADAPT_COLUMNS = ["adapt", "adapt_steps", "adapt_seconds", "adapt_peak_mb", "adapt_loss", "adapt_reverted"]
-
-
 def _write_summary(rows: list[dict[str, object]], label_names: list[str], path: Path) -> None:
     columns = ["case", "status", "input", "output", "seconds", "network_seconds", "error", "note"] + [
         f"{n}_ml" for n in label_names
     ]
     if any("adapt" in row for row in rows):  # test-time adaptation: steps, time, memory, guard per case
-        columns += ADAPT_COLUMNS
+        from medct.adaptation import ADAPT_COLUMNS
+
+        columns += list(ADAPT_COLUMNS)
     buf = _io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore")
     writer.writeheader()
@@ -326,8 +325,8 @@ def segment_paths(
 
     pipeline: read the next case and write the previous one on two threads while the network runs
     (False: one step after the other, as bench/segment_folder.py compares).
-    adapt: test-time adaptation method (tent, cotta, psmt; `medct.finetune.tta`) run on a copy of
-    the model before each case, `adapt_steps` steps, reset to the source weights per case or
+    adapt: a test-time adaptation method of `medct.adaptation`'s table (tent, cotta, psmt once
+    `medct.finetune.tta` is imported) run on a copy of the model before each case, `adapt_steps` steps, reset to the source weights per case or
     never (continual along the folder, in the order the cases are listed); `adapt_seed` seeds the
     draw of adaptation patches."""
     from tqdm import tqdm
@@ -343,21 +342,16 @@ def segment_paths(
     predictor = Predictor.from_folder(model_dir, device=device, overlap=overlap, sw_batch_size=sw_batch_size, tta=tta)
     card = predictor.card
     adapter = None
-    if adapt is not None:
+    if adapt is not None:  # a method from medct.adaptation's table (the command imports the methods)
+        from medct.adaptation import AdaptOptions, make_adapter
         from medct.checkpoint import load_model_folder
-        from medct.finetune.tta import TestTimeAdapter, make_method
 
+        options = AdaptOptions(
+            adapt, tuple(card.patch_size), steps=adapt_steps, batch=predictor.sw_batch_size,  # type: ignore[arg-type]
+            reset=adapt_reset, device=str(predictor.device), seed=adapt_seed,  # type: ignore[arg-type]
+        )  # fmt: skip
         source, _ = load_model_folder(model_dir, device="cpu")  # unfolded batch norm: what adaptation trains
-        adapter = TestTimeAdapter(
-            source,
-            make_method(adapt),
-            tuple(card.patch_size),  # type: ignore[arg-type]
-            steps=adapt_steps,
-            batch=predictor.sw_batch_size,
-            reset=adapt_reset,  # type: ignore[arg-type]
-            device=predictor.device,
-            seed=adapt_seed,
-        )
+        adapter = make_adapter(source, options)
     names = {i: n for i, n in card.labels.items() if i != 0}
     out_dir = prepare_output_folder(output_dir)
 

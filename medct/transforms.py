@@ -71,7 +71,6 @@ def scale_intensity(hu: np.ndarray, pre: Preprocessing) -> np.ndarray:
 # model cards) stays importable without torch.
 
 BODY_MARGIN_VOXELS = 8  # margin kept around the body after resampling
-MAX_LABEL = 255  # labels are cached as uint8
 
 
 def body_threshold(pre: Preprocessing) -> float:
@@ -89,38 +88,6 @@ class AboveThreshold:
 
     def __call__(self, x: Any) -> Any:
         return x > self.threshold
-
-
-def volume_to_metatensor(vol: Any, dtype: Any = None) -> Any:
-    """`medct.io.Volume` -> MONAI MetaTensor (1, X, Y, Z) with the affine (RAS) in its meta.
-
-    The meta mirrors what MONAI's LoadImage with NibabelReader records, so every MONAI spatial
-    transform (Orientation, Spacing, Invert) reads the same geometry.
-    """
-    import torch
-    from monai.data import MetaTensor
-    from monai.utils import SpaceKeys
-
-    array = np.ascontiguousarray(vol.array if dtype is None else vol.array.astype(dtype, copy=False))
-    affine = torch.as_tensor(vol.affine, dtype=torch.float64)
-    meta = {  # "affine" itself is set by MetaTensor(affine=...)
-        "original_affine": affine.clone(),
-        "spatial_shape": np.asarray(vol.shape),
-        "original_channel_dim": "no_channel",
-        "filename_or_obj": str(vol.meta.get("path", "")),
-        "space": SpaceKeys.RAS,
-    }
-    return MetaTensor(torch.from_numpy(array)[None], affine=affine, meta=meta)  # (1, X, Y, Z)
-
-
-def _check_label_values(array: np.ndarray, where: str) -> None:
-    from medct.errors import InvalidVolumeError
-
-    lo, hi = array.min(), array.max()
-    if np.issubdtype(array.dtype, np.floating) and not np.array_equal(array, np.round(array)):
-        raise InvalidVolumeError(f"{where} holds non-integer values; a label map must hold class indices.")
-    if lo < 0 or hi > MAX_LABEL:
-        raise InvalidVolumeError(f"{where} holds values in [{lo}, {hi}]; class indices must lie in [0, {MAX_LABEL}].")
 
 
 _LOADERS = ("LoadVolumed", "LoadPhasesd", "KeptSlicesd")

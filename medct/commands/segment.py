@@ -22,8 +22,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--adapt",
         default=None,
-        choices=["tent", "cotta", "psmt"],
-        help="test-time adaptation to scanner shift on a copy of the model (the folder is not changed)",
+        metavar="METHOD",
+        help="test-time adaptation to scanner shift on a copy of the model (the folder is not changed): "
+        "tent, cotta, psmt, or any method registered in medct.adaptation",
     )
     p.add_argument("--adapt-steps", type=types.positive_int, default=10, help="adaptation steps per case (default 10)")
     p.add_argument(
@@ -47,6 +48,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from medct.runner import segment_paths
 
+    if args.adapt is not None:
+        import medct.finetune.tta  # noqa: F401 - registers tent, cotta and psmt in medct.adaptation
     report = segment_paths(
         model_dir=args.model,
         input_path=args.input,

@@ -112,7 +112,7 @@ def _read_encoder_file(path: Path) -> tuple[dict[str, Tensor], str | None, int |
     net_name: str | None = None
     in_channels: int | None = None
     if path.is_dir():  # a model folder (encoder or whole network): its card names the source network
-        from medct.checkpoint import CARD_FILE, read_model_card
+        from medct.card import CARD_FILE, read_model_card
 
         if (path / CARD_FILE).is_file():
             card = read_model_card(path)
@@ -210,7 +210,7 @@ def load_encoder_folder(
     """The network named by an encoder folder's card (`medct export` of a pretraining run), with the
     pretrained encoder loaded strictly; `net_args` override the card's (e.g. out_channels=5 for a
     downstream head). The decoder is freshly initialised. Returns (net in eval mode, report)."""
-    from medct.checkpoint import read_model_card
+    from medct.card import read_model_card
     from medct.nets.registry import create_net
 
     card = read_model_card(model_dir)
