@@ -11,7 +11,7 @@ times (its circular field of view leaves fewer body tiles, so network times diff
 Model: bench/segment.py's (nnU-Net's PlainConvUNet 8-128 at 3 mm, 80^3 patches, trained on
 phantoms, cached).
 
-Arms, each a fresh process running `medct.runner.segment_paths` (imports included in the wall
+Arms, each a fresh process running `medct.segment_job.segment_paths` (imports included in the wall
 time), interleaved A B A B ...:
   pipelined:  the default (reader and writer threads);
   sequential: `pipeline=False`, read -> prepare -> network -> finish -> write, one after another.
@@ -44,7 +44,7 @@ TARGET_RATIO = 1.15
 _ARM = """
 import json, sys, time
 t0 = time.perf_counter()
-from medct.runner import segment_paths
+from medct.segment_job import segment_paths
 report = segment_paths(sys.argv[1], sys.argv[2], sys.argv[3], device="cpu", overwrite=True, pipeline=sys.argv[4] == "1")
 print(json.dumps({"wall_s": time.perf_counter() - t0, "network_s": report.network_seconds,
                   "run_s": report.run_seconds, "done": len(report.done), "failed": len(report.failed)}))

@@ -11,7 +11,7 @@ Design:
     crops, `--source-steps` steps, default 600), cached as a model folder.
   * Test stream: 34 unseen phantom cases in domain blocks, CT (source, 6) -> CBCT-like (8) ->
     CBCT-TST-like (8) -> MR-like (6) -> CT again (6), each case segmented by the `medct segment`
-    code path (`medct.runner.segment_paths`, the same Predictor and TestTimeAdapter), Dice per case
+    code path (`medct.segment_job.segment_paths`, the same Predictor and TestTimeAdapter), Dice per case
     against its labels (mean over the organs present). MR-like: the phantom's MR variant (other
     tissue contrasts, bias field, Rician noise) with its intensities mapped linearly from
     [0, 99.5th percentile] to [-1000, 1000], as a naive conversion would; a CT model refuses raw MR
@@ -171,7 +171,7 @@ def _run(
     import medct.finetune.tta  # noqa: F401 - registers the adaptation methods the runner looks up
     from medct.checkpoint import read_model_card
     from medct.io import read_volume
-    from medct.runner import segment_paths
+    from medct.segment_job import segment_paths
 
     classes = len(read_model_card(model).labels)
     segment_paths(model, scans, out, device="cpu", adapt=adapt, adapt_reset=reset, adapt_seed=seed, overwrite=True)

@@ -31,7 +31,7 @@ def run_demo(output_dir: str | os.PathLike[str], epochs: int | None = None, quic
     from medct.metrics import dice_per_label
     from medct.nets import create_net
     from medct.phantom import LABELS, write_cohort
-    from medct.runner import segment_paths
+    from medct.segment_job import segment_paths
 
     out = Path(output_dir)
     start = time.perf_counter()

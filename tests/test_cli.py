@@ -348,7 +348,7 @@ def test_pipelined_folder_run_equals_sequential_and_isolates_write_failures(
 ) -> None:
     """The read-ahead/write-behind run writes the same outputs and summary statuses as a sequential
     one, with bad inputs between good ones; a failing write fails only its own case."""
-    import medct.runner as runner
+    import medct.segment_job as runner
 
     folder = tmp_path / "in"
     _bad_cases(folder)
@@ -407,7 +407,7 @@ def test_output_problems_are_found_before_any_work(
     full disk while writing summary.csv is one sentence, not a traceback."""
     import subprocess
 
-    import medct.runner as runner
+    import medct.runner
     from medct.paths import TEMP_PREFIX
 
     src = write_volume(_ct(), tmp_path / "in" / "a.nii.gz")
@@ -427,7 +427,7 @@ def test_output_problems_are_found_before_any_work(
     def full(path, text):  # type: ignore[no-untyped-def]
         raise OSError(28, "No space left on device", str(path))
 
-    monkeypatch.setattr(runner, "write_text_atomic", full)
+    monkeypatch.setattr(medct.runner, "write_text_atomic", full)
     code, err = _run(capsys, "segment", "-m", str(model_dir), "-i", str(src), "-o", str(out), "--overwrite")
     assert code == 1 and "No space left on device" in _one_error_line(err)
 

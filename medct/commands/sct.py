@@ -8,6 +8,8 @@ run finishes the good cases and lists the bad ones; outputs are written atomical
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
+from typing import Any
 
 from medct.commands import types
 
@@ -26,65 +28,56 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preview", action="store_true", help="write a PNG (three planes) of each synthetic CT")
 
 
-def run(args: argparse.Namespace) -> int:
-    import csv
-    import sys
-    import time
-    import traceback
+class SCTJob:
+    """The folder runner's job for a synthetic-CT predictor: read + check, predict, write (+ PNG)."""
 
-    from medct.errors import MedCTError
-    from medct.io import read_volume
-    from medct.paths import atomic_file
-    from medct.runner import _check_modality, discover_cases, prepare_output_folder
+    command = "sct"
+    columns: tuple[str, ...] = ()
+
+    def __init__(self, predictor: Any, preview: bool) -> None:
+        self.predictor, self.preview = predictor, preview
+
+    def output_path(self, case: Any, out_dir: Path) -> Path:
+        return out_dir / f"{case.name}{case.output_suffix}"
+
+    def refuse(self, case: Any) -> str | None:
+        return None
+
+    def load(self, case: Any) -> Any:
+        from medct.io import read_volume
+        from medct.segment_job import check_modality
+
+        image = read_volume(case.path)
+        check_modality(image.meta.get("modality"), self.predictor.modality, case.path)
+        return image
+
+    def run(self, image: Any, row: dict[str, object]) -> Any:
+        return self.predictor.predict(image)
+
+    def write(self, case: Any, sct: Any, out_path: Path, row: dict[str, object]) -> None:
+        from medct.io import write_volume
+
+        write_volume(sct, out_path)
+        if self.preview:
+            from medct.preview import save_preview
+
+            title = f"sCT {case.name}"
+            save_preview(sct, None, out_path.parent / f"{case.name}.png", window=(-400.0, 1200.0), title=title)
+
+    def summarise_existing(self, case: Any, out_path: Path, row: dict[str, object]) -> None:
+        return None
+
+
+def run(args: argparse.Namespace) -> int:
+    from medct.runner import discover_cases, prepare_output_folder, run_folder
     from medct.synthesis.sct import SCTPredictor
 
-    ignored: list = []
+    ignored: list[tuple[Path, str]] = []
     cases = discover_cases(args.input, ignored)  # path errors before the model loads
     predictor = SCTPredictor.from_folder(args.model, device=args.device)
     if args.no_tta:
         predictor.tta = False
     out_dir = prepare_output_folder(args.output)
-    rows: list[dict[str, str]] = []
-    failed: list[tuple[str, str]] = []
-    for case in cases:
-        out = out_dir / f"{case.name}{case.output_suffix}"
-        row = {"case": case.name, "input": str(case.path), "output": str(out), "status": "", "seconds": "", "error": ""}
-        start = time.perf_counter()
-        try:
-            if out.exists() and not args.overwrite:
-                row["status"] = "skipped (exists)"
-            else:
-                image = read_volume(case.path)
-                _check_modality(image.meta.get("modality"), predictor.modality, case.path)
-                sct = predictor.predict(image)
-                from medct.io import write_volume
-
-                write_volume(sct, out)
-                if args.preview:
-                    from medct.preview import save_preview
-
-                    save_preview(
-                        sct, None, out_dir / f"{case.name}.png", window=(-400.0, 1200.0), title=f"sCT {case.name}"
-                    )
-                row["status"] = "done"
-        except Exception as e:  # noqa: BLE001 - a folder run keeps going past any bad case
-            if not isinstance(e, MedCTError) and args.debug:
-                traceback.print_exception(e)
-            msg = str(e) if isinstance(e, MedCTError) else f"{type(e).__name__}: {e}".splitlines()[0]
-            row.update(status="failed", error=msg)
-            failed.append((case.name, msg))
-        row["seconds"] = f"{time.perf_counter() - start:.2f}"
-        rows.append(row)
-    for path, reason in ignored:
-        rows.append({"case": path.name, "input": str(path), "status": "ignored", "error": reason})
-    fields = ["case", "status", "input", "output", "seconds", "error"]
-    with atomic_file(out_dir / "summary.csv", suffix=".csv") as tmp, open(tmp, "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=fields)
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: r.get(k, "") for k in fields})
-    done = sum(r["status"] == "done" for r in rows)
-    print(f"medct sct: {done} synthesised, {len(failed)} failed; results in {out_dir}", file=sys.stderr)
-    for name, msg in failed:
-        print(f"  failed {name}: {msg}", file=sys.stderr)
-    return 1 if failed else 0
+    job = SCTJob(predictor, args.preview)
+    report = run_folder(cases, out_dir, job, overwrite=args.overwrite, debug=args.debug, ignored=ignored)
+    return report.exit_code

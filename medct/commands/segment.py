@@ -46,7 +46,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from medct.runner import segment_paths
+    from medct.segment_job import segment_paths
 
     if args.adapt is not None:
         import medct.finetune.tta  # noqa: F401 - registers tent, cotta and psmt in medct.adaptation
@@ -67,4 +67,4 @@ def run(args: argparse.Namespace) -> int:
         adapt_steps=args.adapt_steps,
         adapt_reset=args.adapt_reset,
     )
-    return 0 if not report.failed else 1
+    return report.exit_code
