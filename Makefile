@@ -21,7 +21,7 @@ demo: install
 	$(VENV)/bin/medct demo -o demo_out
 
 test: install
-	$(VENV)/bin/pytest -q
+	$(VENV)/bin/pytest -q --durations=15
 
 # the wheel (built from an sdist) in a fresh venv, run from outside the checkout
 test-wheel: install

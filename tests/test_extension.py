@@ -155,3 +155,20 @@ def test_an_unregistered_adaptation_method_is_one_sentence(tmp_path: Path, capsy
     code = main(["segment", "-m", str(model), "-i", str(tmp_path / "in"), "-o", str(tmp_path / "o"), "--adapt", "nope"])
     err = capsys.readouterr().err
     assert code == 1 and "'nope' is not an adaptation method" in err and "tent" in err
+
+
+def test_register_pairs_refuses_names_that_leave_the_output_folder(tmp_path: Path) -> None:
+    import json
+
+    pairs = [
+        {"name": "../escaped_pair", "fixed": "f.nii.gz", "moving": "m.nii.gz"},
+        {"name": str(tmp_path / "abs"), "fixed": "f.nii.gz", "moving": "m.nii.gz"},
+        {"name": "", "fixed": "f.nii.gz", "moving": "m.nii.gz"},
+    ]
+    (tmp_path / "pairs.json").write_text(json.dumps(pairs))
+    out = tmp_path / "deep" / "out"
+    assert main(["register", "--pairs", str(tmp_path / "pairs.json"), "-o", str(out)]) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["deep", "pairs.json"]
+    assert sorted(p.name for p in (tmp_path / "deep").iterdir()) == ["out"]
+    rows = list(csv.DictReader((out / "summary.csv").open()))
+    assert [r["status"] for r in rows] == ["failed"] * 3 and all("is refused" in r["error"] for r in rows)

@@ -7,14 +7,15 @@ Writes into OUT (one pair) or OUT/<name>/ (each pair of `--pairs`):
     transform/            TransformParameters.<i>.txt (elastix; reusable with transformix)
     jacobian.nii.gz       the transform's Jacobian determinant on the fixed grid (<= 0: folding)
     preview.png           checkerboard of fixed and warped, with the warped labels
-and summary.csv (one row per pair: seconds, folding fraction, Jacobian range). All pairs run in
-one process, so itk's start-up cost (seconds) is paid once; a bad pair is listed, the rest finish.
+and, for --pairs, summary.csv (one row per pair: seconds, folding fraction, Jacobian range) from the
+one folder runner (`medct.runner`): pair names are safe file names inside OUT, a pair's folder
+appears whole, existing ones are skipped unless --overwrite. All pairs run in one process, so
+itk's start-up cost (seconds) is paid once; a bad pair is listed, the rest finish.
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import time
 from pathlib import Path
@@ -71,6 +72,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--points", default=None, help="elastix point file of points on the moving image")
     p.add_argument("--threads", type=types.positive_int, default=None, help="elastix threads (default: all cores)")
     p.add_argument("--no-preview", action="store_true", help="do not write preview.png")
+    p.add_argument("--overwrite", action="store_true", help="--pairs: register again pairs whose folder exists")
 
 
 def _pairs(args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -203,47 +205,69 @@ def run_pair(entry: dict[str, Any], out: Path, args: argparse.Namespace) -> dict
     }
 
 
+PAIR_COLUMNS = ("seconds_registration", "folding_fraction", "jacobian_min", "jacobian_max")
+
+
+def _register_pair(entry: dict[str, Any], out: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """run_pair, with an itk/elastix/transformix failure (a RuntimeError, long) as one sentence."""
+    from medct.registration.elastix import RegistrationError
+
+    try:
+        return run_pair(entry, out, args)
+    except RuntimeError as e:
+        raise RegistrationError(f"elastix failed: {str(e).strip().splitlines()[-1][:200]}") from None
+
+
+class PairsJob:
+    """The folder runner's job for `--pairs`: each pair registered into OUT/<name>/, a folder that
+    appears whole (staged beside it, moved into place when every file is written)."""
+
+    command = "register"
+    columns = PAIR_COLUMNS
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+
+    def output_path(self, case: Any, out_dir: Path) -> Path:
+        return out_dir / case.name
+
+    def refuse(self, case: Any) -> str | None:
+        return None
+
+    def load(self, case: Any) -> Any:
+        return case
+
+    def run(self, case: Any, row: dict[str, object]) -> Any:
+        from medct.paths import atomic_folder
+
+        with atomic_folder(self.output_path(case, Path(self.args.output))) as stage:
+            result = _register_pair(case.data, stage, self.args)
+        row.update({k: result[k] for k in PAIR_COLUMNS})
+        row["network_seconds"] = f"{result['seconds_registration']:.2f}"
+        return None
+
+    def write(self, case: Any, result: Any, out_path: Path, row: dict[str, object]) -> None:
+        return None  # run() has moved the finished pair folder into place
+
+    def summarise_existing(self, case: Any, out_path: Path, row: dict[str, object]) -> None:
+        return None
+
+
 def run(args: argparse.Namespace) -> int:
-    from medct.errors import MedCTError
-    from medct.paths import atomic_file
+    from medct.runner import Case, prepare_output_folder, run_folder, unique_case_names, write_summary
 
     entries = _pairs(args)
-    root = Path(args.output)
-    single = len(entries) == 1 and not args.pairs
-    rows, failed = [], []
-    for entry in entries:
-        out = root if single else root / entry["name"]
-        try:
-            rows.append(run_pair(entry, out, args))
-            r = rows[-1]
-            print(
-                f"{r['name']}: registered in {r['seconds_registration']:.1f} s, folding {100 * r['folding_fraction']:.3f} %"
-                f" -> {out}"
-            )
-        except (MedCTError, RuntimeError) as e:
-            # RuntimeError: itk/elastix/transformix failing on one pair (their messages are long)
-            msg = str(e) if isinstance(e, MedCTError) else f"elastix failed: {str(e).strip().splitlines()[-1][:200]}"
-            if single:
-                if isinstance(e, MedCTError):
-                    raise
-                from medct.registration.elastix import RegistrationError
-
-                raise RegistrationError(msg) from None
-            failed.append((entry["name"], msg))
-            rows.append({"name": entry["name"], "status": "failed", "error": msg})
-    root.mkdir(parents=True, exist_ok=True)
-    fields = [
-        "name", "status", "seconds_registration", "seconds_total",
-        "folding_fraction", "jacobian_min", "jacobian_max", "error",
-    ]  # fmt: skip
-    with atomic_file(root / "summary.csv", suffix=".csv") as tmp, open(tmp, "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=fields)
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: r.get(k, "") for k in fields})
-    if failed:
-        print(f"{len(failed)} of {len(entries)} pairs failed:")
-        for name, msg in failed:
-            print(f"  {name}: {msg}")
-        return 1
-    return 0
+    if not args.pairs:  # one pair: its files straight into OUT, errors as the command's own
+        out = Path(args.output)
+        r = _register_pair(entries[0], out, args)
+        print(
+            f"{r['name']}: registered in {r['seconds_registration']:.1f} s, folding {100 * r['folding_fraction']:.3f} %"
+        )
+        row = {"case": r["name"], "status": "done", "input": args.moving, "output": str(out), **r}
+        row["seconds"], row["network_seconds"] = r["seconds_total"], r["seconds_registration"]
+        write_summary([row], PAIR_COLUMNS, out / "summary.csv")
+        return 0
+    out_dir = prepare_output_folder(args.output)
+    cases = unique_case_names([Case(e["name"], Path(e["moving"]), "entry", e) for e in entries])
+    report = run_folder(cases, out_dir, PairsJob(args), overwrite=args.overwrite, debug=args.debug)
+    return report.exit_code
