@@ -46,7 +46,7 @@ import torch
 from torch import nn
 
 from medct.body import BODY_HU, BodyMask, body_mask, body_threshold
-from medct.checkpoint import ModelCard, load_model_folder, read_model_card
+from medct.card import ModelCard
 from medct.errors import ConfigError, InvalidVolumeError, ModelFolderError
 from medct.geometry import (
     Grid,
@@ -58,41 +58,22 @@ from medct.geometry import (
     resample_separable,
 )
 from medct.io import check_hu, validate_for_inference
+from medct.predictor import auto_device, load_for_task, resolve_device, use_bf16
+
+__all__ = [
+    "DEFAULT_OVERLAP",
+    "Predictor",
+    "Prepared",
+    "Scores",
+    "auto_device",
+    "check_flag",
+    "check_overlap",
+    "resolve_device",
+]
 from medct.sliding_window import sliding_window
 from medct.volume import Volume
 
 DEFAULT_OVERLAP = 0.5  # nnU-Net's tile step of half a patch
-
-
-def auto_device() -> torch.device:
-    """cuda > mps > cpu."""
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
-
-
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    """The torch device for `device` (None: auto); ConfigError when the asked one is not there."""
-    if device is None:
-        return auto_device()
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise ConfigError(f"device must be cpu, cuda, cuda:N or mps, got {device!r}.") from None
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ConfigError(f"device '{device}' was asked for, but PyTorch sees no CUDA GPU here; use cpu.")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise ConfigError(f"device '{device}' was asked for, but only {torch.cuda.device_count()} GPU(s) exist.")
-    elif dev.type == "mps":
-        mps = getattr(torch.backends, "mps", None)
-        if mps is None or not mps.is_available():
-            raise ConfigError(f"device '{device}' was asked for, but MPS is not available here; use cpu.")
-    elif dev.type != "cpu":
-        raise ConfigError(f"device must be cpu, cuda, cuda:N or mps, got {device!r}.")
-    return dev
 
 
 def check_overlap(value: object) -> float:
@@ -206,7 +187,7 @@ class Predictor:
     tta:           flip test-time augmentation over `tta_axes` (2^len(axes) passes).
     tta_axes:      network-space (RAS) axes to mirror; default A-P and S-I only, because a left-right
                    mirror turns a left organ into a right one for a model that learned laterality.
-    amp:           bf16 autocast; None -> on for CUDA, off (fp32) elsewhere.
+    amp:           bf16 autocast; None -> `medct.predictor.use_bf16` (CUDA with bf16), fp32 elsewhere.
     keep_largest:  label names of which only the largest connected component (26-connected) is
                    kept, the rest set to background (nnU-Net's post-processing); None ->
                    card.inference["keep_largest"] or none.
@@ -249,7 +230,7 @@ class Predictor:
         self.sw_batch_size = int(batch)
         self.tta = check_flag("tta", tta)
         self.tta_axes = tuple(int(a) for a in tta_axes)
-        self.amp = (self.device.type == "cuda") if amp is None else bool(amp)
+        self.amp = use_bf16(self.device) if amp is None else bool(amp)
         self.skip_air = bool(skip_air)
         names = card.inference.get("keep_largest", []) if keep_largest is None else keep_largest
         ids = {name: i for i, name in card.labels.items() if i != 0}
@@ -273,13 +254,7 @@ class Predictor:
         amp: bool | None = None,
     ) -> Predictor:
         """A Predictor for an exported model folder (model.safetensors + medct.json)."""
-        dev = resolve_device(device)
-        card = read_model_card(model_dir)
-        if card.task != "segmentation":
-            raise ModelFolderError(
-                f"{model_dir} holds a '{card.task}' model; segmentation needs a 'segmentation' model folder."
-            )
-        net, card = load_model_folder(model_dir, device="cpu")
+        net, card, dev = load_for_task(model_dir, "segmentation", "segmentation", device)
         return cls(net, card, device=dev, overlap=overlap, sw_batch_size=sw_batch_size, tta=tta, amp=amp)
 
     def with_options(self, overlap: float | None = None, tta: bool | None = None) -> Predictor:

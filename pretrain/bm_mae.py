@@ -274,8 +274,8 @@ class ModalityReconstructor:
 
         from medct.checkpoint import read_model_card
         from medct.errors import ModelFolderError
-        from medct.inference import resolve_device
         from medct.nets import load_encoder_folder
+        from medct.predictor import resolve_device
 
         card = read_model_card(model_dir)
         spec = card.extra.get(DECODER_PART)

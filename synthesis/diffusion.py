@@ -45,8 +45,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from medct.checkpoint import ModelCard, read_model_card, store_card
+from medct.checkpoint import ModelCard, store_card
 from medct.errors import ConfigError, InputPathError, ModelFolderError
+from medct.predictor import use_bf16
 from medct.synthesis.clip3d import TOKENIZER_FILE, load_tokenizer, tokenize
 from medct.synthesis.vae import check_size, decode
 from medct.volume import Volume
@@ -378,7 +379,7 @@ class TextToCT:
         card: ModelCard,
         device: str | torch.device = "cpu",
     ) -> None:
-        from medct.inference import resolve_device
+        from medct.predictor import resolve_device
 
         self.device = resolve_device(device) if not isinstance(device, torch.device) else device
         self.net, self.vae, self.clip = (m.to(self.device).eval() for m in (net, vae, clip))
@@ -387,12 +388,11 @@ class TextToCT:
 
     @classmethod
     def from_folder(cls, model_dir: str | os.PathLike[str], device: str | None = None) -> TextToCT:
-        from medct.checkpoint import load_model_folder, read_part_weights
+        from medct.checkpoint import read_part_weights
         from medct.nets import create_net, load_unique_state_dict
+        from medct.predictor import load_for_task
 
-        card = read_model_card(model_dir)
-        if card.task != "text2ct":
-            raise ModelFolderError(f"{model_dir} holds a '{card.task}' model, not a text-to-CT model.")
+        net, card, dev = load_for_task(model_dir, "text2ct", "text-to-CT", device)
         parts = card.extra.get("parts", {})
         modules: dict[str, nn.Module] = {}
         for name in ("vae", "clip"):
@@ -411,10 +411,6 @@ class TextToCT:
         tok = Path(model_dir) / TOKENIZER_FILE
         if not tok.is_file():
             raise ModelFolderError(f"Model folder '{model_dir}' lacks its tokenizer ({TOKENIZER_FILE}).")
-        net, card = load_model_folder(model_dir)
-        from medct.inference import resolve_device
-
-        dev = resolve_device(device)
         return cls(net, modules["vae"], modules["clip"], load_tokenizer(tok.read_text()), card, dev)
 
     @property
@@ -482,7 +478,7 @@ class TextToCT:
                 noise = torch.randn((1, int(self.vae.latent_channels), *latent), generator=gen).to(self.device)
                 with (
                     torch.no_grad(),
-                    torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"),
+                    torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=use_bf16(self.device)),
                 ):
                     z = sample_latent(self.net, sched, noise, ctx, None if unconditional else guidance, null, progress)
                     img = decode(self.vae, z.float() / float(inf.get("scale_factor", 1.0)), inf.get("tile"))

@@ -590,15 +590,10 @@ class MotionPredictor:
 
     @classmethod
     def from_folder(cls, model_dir: str, device: str | None = None) -> MotionPredictor:
-        from medct.checkpoint import load_model_folder, read_model_card
-        from medct.errors import ModelFolderError
-        from medct.inference import resolve_device
+        from medct.predictor import load_for_task
 
-        card = read_model_card(model_dir)
-        if card.task != "motion":
-            raise ModelFolderError(f"{model_dir} holds a '{card.task}' model, not a motion model (task 'motion').")
-        dev = str(resolve_device(device))
-        net, card = load_model_folder(model_dir, device=dev)
+        net, card, device_ = load_for_task(model_dir, "motion", "motion", device)
+        dev = str(device_)
         return cls(net, card, dev)
 
     def predict(

@@ -412,7 +412,7 @@ class SCTPredictor:
     def __init__(
         self, net: nn.Module, card: ModelCard, device: str | torch.device = "cpu", tta: bool | None = None
     ) -> None:
-        from medct.inference import resolve_device
+        from medct.predictor import resolve_device, use_bf16
 
         self.device = resolve_device(device) if not isinstance(device, torch.device) else device
         self.net = net.to(self.device).eval()
@@ -420,17 +420,13 @@ class SCTPredictor:
         self.context = int(card.inference.get("context", (card.patch_size[2] - 1) // 2))
         self.tta = bool(card.inference.get("tta", True)) if tta is None else bool(tta)
         self.batch_size = int(card.inference.get("batch_size", 16))
-        self.amp = self.device.type == "cuda"
+        self.amp = use_bf16(self.device)  # the one precision policy (medct.predictor)
 
     @classmethod
     def from_folder(cls, model_dir: str | os.PathLike[str], device: str | None = None) -> SCTPredictor:
-        from medct.checkpoint import load_model_folder
-        from medct.inference import resolve_device
+        from medct.predictor import load_for_task
 
-        dev = resolve_device(device)
-        net, card = load_model_folder(model_dir, device=str(dev))
-        if card.task != "sct":
-            raise ConfigError(f"{model_dir} holds a '{card.task}' model, not a synthetic-CT model.")
+        net, card, dev = load_for_task(model_dir, "sct", "synthetic-CT", device)
         return cls(net, card, dev)
 
     @property

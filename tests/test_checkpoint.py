@@ -62,7 +62,7 @@ def test_newer_format_and_other_tasks_are_refused_with_one_sentence(tmp_path: Pa
     with pytest.raises(ModelFolderError, match="'vae' model, which has no predictor"):
         medct.load_model(folder, device="cpu")
     (folder / CARD_FILE).write_text(json.dumps({**raw, "task": "encoder"}))
-    with pytest.raises(ModelFolderError, match="segmentation needs a 'segmentation' model"):
+    with pytest.raises(ModelFolderError, match="'encoder' model, not a segmentation model"):
         Predictor.from_folder(folder, device="cpu")
 
 
