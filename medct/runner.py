@@ -271,7 +271,7 @@ def run_folder(
                     reads[id(ahead)] = reader.submit(job.load, ahead.case)
                 if not _claim(out_dir, e.case.name):  # two runs on one folder share the work
                     reads.pop(id(e)).cancel()
-                    e.row.update(status=f"skipped (another run is {_ing(job.command)} it)")
+                    e.row.update(status=f"skipped (another run is {_verb(job.command, True)} it)")
                     continue
                 claimed.add(e.case.name)
                 loaded = reads.pop(id(e)).result()
@@ -279,7 +279,7 @@ def run_folder(
                 result = job.run(loaded, e.row)
                 del loaded  # the model input is not needed any more
                 e.run_seconds = time.perf_counter() - t_run
-                e.row.setdefault("network_seconds", f"{e.run_seconds:.2f}")
+                e.row.setdefault("network_seconds", e.run_seconds)  # a job that times its network sets it
                 if pending is not None:  # at most one write in flight
                     _settle(*pending, debug)
                     _release(out_dir, pending[0].case.name)
@@ -314,7 +314,7 @@ def run_folder(
             report.failed.append((e.case.name, str(e.row.get("error", ""))))
     write_summary(rows, job.columns, out_dir / "summary.csv")
     print(
-        f"medct {job.command}: {len(report.done)} done, {len(report.skipped)} skipped (output exists or another run "
+        f"medct {job.command}: {len(report.done)} {_verb(job.command, False)}, {len(report.skipped)} skipped (output exists or another run "
         f"has it), {len(report.failed)} failed"
         + (f", {len(report.ignored)} other entries ignored" if report.ignored else "")
         + f"; results in {out_dir}",
@@ -325,9 +325,20 @@ def run_folder(
     return report
 
 
-def _ing(command: str) -> str:
-    """'segment' -> 'segmenting', for the status of a case another run holds."""
-    return {"segment": "segmenting", "sct": "synthesising", "register": "registering"}.get(command, "processing")
+# how the messages say what a command does to a case: (done, doing); other commands "done"/"processing"
+_VERBS = {"segment": ("segmented", "segmenting"), "sct": ("synthesised", "synthesising"),
+          "register": ("registered", "registering")}  # fmt: skip
+
+
+def _verb(command: str, doing: bool) -> str:
+    return _VERBS.get(command, ("done", "processing"))[1 if doing else 0]
+
+
+def _cell(column: str, value: object) -> object:
+    """A summary cell: timings in seconds to 0.01 s, names with their own bytes escaped."""
+    if column in ("seconds", "network_seconds") and isinstance(value, float):
+        return f"{value:.2f}"
+    return _printable(value)
 
 
 def write_summary(rows: list[dict[str, object]], columns: Sequence[str], path: Path) -> None:
@@ -336,7 +347,7 @@ def write_summary(rows: list[dict[str, object]], columns: Sequence[str], path: P
     writer = csv.DictWriter(buf, fieldnames=[*SUMMARY_COLUMNS, *columns], extrasaction="ignore")
     writer.writeheader()
     for row in rows:  # file names that are not valid UTF-8 (surrogate escapes) as \\x.. escapes
-        writer.writerow({k: _printable(v) for k, v in row.items()})
+        writer.writerow({k: _cell(k, v) for k, v in row.items()})
     try:
         write_text_atomic(path, buf.getvalue())
     except OSError as e:

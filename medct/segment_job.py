@@ -84,7 +84,7 @@ class SegmentJob:
             predictor = predictor.with_net(adapted)
         t_forward = predictor.forward_seconds
         scores = predictor.run(prepared)
-        row["network_seconds"] = f"{predictor.forward_seconds - t_forward:.2f}"
+        row["network_seconds"] = predictor.forward_seconds - t_forward  # float: summed exactly, "%.2f" in the CSV
         return scores
 
     def write(self, case: Case, scores: Any, out_path: Path, row: dict[str, object]) -> None:

@@ -243,7 +243,7 @@ class PairsJob:
         with atomic_folder(self.output_path(case, Path(self.args.output))) as stage:
             result = _register_pair(case.data, stage, self.args)
         row.update({k: result[k] for k in PAIR_COLUMNS})
-        row["network_seconds"] = f"{result['seconds_registration']:.2f}"
+        row["network_seconds"] = float(result["seconds_registration"])
         return None
 
     def write(self, case: Any, result: Any, out_path: Path, row: dict[str, object]) -> None:
