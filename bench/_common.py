@@ -195,3 +195,34 @@ def quiet_lightning() -> None:
 
     for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
         logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def quiet_trainer(
+    max_steps: int,
+    root: Path | None = None,
+    callbacks: list[Any] | None = None,
+    validate: bool = False,
+    accelerator: str = "cpu",
+    precision: str = "32-true",
+) -> Any:
+    """One benchmark arm's Lightning Trainer: one device, no logger, progress bar, model summary or
+    checkpoints, no sanity validation; validation batches only with `validate` (then all of them,
+    run by `trainer.validate` or at the end of an epoch)."""
+    import lightning.pytorch as pl
+
+    return pl.Trainer(
+        max_steps=max_steps,
+        max_epochs=-1,
+        accelerator=accelerator,
+        devices=1,
+        precision=precision,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        limit_val_batches=1.0 if validate else 0,
+        check_val_every_n_epoch=10**6 if validate else 1,  # validation by trainer.validate after fit
+        num_sanity_val_steps=0,
+        default_root_dir=str(root) if root is not None else None,
+        callbacks=list(callbacks or []),
+    )

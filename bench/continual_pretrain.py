@@ -34,7 +34,11 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from _common import CACHE, ROOT, paired_goal, write_result
+from _common import CACHE, ROOT, paired_goal, quiet_trainer, write_result
+
+from medct.pretrain.base import Optimisation
+from medct.settings import Sampling, Split
+from medct.transforms import Preprocessing
 
 RESULT = ROOT / "bench" / "results" / "continual_pretrain.json"
 WORK = CACHE / "continual_pretrain"
@@ -46,23 +50,7 @@ POINTS = (0.0, 0.125, 0.25, 0.5, 0.75, 1.0)
 
 
 def _trainer(steps: int, callbacks: list[Any] | None = None) -> Any:
-    import lightning.pytorch as pl
-
-    return pl.Trainer(
-        max_steps=steps,
-        max_epochs=-1,
-        accelerator="cpu",
-        devices=1,
-        precision="32-true",
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
-        default_root_dir=str(WORK / "runs"),
-        callbacks=callbacks or [],
-    )
+    return quiet_trainer(steps, WORK / "runs", callbacks)
 
 
 def _spark(pretrained: str | None = None, scheduler: str = "cosine") -> Any:
@@ -73,13 +61,10 @@ def _spark(pretrained: str | None = None, scheduler: str = "cosine") -> Any:
         create_net("resenc_unet", **NET_ARGS),
         mask_ratio=0.75,
         mask_stride=8,
-        spacing=SPACING,
         patch_size=PATCH,
-        lr=2e-3,
-        scheduler=scheduler,
-        warmup_steps=0 if pretrained else 20,
-        decay_fraction=0.2,
         pretrained_encoder=pretrained,
+        preprocessing=Preprocessing(spacing=SPACING),
+        optim=Optimisation(lr=2e-3, scheduler=scheduler, warmup_steps=0 if pretrained else 20, decay_fraction=0.2),
     )
 
 
@@ -123,13 +108,11 @@ def phase1(data: dict[str, Path], steps: int) -> Path:
         datamodule=VolumeDataModule(
             keys=["image"],
             data_dir=str(data["ct"]),
-            spacing=SPACING,
-            patch_size=PATCH,
-            batch_size=2,
-            num_samples=2,
             num_workers=2,
             cache_dir=str(WORK / "cache"),
-            val_fraction=0.1,
+            preprocessing=Preprocessing(spacing=SPACING),
+            sampling=Sampling(patch_size=PATCH, batch_size=2, num_samples=2),
+            split=Split(val_fraction=0.1),
         ),
     )
     ckpt = WORK / "phase1.ckpt"
@@ -162,13 +145,11 @@ def phase2(data: dict[str, Path], encoder: Path, fraction: float, steps: int) ->
         data_dir=str(data["cbct"]),
         replay_data_dir=str(data["ct"]) if fraction > 0 else None,
         replay_fraction=fraction,
-        spacing=SPACING,
-        patch_size=PATCH,
-        batch_size=2,
-        num_samples=2,
         num_workers=2,
         cache_dir=str(WORK / "cache"),
-        val_fraction=0.1,
+        preprocessing=Preprocessing(spacing=SPACING),
+        sampling=Sampling(patch_size=PATCH, batch_size=2, num_samples=2),
+        split=Split(val_fraction=0.1),
     )
     _trainer(steps, [Snapshot()]).fit(_spark(str(encoder), scheduler="wsd"), datamodule=dm)
     return snaps
@@ -182,14 +163,12 @@ class Probe:
 
         self.dm = SegmentationDataModule(
             data_dir=str(folder),
-            spacing=SPACING,
-            patch_size=PATCH,
-            batch_size=2,
-            num_samples=2,
             num_workers=0,
             cache_dir=str(WORK / "cache"),
-            val_fraction=0.6,
             augment=False,
+            preprocessing=Preprocessing(spacing=SPACING),
+            sampling=Sampling(patch_size=PATCH, batch_size=2, num_samples=2),
+            split=Split(val_fraction=0.6),
         )
         self.dm.setup()
         self.train = self.dm._dataset(self.dm.train_items, "train")

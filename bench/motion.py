@@ -33,6 +33,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import CACHE, DATA, ROOT, all_met, mean_sd, paired_goal, quiet_lightning, write_result  # noqa: E402
 
+from medct.settings import Sampling, Split
+
 OUT = ROOT / "bench" / "results" / "motion.json"
 OBSERVED, PREDICT, N_PHASES = 16, 8, 24
 
@@ -57,8 +59,8 @@ def train_model(seed: int, n_patients: int, steps: int, folder: Path) -> Path:
             phantom_seed=1000,
             n_phases=N_PHASES,
             samples_per_epoch=steps * 4,
-            batch_size=4,
-            val_fraction=0.1,
+            sampling=Sampling(batch_size=4),
+            split=Split(val_fraction=0.1),
         )
         dm.setup()
         _POPULATION[n_patients] = dm

@@ -26,7 +26,10 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from _common import CACHE, ROOT, all_met, paired_goal, write_result
+from _common import CACHE, ROOT, all_met, paired_goal, quiet_trainer, write_result
+
+from medct.settings import Sampling, Split
+from medct.transforms import Preprocessing
 
 RESULT = ROOT / "bench" / "results" / "pretrain_throughput.json"
 WORK = CACHE / "pretrain_throughput"
@@ -105,13 +108,8 @@ def measure(method: str, steps: int, warmup: int, workers: int) -> dict[str, Any
     dm = VolumeDataModule(
         keys=[key],
         data_dir=str(WORK / ("multiphase" if multi else "ct")),
-        spacing=SPACING,
-        patch_size=PATCH,
-        batch_size=1,
-        num_samples=2,
         num_workers=workers,
         cache_dir=str(WORK / "cache"),
-        val_fraction=0.2,
         phantom=PhantomCohort(
             n=6 if multi else 8,
             variant="ct",
@@ -120,23 +118,14 @@ def measure(method: str, steps: int, warmup: int, workers: int) -> dict[str, Any
             spacing=SPACING,
             phases=PHASES if multi else None,
         ),
+        preprocessing=Preprocessing(spacing=SPACING),
+        sampling=Sampling(patch_size=PATCH, batch_size=1, num_samples=2),
+        split=Split(val_fraction=0.2),
     )
     timer = StepTimer()
     gpu = torch.cuda.is_available()
-    trainer = pl.Trainer(
-        max_steps=warmup + steps,
-        max_epochs=-1,
-        accelerator="auto",
-        devices=1,
-        precision="bf16-mixed" if gpu else "32-true",
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
-        callbacks=[timer],
-        default_root_dir=str(WORK / "runs"),
+    trainer = quiet_trainer(
+        warmup + steps, WORK / "runs", [timer], accelerator="auto", precision="bf16-mixed" if gpu else "32-true"
     )
     trainer.fit(task, datamodule=dm)
     waits = timer.waits[warmup:]

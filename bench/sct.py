@@ -33,7 +33,10 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import CACHE, DATA, ROOT, all_met, mean_sd, paired_goal, quiet_lightning, write_result  # noqa: E402
+from _common import CACHE, DATA, ROOT, all_met, mean_sd, paired_goal, quiet_lightning, quiet_trainer, write_result  # noqa: E402
+
+from medct.settings import Sampling, Split
+from medct.transforms import Preprocessing
 
 OUT = ROOT / "bench" / "results" / "sct.json"
 REAL = DATA / "pancreas_ct_cbct" / "crop_cbct_fov"
@@ -78,41 +81,28 @@ def train_model(
     patch = (64, 64, 3)
     dm = SCTDataModule(
         datalist=str(datalist),
-        spacing=tuple(spacing),  # type: ignore[arg-type]
-        modality=modality,
-        patch_size=patch,
         context=1,
-        batch_size=volumes_per_step,
-        num_samples=8 // volumes_per_step,
         num_workers=2,
         cache_dir=str(root / "cache"),
-        align=align,  # type: ignore[arg-type]
+        align=align,
         align_preset=ELASTIX_PRESET,
         align_encoder=encoder,
         align_dir=str(root / f"aligned_{align}"),
-        seed=seed,
+        preprocessing=Preprocessing(spacing=tuple(spacing), modality=modality),
+        sampling=Sampling(patch_size=patch, batch_size=volumes_per_step, num_samples=8 // volumes_per_step),
+        split=Split(seed=seed),
     )
     dm.prepare_data()  # the alignment (once per arm, cached) is not part of the training time
     net = create_net("unetpp_2d", in_channels=3, features=FEATURES)
     task = SCTTask(
         net,
-        spacing=spacing,
         patch_size=patch,
-        modality=modality,
         lr=1e-3,
         impact_weight=IMPACT_LOSS_WEIGHT if loss else 0.0,
         impact_model=encoder if loss else None,
+        preprocessing=Preprocessing(spacing=spacing, modality=modality),
     )
-    trainer = pl.Trainer(
-        max_steps=steps,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
-    )
+    trainer = quiet_trainer(steps)
     start = time.perf_counter()
     trainer.fit(task, dm)
     seconds = time.perf_counter() - start

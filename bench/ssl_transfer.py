@@ -43,7 +43,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from _common import CACHE, DATA, ROOT, all_met, mean_sd, paired_goal, write_result
+from _common import CACHE, DATA, ROOT, all_met, mean_sd, paired_goal, quiet_trainer, write_result
+
+from medct.pretrain.base import Optimisation
+from medct.settings import Sampling, Split
+from medct.transforms import Preprocessing
 
 RESULT = ROOT / "bench" / "results" / "ssl_transfer.json"
 WORK = CACHE / "ssl_transfer"
@@ -140,23 +144,7 @@ def build_data(n_cls: int) -> dict[str, Path]:
 
 
 def _trainer(max_steps: int, root: Path, val: bool = False) -> Any:
-    import lightning.pytorch as pl
-
-    return pl.Trainer(
-        max_steps=max_steps,
-        max_epochs=-1,
-        accelerator="cpu",
-        devices=1,
-        precision="32-true",
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        limit_val_batches=1.0 if val else 0,
-        check_val_every_n_epoch=10**6,  # validation only by trainer.validate after fit
-        num_sanity_val_steps=0,
-        default_root_dir=str(root),
-    )
+    return quiet_trainer(max_steps, root, validate=val)
 
 
 def _net(out_channels: int = 2) -> Any:
@@ -183,7 +171,9 @@ def pretrain(arm: str, pool: Path, steps: int) -> tuple[Path, float]:
     if arm == "spark":
         from medct.pretrain.spark import SparKTask
 
-        task = SparKTask(_net(), mask_ratio=0.75, mask_stride=8, lr=3e-3, warmup_steps=steps // 20, **common)
+        task = SparKTask(
+            _net(), mask_ratio=0.75, mask_stride=8, **common, optim=Optimisation(lr=3e-3, warmup_steps=steps // 20)
+        )
     elif arm in ("simclr", "moco"):
         from medct.pretrain.contrastive import ContrastiveTask
 
@@ -196,25 +186,23 @@ def pretrain(arm: str, pool: Path, steps: int) -> tuple[Path, float]:
             proj_dim=128,
             queue_size=256,
             momentum=0.99,
-            lr=1e-3,
-            warmup_steps=steps // 20,
             **common,
+            optim=Optimisation(lr=1e-3, warmup_steps=steps // 20),
         )
     elif arm == "volume_fusion":
         from medct.pretrain.volume_fusion import VolumeFusionTask
 
-        task = VolumeFusionTask(_net(5), lr=3e-3, warmup_steps=steps // 20, **common)
+        task = VolumeFusionTask(_net(5), **common, optim=Optimisation(lr=3e-3, warmup_steps=steps // 20))
     else:
         raise ValueError(arm)
     dm = VolumeDataModule(
         keys=["image"],
         datalist=str(pool),
-        batch_size=2,
-        num_samples=2,
         num_workers=2,
         cache_dir=str(WORK / "cache"),
-        val_fraction=0.05,
         **common,
+        sampling=Sampling(batch_size=2, num_samples=2),
+        split=Split(val_fraction=0.05),
     )
     trainer = _trainer(steps, WORK / "runs")
     start = time.perf_counter()
@@ -244,24 +232,21 @@ def finetune_seg(datalist: Path, encoder: Path | None, n_train: int | None, seed
     pl.seed_everything(seed, verbose=False)
     dm = SegmentationDataModule(
         datalist=str(datalist),
-        spacing=SPACING,
-        patch_size=PATCH,
-        batch_size=1,
-        num_samples=2,
         num_workers=2,
         cache_dir=str(WORK / "cache"),
-        seed=seed,
-        num_train=n_train,
+        preprocessing=Preprocessing(spacing=SPACING),
+        sampling=Sampling(patch_size=PATCH, batch_size=1, num_samples=2),
+        split=Split(seed=seed, num_train=n_train),
     )
     task = SegmentationTask(
         _net(dm.num_classes),
         labels=dm.labels,
-        spacing=SPACING,
         patch_size=PATCH,
         lr=3e-3,
         sw_batch_size=2,
         sw_overlap=0.25,
         pretrained_encoder=None if encoder is None else str(encoder),
+        preprocessing=Preprocessing(spacing=SPACING),
     )
     trainer = _trainer(steps, WORK / "runs", val=True)
     trainer.fit(task, datamodule=dm)
@@ -324,22 +309,20 @@ def finetune_cls(datalist: Path, encoder: Path | None, n_train: int, seed: int, 
         class_key="phase",
         classes=list(PHASES),
         datalist=str(datalist),
-        spacing=CLS_SPACING,
-        patch_size=CLS_PATCH,
-        batch_size=4,
         num_workers=2,
         cache_dir=str(WORK / "cache"),
-        seed=seed,
-        num_train=n_train,
+        preprocessing=Preprocessing(spacing=CLS_SPACING),
+        sampling=Sampling(patch_size=CLS_PATCH, batch_size=4),
+        split=Split(seed=seed, num_train=n_train),
     )
     net = create_net("encoder_classifier", backbone="resenc_unet", backbone_args=NET_ARGS, out_channels=3, dropout=0.2)
     task = ClassificationTask(
         net,
         labels=list(PHASES),
-        spacing=CLS_SPACING,
         patch_size=CLS_PATCH,
         lr=1e-3,
         pretrained_encoder=None if encoder is None else str(encoder),
+        preprocessing=Preprocessing(spacing=CLS_SPACING),
     )
     trainer = _trainer(steps, WORK / "runs", val=True)
     trainer.fit(task, datamodule=dm)

@@ -45,7 +45,10 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import CACHE, DATA, ROOT, all_met, mean_sd, paired_goal, quiet_lightning, write_result  # noqa: E402
+from _common import CACHE, DATA, ROOT, all_met, mean_sd, paired_goal, quiet_lightning, quiet_trainer, write_result  # noqa: E402
+
+from medct.settings import Sampling, Split
+from medct.transforms import Preprocessing
 
 OUT = ROOT / "bench" / "results" / "text2ct.json"
 PLANCT = DATA / "pancreas_ct_cbct" / "planct.nii.gz"
@@ -71,12 +74,7 @@ def _setting(quick: bool) -> dict[str, Any]:
 
 
 def _trainer(steps: int, val: bool = False) -> Any:
-    import lightning.pytorch as pl
-
-    return pl.Trainer(
-        max_steps=steps, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, limit_val_batches=1.0 if val else 0, num_sanity_val_steps=0,
-    )  # fmt: skip
+    return quiet_trainer(steps, validate=val)
 
 
 def _data(work: Path, s: dict[str, Any], patch: list[int], batch: int, samples: int = 1) -> Any:
@@ -87,11 +85,7 @@ def _data(work: Path, s: dict[str, Any], patch: list[int], batch: int, samples: 
         n=s["n_train"], seed=0, shape=tuple(s["size"]), spacing=tuple(s["spacing"]), phase="mixed",
         varied_reports=True, center_mm=(0.0, 0.0, -40.0),
     )  # fmt: skip
-    dm = TextCTDataModule(
-        data_dir=str(work / "train"), phantom=cohort, spacing=tuple(s["spacing"]), size=tuple(s["size"]),
-        patch_size=tuple(patch), batch_size=batch, num_samples=samples, num_workers=2, cache_dir=str(work / "cache"),
-        val_fraction=0.1, seed=0,
-    )  # fmt: skip
+    dm = TextCTDataModule(data_dir=str(work / "train"), phantom=cohort, size=tuple(s["size"]), num_workers=2, cache_dir=str(work / "cache"), preprocessing=Preprocessing(spacing=tuple(s["spacing"])), sampling=Sampling(patch_size=tuple(patch), batch_size=batch, num_samples=samples), split=Split(val_fraction=0.1, seed=0))  # fmt: skip
     dm.prepare_data()
     dm.setup("fit")
     return dm
@@ -126,14 +120,17 @@ def _fit_segmenter(
     from medct.nets import create_net
 
     pl.seed_everything(0, verbose=False)
-    dm = SegmentationDataModule(
-        data_dir=str(data_dir), spacing=tuple(s["spacing"]), patch_size=patch, batch_size=2, num_samples=samples,
-        pos=pos, neg=1.0, num_workers=2, val_fraction=0.1, seed=0,
-    )  # fmt: skip
+    dm = SegmentationDataModule(data_dir=str(data_dir), num_workers=2, preprocessing=Preprocessing(spacing=tuple(s["spacing"])), sampling=Sampling(patch_size=patch, batch_size=2, num_samples=samples, pos=pos, neg=1.0), split=Split(val_fraction=0.1, seed=0))  # fmt: skip
     dm.prepare_data()
     dm.setup("fit")
     net = create_net("resenc_unet", filters=[16, 32, 64, 128], out_channels=dm.num_classes)
-    task = SegmentationTask(net, labels=dm.labels, spacing=s["spacing"], patch_size=patch, lr=3e-3, modality="CT")
+    task = SegmentationTask(
+        net,
+        labels=dm.labels,
+        patch_size=patch,
+        lr=3e-3,
+        preprocessing=Preprocessing(spacing=s["spacing"], modality="CT"),
+    )
     _trainer(steps).fit(task, datamodule=dm)
     return save_model_folder(task.net, task.model_card(), out)
 
@@ -201,10 +198,7 @@ def _vae(work: Path, s: dict[str, Any], segmenter: Path) -> Path:
     pl.seed_everything(0, verbose=False)
     dm = _data(work, s, s["vae_patch"], batch=2, samples=1)
     net = create_net("kl_autoencoder", channels=s["vae_channels"], latent_channels=4, norm_num_groups=8)
-    task = VAETask(
-        net, spacing=s["spacing"], patch_size=s["vae_patch"], lr=5e-4, l1_weight=1.0, perceptual_weight=0.1,
-        perceptual_model=str(segmenter), perceptual_layers=(0, 1), kl_weight=1e-6,
-    )  # fmt: skip
+    task = VAETask(net, patch_size=s["vae_patch"], lr=5e-4, l1_weight=1.0, perceptual_weight=0.1, perceptual_model=str(segmenter), perceptual_layers=(0, 1), kl_weight=1e-6, preprocessing=Preprocessing(spacing=s["spacing"]))  # fmt: skip
     _trainer(s["vae_steps"]).fit(task, datamodule=dm)
     _trainer(1, val=True).validate(task, datamodule=dm, verbose=False)  # measures the latent scale factor
     return save_model_folder(task.net, task.model_card(), out)
@@ -226,7 +220,9 @@ def _clip(work: Path, s: dict[str, Any], segmenter: Path) -> Path:
         "clip3d", image_net="resenc_unet", image_args={"filters": [16, 32, 64, 128]}, vocab_size=512, max_length=160,
         width=96, layers=3, heads=4, embed_dim=96,
     )  # fmt: skip
-    task = CLIPTask(net, spacing=s["spacing"], patch_size=s["size"], lr=5e-4, weight_decay=0.05)
+    task = CLIPTask(
+        net, patch_size=s["size"], lr=5e-4, weight_decay=0.05, preprocessing=Preprocessing(spacing=s["spacing"])
+    )
     _init_image_encoder(net, segmenter)  # the medct encoder transfers: the segmenter's
     _trainer(s["clip_steps"]).fit(task, datamodule=dm)
     return save_model_folder(task.net, task.model_card(), out, files={TOKENIZER_FILE: task.tokenizer.to_str()})
@@ -259,8 +255,7 @@ def _ldm(work: Path, s: dict[str, Any], vae: Path, clip: Path) -> Path:
         "latent_diffusion_unet", channels=s["unet_channels"], attention_levels=[False, True, True], num_res_blocks=1,
         norm_num_groups=16, num_head_channels=16, cross_attention_dim=clip_dim,
     )  # fmt: skip
-    task = LDMTask(net, str(vae), str(clip), spacing=s["spacing"], patch_size=s["size"], lr=5e-4, cond_drop=0.1,
-                   context=s["ldm_context"], steps=30, guidance=5.0)  # fmt: skip
+    task = LDMTask(net, str(vae), str(clip), patch_size=s["size"], lr=5e-4, cond_drop=0.1, context=s["ldm_context"], steps=30, guidance=5.0, preprocessing=Preprocessing(spacing=s["spacing"]))  # fmt: skip
     trainer = _trainer(s["ldm_steps"])
     trainer.fit(task, datamodule=dm)
     ckpt = work / f"{out.name}.ckpt"

@@ -39,7 +39,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from _common import CACHE, DATA, ROOT, all_met, paired_goal, quiet_lightning, write_result
+from _common import CACHE, DATA, ROOT, all_met, paired_goal, quiet_lightning, quiet_trainer, write_result
+
+from medct.settings import Sampling, Split
+from medct.transforms import Preprocessing
 
 RESULT = ROOT / "bench" / "results" / "tta.json"
 WORK = CACHE / "tta"
@@ -66,23 +69,25 @@ def _train_source(
 
     pl.seed_everything(0, verbose=False)
     if datalist is None:
-        dm = SegmentationDataModule(
-            data_dir=str(folder / "source_ct"),
-            phantom=PhantomCohort(n=16, variant="ct", seed=0, shape=(64, 64, 64), spacing=SPACING),
-            spacing=spacing, patch_size=patch, batch_size=2, num_samples=1, num_workers=2, val_fraction=0.125,
-        )  # fmt: skip
+        dm = SegmentationDataModule(data_dir=str(folder / "source_ct"), phantom=PhantomCohort(n=16, variant="ct", seed=0, shape=(64, 64, 64), spacing=SPACING), num_workers=2, preprocessing=Preprocessing(spacing=spacing), sampling=Sampling(patch_size=patch, batch_size=2, num_samples=1), split=Split(val_fraction=0.125))  # fmt: skip
     else:
         dm = SegmentationDataModule(
-            datalist=str(datalist), spacing=spacing, patch_size=patch, batch_size=1, num_samples=2, num_workers=2
+            datalist=str(datalist),
+            num_workers=2,
+            preprocessing=Preprocessing(spacing=spacing),
+            sampling=Sampling(patch_size=patch, batch_size=1, num_samples=2),
         )
     dm.prepare_data()
     dm.setup("fit")
     net = create_net("resenc_unet", filters=[8, 16, 32, 64], out_channels=dm.num_classes)
-    task = SegmentationTask(net, labels=dm.labels, spacing=spacing, patch_size=patch, lr=3e-3, modality=dm.modality)
-    trainer = pl.Trainer(
-        max_steps=steps, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, limit_val_batches=0,
-    )  # fmt: skip
+    task = SegmentationTask(
+        net,
+        labels=dm.labels,
+        patch_size=patch,
+        lr=3e-3,
+        preprocessing=Preprocessing(spacing=spacing, modality=dm.modality),
+    )
+    trainer = quiet_trainer(steps)
     trainer.fit(task, datamodule=dm)
     return save_model_folder(task.net, task.model_card(), model_dir)
 

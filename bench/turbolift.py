@@ -50,6 +50,8 @@ from typing import Any
 import yaml
 from _common import CACHE, DATA, ROOT, all_met, mean_sd, paired_goal, quiet_lightning, write_result
 
+from medct.transforms import Preprocessing
+
 RESULT = ROOT / "bench" / "results" / "turbolift.json"
 WORK = CACHE / "turbolift"
 SPACING = [4.0, 4.0, 4.0]
@@ -240,7 +242,9 @@ def _final_dice(summary_dir: Path, data_cfg: dict[str, Any], lists: dict[str, Pa
     card = ModelCard.from_dict(ckpt["medct"]["card"])
     net = create_net(card.net_name, **card.net_args)
     labels = [card.labels[i] for i in range(len(card.labels))]
-    task = SegmentationTask(net, labels=labels, spacing=card.preprocessing.spacing, patch_size=card.patch_size)
+    task = SegmentationTask(
+        net, labels=labels, patch_size=card.patch_size, preprocessing=Preprocessing(spacing=card.preprocessing.spacing)
+    )
     task.load_state_dict(ckpt["state_dict"])
     return {name: dice_on_datalist(task, {"accelerator": "cpu"}, data_cfg, path) for name, path in lists.items()}
 

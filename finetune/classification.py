@@ -21,15 +21,15 @@ import math
 from collections.abc import Sequence
 from typing import Any, Literal
 
-import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
-from medct.checkpoint import ModelCard, store_card
+from medct.checkpoint import ModelCard
 from medct.errors import ConfigError
 from medct.nets.encoder import load_pretrained_encoder
+from medct.task import MedCTTask
 from medct.transforms import Preprocessing
 
 
@@ -49,13 +49,13 @@ def roc_auc(scores: Tensor, targets: Tensor, num_classes: int) -> float:
     return float(sum(compute_roc_auc(scores[:, c], y[:, c]) for c in present) / len(present))
 
 
-class ClassificationTask(pl.LightningModule):
+class ClassificationTask(MedCTTask):
     """Train `net` (an EncoderClassifier) to give each volume one of `labels`.
 
     Args:
         net: the classifier network (`medct.nets.EncoderClassifier`).
         labels: class names by index (linked from the data module).
-        spacing, hu_min, hu_max, patch_size, modality: the data's preprocessing (linked), for the card.
+        preprocessing, patch_size: the data's (linked), for the card.
         lr: AdamW learning rate. weight_decay: AdamW weight decay.
         scheduler: "cosine" or "constant" (per optimiser step).
         pretrained_encoder: an encoder folder to start from. encoder_strict: refuse a partial load.
@@ -66,11 +66,8 @@ class ClassificationTask(pl.LightningModule):
         self,
         net: nn.Module,
         labels: Sequence[str] = ("negative", "positive"),
-        spacing: Sequence[float] = (1.5, 1.5, 1.5),
-        hu_min: float = -1000.0,
-        hu_max: float = 1000.0,
+        preprocessing: Preprocessing | dict[str, Any] = Preprocessing(),
         patch_size: Sequence[int] = (96, 96, 96),
-        modality: str = "CT",
         lr: float = 1e-3,
         weight_decay: float = 1e-4,
         scheduler: Literal["cosine", "constant"] = "cosine",
@@ -78,14 +75,10 @@ class ClassificationTask(pl.LightningModule):
         encoder_strict: bool = True,
         freeze_encoder: bool = False,
     ) -> None:
-        super().__init__()
+        super().__init__(net, preprocessing, patch_size)
         self.save_hyperparameters(ignore=["net"])
-        self.hparams.update(
-            labels=[str(n) for n in labels],
-            spacing=[float(s) for s in spacing],
-            patch_size=[int(p) for p in patch_size],
-        )
-        self.net_config: dict[str, Any] | None = getattr(net, "net_config", None)
+        self.record_data()
+        self.hparams.update(labels=[str(n) for n in labels])
         if not hasattr(net, "head") or not hasattr(net, "encoder_features"):
             raise ConfigError(
                 f"{type(net).__name__} is not a classifier network; use medct.nets.EncoderClassifier as model.net."
@@ -95,7 +88,6 @@ class ClassificationTask(pl.LightningModule):
             raise ConfigError(f"the classifier has {out} outputs but there are {len(labels)} classes {list(labels)}.")
         if len(labels) < 2:
             raise ConfigError(f"Classification needs at least two classes, got {list(labels)}.")
-        self.net = net
         if pretrained_encoder is not None:
             report = load_pretrained_encoder(net, pretrained_encoder, encoder_strict)
             rank_zero_info(f"pretrained encoder {pretrained_encoder}: {report.summary()}")
@@ -108,29 +100,14 @@ class ClassificationTask(pl.LightningModule):
         self._scores: list[Tensor] = []
         self._targets: list[Tensor] = []
 
-    @property
-    def preprocessing(self) -> Preprocessing:
-        hp = self.hparams
-        return Preprocessing(spacing=tuple(hp.spacing), hu_min=hp.hu_min, hu_max=hp.hu_max, modality=hp.modality)  # type: ignore[arg-type]
-
     def model_card(self) -> ModelCard:
-        if self.net_config is None:
-            raise ValueError("the network was not built by medct.nets.create_net (it has no net_config)")
         hp = self.hparams
-        return ModelCard(
-            net_name=str(self.net_config["name"]),
-            net_args=dict(self.net_config["args"]),
+        return self.card(
+            "classification",
             labels=dict(enumerate(self.labels)),
-            preprocessing=self.preprocessing,
-            patch_size=tuple(hp.patch_size),  # type: ignore[arg-type]
-            task="classification",
             outputs={"input": "body-cropped volume padded / centre-cropped to patch_size", "scores": "softmax"},
             extra={"pretrained_encoder": hp.pretrained_encoder, "freeze_encoder": bool(hp.freeze_encoder)},
         )
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        if self.net_config is not None:
-            store_card(checkpoint, self.model_card(), net_prefix="net.")
 
     def forward(self, x: Tensor) -> Tensor:  # (B, 1, *patch) -> (B, classes) logits
         return self.net(x)

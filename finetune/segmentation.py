@@ -27,7 +27,6 @@ import math
 from collections.abc import Sequence
 from typing import Any, Literal
 
-import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 from monai.inferers import sliding_window_inference
@@ -36,19 +35,20 @@ from monai.metrics import DiceMetric
 from monai.networks.utils import one_hot
 from torch import Tensor, nn
 
-from medct.checkpoint import ModelCard, read_network_weights, store_card
+from medct.checkpoint import ModelCard, read_network_weights
 from medct.errors import ConfigError
 from medct.finetune.losses import LossName, make_loss
 from medct.finetune.safeguards import WeightAnchor, load_fisher, param_groups
 from medct.nets.encoder import load_pretrained_encoder, load_unique_state_dict
+from medct.task import MedCTTask
 from medct.transforms import Preprocessing
 
 
-class SegmentationTask(pl.LightningModule):
+class SegmentationTask(MedCTTask):
     """Train `net` to label CT voxels with `labels` (index 0 = background).
 
-    `spacing`, `hu_min`, `hu_max`, `modality` and `patch_size` describe the data the network sees
-    (linked from the data module by MedCTCLI) and go into the exported model card, with
+    `preprocessing` and `patch_size` describe the data the network sees (linked from the data
+    module by MedCTCLI) and go into the exported model card, with
     `sw_overlap` / `sw_batch_size` as the model's default inference settings, and `keep_largest`:
     labels of which inference keeps only the largest connected component (nnU-Net's "remove all
     but the largest component" post-processing; for organs that are one piece, e.g. each lung).
@@ -71,11 +71,8 @@ class SegmentationTask(pl.LightningModule):
         self,
         net: nn.Module,
         labels: Sequence[str] = ("background", "foreground"),
-        spacing: Sequence[float] = (1.5, 1.5, 1.5),
-        hu_min: float = -1000.0,
-        hu_max: float = 1000.0,
+        preprocessing: Preprocessing | dict[str, Any] = Preprocessing(),
         patch_size: Sequence[int] = (96, 96, 96),
-        modality: str = "CT",
         lr: float = 1e-3,
         weight_decay: float = 1e-5,
         scheduler: Literal["poly", "cosine", "constant"] = "poly",
@@ -96,26 +93,18 @@ class SegmentationTask(pl.LightningModule):
         encoder_lr_scale: float = 1.0,
         compile: bool = False,
     ) -> None:
-        super().__init__()
+        super().__init__(net, preprocessing, patch_size)
         self.save_hyperparameters(ignore=["net"])
+        self.record_data()
         # JSON primitives only (the Python API may pass tuples): checkpoints stay weights_only-loadable.
         self.hparams.update(
             labels=[str(n) for n in labels],
-            spacing=[float(s) for s in spacing],
-            hu_min=float(hu_min),
-            hu_max=float(hu_max),
-            patch_size=[int(p) for p in patch_size],
-            modality=str(modality),
             keep_largest=[str(n) for n in keep_largest],
             present=None if present is None else [str(m) for m in present],
         )
-        # How to rebuild the network, saved in the model card (not in the hyperparameters: LightningCLI
-        # feeds a checkpoint's hyperparameters back as init args on --ckpt_path).
-        self.net_config: dict[str, Any] | None = getattr(net, "net_config", None)
         out_channels = (self.net_config or {}).get("args", {}).get("out_channels")
         if out_channels is not None and out_channels != len(labels):
             raise ValueError(f"the network has {out_channels} output channels but there are {len(labels)} labels")
-        self.net = net
         if pretrained_encoder is not None:
             report = load_pretrained_encoder(net, pretrained_encoder, encoder_strict)
             rank_zero_info(f"pretrained encoder {pretrained_encoder}: {report.summary()}")
@@ -153,23 +142,12 @@ class SegmentationTask(pl.LightningModule):
             raise ConfigError(f"model.encoder_lr_scale must lie in (0, 1], got {encoder_lr_scale}.")
         self.dice_metric = DiceMetric(include_background=False, reduction="none", ignore_empty=True)
 
-    @property
-    def preprocessing(self) -> Preprocessing:
-        hp = self.hparams
-        return Preprocessing(spacing=tuple(hp.spacing), hu_min=hp.hu_min, hu_max=hp.hu_max, modality=hp.modality)  # type: ignore[arg-type]
-
     def model_card(self) -> ModelCard:
         """The card `medct export` writes for this task's network."""
-        if self.net_config is None:
-            raise ValueError("the network was not built by medct.nets.create_net (it has no net_config)")
         hp = self.hparams
-        return ModelCard(
-            net_name=str(self.net_config["name"]),
-            net_args=dict(self.net_config["args"]),
+        return self.card(
+            "segmentation",
             labels=dict(enumerate(self.labels)),
-            preprocessing=self.preprocessing,
-            patch_size=tuple(hp.patch_size),  # type: ignore[arg-type]
-            task="segmentation",
             inference={
                 "overlap": float(hp.sw_overlap),
                 "sw_batch_size": int(hp.sw_batch_size),
@@ -180,10 +158,6 @@ class SegmentationTask(pl.LightningModule):
     def configure_model(self) -> None:
         if self.hparams.compile:
             self.net.compile()  # in place: state-dict keys stay those of the plain network
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        if self.net_config is not None:
-            store_card(checkpoint, self.model_card(), net_prefix="net.")
 
     def on_fit_start(self) -> None:
         if self.anchor is not None:
@@ -236,7 +210,7 @@ class SegmentationTask(pl.LightningModule):
     def _infer(self, image: Tensor) -> Tensor:  # (1, 1, X, Y, Z) -> (1, C, X, Y, Z) logits
         return sliding_window_inference(
             image,
-            roi_size=tuple(self.hparams.patch_size),
+            roi_size=self.patch,
             sw_batch_size=self.hparams.sw_batch_size,
             predictor=self,
             overlap=self.hparams.sw_overlap,

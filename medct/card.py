@@ -53,7 +53,7 @@ class ModelCard:
 
     @property
     def modality(self) -> str:
-        return self.preprocessing.modality
+        return self.preprocessing.modality or "CT"
 
     def to_dict(self) -> dict[str, Any]:
         from medct import __version__
@@ -89,7 +89,7 @@ class ModelCard:
             net_name=str(d["net"]["name"]),
             net_args=dict(d["net"]["args"]),
             labels={int(k): str(v) for k, v in d.get("labels", {}).items()},
-            preprocessing=Preprocessing.from_dict(d["preprocessing"]),
+            preprocessing=_card_preprocessing(d["preprocessing"]),
             patch_size=tuple(int(p) for p in d["patch_size"]),  # type: ignore[arg-type]
             task=str(d.get("task", "segmentation")),
             licence=str(d.get("licence", "unspecified")),
@@ -143,3 +143,13 @@ def read_model_card(model_dir: str | os.PathLike[str]) -> ModelCard:
         return ModelCard.from_dict(json.loads(card_path.read_text()))
     except (ValueError, KeyError, TypeError) as e:
         raise ModelFolderError(f"{card_path} is not a valid medct model card ({type(e).__name__}: {e}).") from e
+
+
+def _card_preprocessing(d: dict[str, Any]) -> Preprocessing:
+    """A card's preprocessing; its own check's sentence as a ValueError (read_model_card names the card)."""
+    from medct.errors import MedCTError
+
+    try:
+        return Preprocessing.from_dict(d)
+    except MedCTError as e:
+        raise ValueError(str(e).rstrip(".")) from e

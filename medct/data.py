@@ -25,9 +25,11 @@ Datalists are MONAI-style lists of dicts with those keys, read from
 Without a "validation" list the training list is split by a seeded shuffle: a fraction, or fold
 k of n.
 
-What the data decides is linked by MedCTCLI into the task (`medct.lightning_cli.DATA_LINKS`):
-spacing, hu_min, hu_max, patch_size and modality on parse; labels and num_classes (into the
-network's out_channels) on instantiation. A task that lacks one of these arguments simply does
+A data module takes three typed groups (dataclasses the Lightning CLI reads from YAML as nested
+mappings): `preprocessing` (`medct.transforms.Preprocessing`: spacing, HU window, modality),
+`sampling` and `split` (`medct.settings`). What the data decides is linked by MedCTCLI into the
+task (`medct.lightning_cli.DATA_LINKS`): sampling.patch_size on parse; the resolved preprocessing,
+labels and num_classes (into the network's out_channels) on instantiation. A task that lacks one of these arguments simply does
 not receive it.
 
 Caching (`cache_dir`): the deterministic head of the pipelines (load, RAS, spacing, intensity
@@ -51,7 +53,7 @@ import math
 import os
 import random
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +62,7 @@ from torch.utils.data import DataLoader
 
 from medct.errors import ConfigError, InputPathError
 from medct.paths import VOLUME_SUFFIXES, volume_stem
+from medct.settings import Sampling, Split
 from medct.transforms import (
     Preprocessing,
     classification_transforms,
@@ -284,23 +287,19 @@ class VolumeDataModule(pl.LightningDataModule):
         data_dir: a dataset folder (dataset.json, nnU-Net imagesTr/labelsTr, or a plain folder of
             volumes for ["image"]); exactly one of data_dir / datalist. Defaults to None.
         datalist: an MSD-style JSON whose paths are relative to its own folder. Defaults to None.
-        spacing: target voxel size in mm (R, A, S). Defaults to (1.5, 1.5, 1.5).
-        hu_min, hu_max: intensity window mapped to [0, 1]. Defaults to -1000 and 1000.
-        modality: "CT", "CBCT" or "MR"; None: from the phantom variant or dataset.json's
-            "modality", else "CT". Defaults to None.
-        patch_size: training crop in voxels. Defaults to (96, 96, 96).
-        batch_size: volumes per training step (each gives num_samples crops). Defaults to 2.
-        num_samples: crops per volume. Defaults to 2.
+        preprocessing: spacing (mm, R A S), HU window mapped to [0, 1], modality (None: from the
+            phantom variant or dataset.json's "modality", else CT). Defaults to 1.5 mm, [-1000, 1000].
+        sampling: patch_size, batch_size (volumes per step), num_samples (crops per volume), pos/neg
+            (`medct.settings.Sampling`). Defaults to 96^3, 2, 2.
+        split: val_fraction, fold/num_folds, seed, num_train when the datalist has no validation
+            list (`medct.settings.Split`). Defaults to 20 % held out, seed 0, all training volumes.
         augment: intensity/affine augmentation in training. Defaults to True.
         num_workers: DataLoader workers. Defaults to 4.
         multiprocessing_context: how workers start: "fork", "spawn" (macOS, Windows) or
             "forkserver"; None = the platform's default. Every pipeline pickles, so all three work.
             Defaults to None.
         cache_dir: disk cache of the deterministic preprocessing (None = no cache). Defaults to None.
-        val_fraction, fold, num_folds, seed: the split when the datalist has no validation list.
         phantom: write this synthetic cohort into data_dir when it holds no dataset.json. Defaults to None.
-        num_train: train on only this many training volumes (a seeded choice; the few-label
-            settings of the transfer benchmarks); None = all. Defaults to None.
     """
 
     def __init__(
@@ -308,23 +307,14 @@ class VolumeDataModule(pl.LightningDataModule):
         keys: Sequence[str] = ("image",),
         data_dir: str | None = None,
         datalist: str | None = None,
-        spacing: tuple[float, float, float] = (1.5, 1.5, 1.5),
-        hu_min: float = -1000.0,
-        hu_max: float = 1000.0,
-        modality: str | None = None,
-        patch_size: tuple[int, int, int] = (96, 96, 96),
-        batch_size: int = 2,
-        num_samples: int = 2,
+        preprocessing: Preprocessing = Preprocessing(),
+        sampling: Sampling = Sampling(),
+        split: Split = Split(),
         augment: bool = True,
         num_workers: int = 4,
         multiprocessing_context: str | None = None,
         cache_dir: str | None = None,
-        val_fraction: float = 0.2,
-        fold: int | None = None,
-        num_folds: int = 5,
-        seed: int = 0,
         phantom: PhantomCohort | None = None,
-        num_train: int | None = None,
     ) -> None:
         super().__init__()
         self.keys = tuple(str(k) for k in keys)
@@ -337,42 +327,37 @@ class VolumeDataModule(pl.LightningDataModule):
             raise InputPathError("A phantom cohort needs data.data_dir, the folder to write it into.")
         if phantom is not None and phantom.variant not in ("ct", "cbct", "cbct_tst", "mr"):
             raise ConfigError(f"data.phantom.variant must be ct, cbct, cbct_tst or mr, got '{phantom.variant}'.")
-        _check_positive("data.spacing", spacing, float)
-        _check_positive("data.patch_size", patch_size, int)
-        if not hu_max > hu_min:
-            raise ConfigError(f"data.hu_max ({hu_max}) must be greater than data.hu_min ({hu_min}).")
-        if not 0.0 < val_fraction < 1.0:
-            raise ConfigError(f"data.val_fraction must lie strictly between 0 and 1, got {val_fraction}.")
-        for name, value in (("batch_size", batch_size), ("num_samples", num_samples)):
-            if int(value) < 1:
-                raise ConfigError(f"data.{name} must be at least 1, got {value}.")
         check_workers(num_workers, multiprocessing_context)
         self.data_dir = data_dir
         self.datalist = datalist
         self.phantom = phantom
-        self.modality = str(modality) if modality is not None else self._default_modality()
-        self.pre = Preprocessing(
-            spacing=tuple(float(s) for s in spacing),  # type: ignore[arg-type]
-            hu_min=float(hu_min),
-            hu_max=float(hu_max),
-            modality=self.modality,
-        )
+        self.pre = preprocessing.resolved(self._default_modality())
+        self.modality = str(self.pre.modality)
+        self.sampling, self.split_settings = sampling, split
         self.spacing = list(self.pre.spacing)
-        self.hu_min, self.hu_max = float(hu_min), float(hu_max)
-        self.patch_size = [int(p) for p in patch_size]
-        self.batch_size = int(batch_size)
-        self.num_samples = int(num_samples)
+        self.hu_min, self.hu_max = self.pre.hu_min, self.pre.hu_max
+        self.patch_size = list(sampling.patch_size)
+        self.batch_size = int(sampling.batch_size)
+        self.num_samples = int(sampling.num_samples)
         self.augment = augment
         self.num_workers = int(num_workers)
         self.multiprocessing_context = multiprocessing_context
         self.cache_dir = cache_dir
-        self.val_fraction, self.fold, self.num_folds, self.seed = val_fraction, fold, num_folds, seed
-        if num_train is not None and int(num_train) < 1:
-            raise ConfigError(f"data.num_train must be at least 1 (or null for all), got {num_train}.")
-        self.num_train = None if num_train is None else int(num_train)
+        self.val_fraction, self.fold, self.num_folds, self.seed = (
+            split.val_fraction,
+            split.fold,
+            split.num_folds,
+            split.seed,
+        )
+        self.num_train = None if split.num_train is None else int(split.num_train)
         self.train_items: Datalist = []
         self.val_items: Datalist = []
         self.kept_slices = False  # set by _split from the datalist
+
+    @property
+    def resolved_preprocessing(self) -> dict[str, Any]:
+        """The preprocessing with its modality resolved, as the task receives it (MedCTCLI links it)."""
+        return self.pre.to_dict()
 
     def _json_path(self) -> Path:
         return Path(self.datalist) if self.datalist is not None else Path(str(self.data_dir)) / DATASET_JSON
@@ -490,7 +475,7 @@ class VolumeDataModule(pl.LightningDataModule):
     def subset(self, train: Datalist, n: int) -> Datalist:
         """`n` training volumes: the first n of a seeded shuffle (the same for every task on one split)."""
         if n > len(train):
-            raise ConfigError(f"data.num_train is {n} but the training split has only {len(train)} volumes.")
+            raise ConfigError(f"data.split.num_train is {n} but the training split has only {len(train)} volumes.")
         order = list(train)
         random.Random(self.seed + 1).shuffle(order)
         return order[:n]
@@ -548,8 +533,8 @@ class SegmentationDataModule(VolumeDataModule):
 
     Args (besides VolumeDataModule's):
         labels: class names by index, background first. Defaults to None (from the dataset).
-        pos, neg: ratio of label-centred to body-centred crops. Defaults to 1.0 and 1.0.
         flip_axes: RAS axes to mirror in augmentation; none by default (laterality). Defaults to ().
+        (sampling.pos / sampling.neg: the ratio of label-centred to body-centred crops.)
     """
 
     def __init__(
@@ -557,52 +542,32 @@ class SegmentationDataModule(VolumeDataModule):
         data_dir: str | None = None,
         datalist: str | None = None,
         labels: list[str] | None = None,
-        spacing: tuple[float, float, float] = (1.5, 1.5, 1.5),
-        hu_min: float = -1000.0,
-        hu_max: float = 1000.0,
-        modality: str | None = None,
-        patch_size: tuple[int, int, int] = (96, 96, 96),
-        batch_size: int = 2,
-        num_samples: int = 2,
-        pos: float = 1.0,
-        neg: float = 1.0,
+        preprocessing: Preprocessing = Preprocessing(),
+        sampling: Sampling = Sampling(),
+        split: Split = Split(),
         augment: bool = True,
         flip_axes: tuple[int, ...] = (),
         num_workers: int = 4,
         multiprocessing_context: str | None = None,
         cache_dir: str | None = None,
-        val_fraction: float = 0.2,
-        fold: int | None = None,
-        num_folds: int = 5,
-        seed: int = 0,
         phantom: PhantomCohort | None = None,
-        num_train: int | None = None,
     ) -> None:
         super().__init__(
-            keys=("image", "label"),
-            data_dir=data_dir,
-            datalist=datalist,
-            spacing=spacing,
-            hu_min=hu_min,
-            hu_max=hu_max,
-            modality=modality,
-            patch_size=patch_size,
-            batch_size=batch_size,
-            num_samples=num_samples,
-            augment=augment,
-            num_workers=num_workers,
-            multiprocessing_context=multiprocessing_context,
-            cache_dir=cache_dir,
-            val_fraction=val_fraction,
-            fold=fold,
-            num_folds=num_folds,
-            seed=seed,
-            phantom=phantom,
-            num_train=num_train,
+            ("image", "label"),
+            data_dir,
+            datalist,
+            preprocessing,
+            sampling,
+            split,
+            augment,
+            num_workers,
+            multiprocessing_context,
+            cache_dir,
+            phantom,
         )
         if any(a not in (0, 1, 2) for a in flip_axes):
             raise ConfigError(f"data.flip_axes holds RAS axes 0, 1 or 2, got {list(flip_axes)}.")
-        self.pos, self.neg = pos, neg
+        self.pos, self.neg = sampling.pos, sampling.neg
         self.flip_axes = tuple(flip_axes)
         self.labels: list[str] = list(labels) if labels is not None else self._default_labels()
         if len(self.labels) < 2:
@@ -646,7 +611,8 @@ class ClassificationDataModule(VolumeDataModule):
     with "class" = the class index. `num_train` picks that many training volumes, balanced over the
     classes (round-robin over a seeded shuffle of each class).
 
-    Args (besides VolumeDataModule's): class_key, classes.
+    Args (besides VolumeDataModule's): class_key, classes. Of `sampling` only patch_size and
+    batch_size apply (one whole volume per item).
     """
 
     def __init__(
@@ -655,44 +621,28 @@ class ClassificationDataModule(VolumeDataModule):
         classes: list[str] | None = None,
         data_dir: str | None = None,
         datalist: str | None = None,
-        spacing: tuple[float, float, float] = (1.5, 1.5, 1.5),
-        hu_min: float = -1000.0,
-        hu_max: float = 1000.0,
-        modality: str | None = None,
-        patch_size: tuple[int, int, int] = (96, 96, 96),
-        batch_size: int = 2,
+        preprocessing: Preprocessing = Preprocessing(),
+        sampling: Sampling = Sampling(),
+        split: Split = Split(),
         augment: bool = True,
         num_workers: int = 4,
         multiprocessing_context: str | None = None,
         cache_dir: str | None = None,
-        val_fraction: float = 0.2,
-        fold: int | None = None,
-        num_folds: int = 5,
-        seed: int = 0,
         phantom: PhantomCohort | None = None,
-        num_train: int | None = None,
     ) -> None:
+        whole = replace(sampling, num_samples=1)
         super().__init__(
-            keys=("image",),
-            data_dir=data_dir,
-            datalist=datalist,
-            spacing=spacing,
-            hu_min=hu_min,
-            hu_max=hu_max,
-            modality=modality,
-            patch_size=patch_size,
-            batch_size=batch_size,
-            num_samples=1,
-            augment=augment,
-            num_workers=num_workers,
-            multiprocessing_context=multiprocessing_context,
-            cache_dir=cache_dir,
-            val_fraction=val_fraction,
-            fold=fold,
-            num_folds=num_folds,
-            seed=seed,
-            phantom=phantom,
-            num_train=num_train,
+            ("image",),
+            data_dir,
+            datalist,
+            preprocessing,
+            whole,
+            split,
+            augment,
+            num_workers,
+            multiprocessing_context,
+            cache_dir,
+            phantom,
         )
         self.class_key = str(class_key)
         self._classes = [str(c) for c in classes] if classes is not None else None
@@ -738,7 +688,7 @@ class ClassificationDataModule(VolumeDataModule):
 
     def subset(self, train: Datalist, n: int) -> Datalist:
         if n > len(train):
-            raise ConfigError(f"data.num_train is {n} but the training split has only {len(train)} volumes.")
+            raise ConfigError(f"data.split.num_train is {n} but the training split has only {len(train)} volumes.")
         by_class: dict[str, list[dict[str, Any]]] = {}
         for x in train:
             by_class.setdefault(str(x[self.class_key]), []).append(x)
@@ -785,16 +735,6 @@ def worker_options(num_workers: int, multiprocessing_context: str | None) -> dic
         "persistent_workers": True,
         "multiprocessing_context": multiprocessing_context,
     }
-
-
-def _check_positive(name: str, values: Sequence[Any], kind: type) -> None:
-    """ConfigError unless `values` are three positive numbers (spacing, patch size)."""
-    try:
-        vals = [kind(v) for v in values]
-    except (TypeError, ValueError):
-        raise ConfigError(f"{name} must be three positive numbers, got {values!r}.") from None
-    if len(vals) != 3 or min(vals) <= 0:
-        raise ConfigError(f"{name} must be three positive numbers, got {list(values)}.")
 
 
 def _phantom_label_names(labels: Any) -> list[str]:

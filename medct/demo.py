@@ -18,6 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
+from medct.settings import Sampling, Split
+from medct.transforms import Preprocessing
+
 
 def run_demo(output_dir: str | os.PathLike[str], epochs: int | None = None, quick: bool = False) -> dict[str, float]:
     """Run the demo into `output_dir`; returns the mean Dice of each organ on the held-out cases."""
@@ -50,14 +53,11 @@ def run_demo(output_dir: str | os.PathLike[str], epochs: int | None = None, quic
     datamodule = SegmentationDataModule(
         data_dir=str(train_dir),
         phantom=PhantomCohort(n=n_train, variant="ct", seed=0, shape=shape, spacing=spacing),
-        spacing=spacing,
-        patch_size=patch,
-        batch_size=2,
-        num_samples=2,
         num_workers=0 if quick else 2,
         cache_dir=str(out / "cache"),
-        val_fraction=0.15,
-        seed=0,
+        preprocessing=Preprocessing(spacing=spacing),
+        sampling=Sampling(patch_size=patch, batch_size=2, num_samples=2),
+        split=Split(val_fraction=0.15, seed=0),
     )
     # held-out seeds never overlap the training cohort's (seed 0..n_train-1)
     write_cohort(test_dir, n=n_test, variant="ct", seed=10_000, shape=shape, spacing=spacing)
@@ -68,10 +68,10 @@ def run_demo(output_dir: str | os.PathLike[str], epochs: int | None = None, quic
     task = SegmentationTask(
         net=net,
         labels=[LABELS[i] for i in sorted(LABELS)],
-        spacing=spacing,
         patch_size=patch,
         lr=3e-3,
         scheduler="poly",
+        preprocessing=Preprocessing(spacing=spacing),
     )
     gpu = torch.cuda.is_available()
     trainer = pl.Trainer(

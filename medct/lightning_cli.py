@@ -4,8 +4,9 @@ MedCTCLI is LightningCLI (jsonargparse) in subclass mode, so one entry point run
 in configs/: the YAML names the task (`model.class_path`) and the data module (`data.class_path`).
 What the data decides is given once, in `data:`, and linked into the task (`DATA_LINKS`):
 
-  data.init_args.{spacing,hu_min,hu_max,patch_size} -> model.init_args.*        (on parse)
-  data.modality   (resolved: phantom variant, dataset.json, else CT) -> model.init_args.modality
+  data.init_args.sampling.patch_size                  -> model.init_args.patch_size     (on parse)
+  data.resolved_preprocessing (spacing, HU window; modality resolved from the phantom variant,
+      dataset.json, else CT)                          -> model.init_args.preprocessing  (on instantiation)
   data.labels                                         -> model.init_args.labels   (on instantiation)
   data.num_classes -> model.init_args.net.init_args.out_channels                 (on instantiation)
 
@@ -35,12 +36,9 @@ LIGHTNING_VERBS = ("fit", "validate", "test", "predict")
 
 # (source in the data module, target in the task, when): the names the CLI links from data into the model.
 DATA_LINKS: tuple[tuple[str, str, str], ...] = (
-    ("data.init_args.spacing", "model.init_args.spacing", "parse"),
-    ("data.init_args.hu_min", "model.init_args.hu_min", "parse"),
-    ("data.init_args.hu_max", "model.init_args.hu_max", "parse"),
-    ("data.init_args.patch_size", "model.init_args.patch_size", "parse"),
+    ("data.init_args.sampling.patch_size", "model.init_args.patch_size", "parse"),
     ("data.init_args.context", "model.init_args.context", "parse"),
-    ("data.modality", "model.init_args.modality", "instantiate"),
+    ("data.resolved_preprocessing", "model.init_args.preprocessing", "instantiate"),
     ("data.labels", "model.init_args.labels", "instantiate"),
     ("data.num_classes", "model.init_args.net.init_args.out_channels", "instantiate"),
 )

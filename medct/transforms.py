@@ -22,8 +22,9 @@ PersistentDataset caches to disk.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -35,17 +36,42 @@ class Preprocessing:
 
     spacing:  target voxel size (mm) along R, A, S after orientation to RAS.
     hu_min, hu_max: HU window; values are clipped to it and mapped to [0, 1].
-    modality: "CT", "CBCT" or "MR": what the model was trained on (checked against DICOM headers;
-              HU windowing for all three for now, MR/CBCT normalisations come with their issues).
+    modality: "CT", "CBCT" or "MR": what the model was trained on (checked against DICOM headers).
+              None (a data module's default): from the data - the phantom variant, else the
+              dataset.json "modality", else CT (`resolved`); a model card always names it.
+
+    Checks itself when made (a data module's `preprocessing:` group in YAML, or a card read back).
     """
 
     spacing: tuple[float, float, float] = (1.5, 1.5, 1.5)
     hu_min: float = -1000.0
     hu_max: float = 1000.0
-    modality: str = "CT"
+    modality: str | None = None
+
+    def __post_init__(self) -> None:
+        from medct.errors import ConfigError
+
+        try:
+            mm = tuple(float(s) for s in self.spacing)
+        except (TypeError, ValueError):
+            raise ConfigError(f"preprocessing.spacing must be three positive numbers, got {self.spacing!r}.") from None
+        if len(mm) != 3 or not all(s > 0 and math.isfinite(s) for s in mm):
+            raise ConfigError(f"preprocessing.spacing must be three positive numbers, got {list(self.spacing)}.")
+        if not (math.isfinite(self.hu_min) and math.isfinite(self.hu_max) and float(self.hu_max) > float(self.hu_min)):
+            raise ConfigError(f"preprocessing.hu_min must be below hu_max, got {self.hu_min} and {self.hu_max}.")
+        # frozen: normalised once, here (YAML gives lists and ints)
+        object.__setattr__(self, "spacing", mm)
+        object.__setattr__(self, "hu_min", float(self.hu_min))
+        object.__setattr__(self, "hu_max", float(self.hu_max))
+        if self.modality is not None:
+            object.__setattr__(self, "modality", str(self.modality).upper())
+
+    def resolved(self, modality: str = "CT") -> Preprocessing:
+        """This preprocessing with its modality named (`modality` where it is None)."""
+        return self if self.modality is not None else replace(self, modality=modality)
 
     def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
+        d = asdict(self.resolved())
         d["spacing"] = list(self.spacing)
         return d
 
@@ -55,8 +81,14 @@ class Preprocessing:
             spacing=tuple(float(s) for s in d["spacing"]),  # type: ignore[arg-type]
             hu_min=float(d["hu_min"]),
             hu_max=float(d["hu_max"]),
-            modality=str(d.get("modality", "CT")),
+            modality=str(d.get("modality") or "CT"),
         )
+
+    @classmethod
+    def of(cls, value: Preprocessing | dict[str, Any]) -> Preprocessing:
+        """A task's `preprocessing` argument as given: the dataclass (Python, or the CLI's link) or its
+        mapping (a checkpoint's hyperparameters fed back on --ckpt_path); modality resolved."""
+        return (value if isinstance(value, cls) else cls.from_dict(dict(value))).resolved()
 
 
 def scale_intensity(hu: np.ndarray, pre: Preprocessing) -> np.ndarray:

@@ -23,17 +23,18 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import asdict, dataclass
 from typing import Any, ClassVar, Literal
 
-import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
-from medct.checkpoint import ENCODER_TASK, ModelCard, store_card
+from medct.checkpoint import ENCODER_TASK, ModelCard
 from medct.errors import ConfigError
 from medct.nets.encoder import load_pretrained_encoder
+from medct.task import MedCTTask
 from medct.transforms import Preprocessing
 
 Schedule = Literal["cosine", "wsd", "constant"]
@@ -76,16 +77,45 @@ def centre_patch(image: Tensor, patch: Sequence[int]) -> Tensor:
     return image[:, :, x : x + patch[0], y : y + patch[1], z : z + patch[2]]
 
 
-class PretrainTask(pl.LightningModule):
+@dataclass(frozen=True)
+class Optimisation:
+    """AdamW with a warmup schedule, as every pretraining method uses it.
+
+    lr: peak learning rate. weight_decay: AdamW weight decay.
+    scheduler: "cosine", "wsd" or "constant" (`WarmupSchedule`). warmup_steps: linear warmup length.
+    decay_fraction: the last fraction of the run over which "wsd" decays to 0.
+    """
+
+    lr: float = 1e-4
+    weight_decay: float = 1e-2
+    scheduler: Schedule = "cosine"
+    warmup_steps: int = 0
+    decay_fraction: float = 0.1
+
+    def __post_init__(self) -> None:
+        if self.scheduler not in ("cosine", "wsd", "constant"):
+            raise ConfigError(f"model.optim.scheduler must be cosine, wsd or constant, got '{self.scheduler}'.")
+        if not 0.0 < self.decay_fraction <= 1.0:
+            raise ConfigError(f"model.optim.decay_fraction must lie in (0, 1], got {self.decay_fraction}.")
+        if int(self.warmup_steps) < 0:
+            raise ConfigError(f"model.optim.warmup_steps must be 0 or more, got {self.warmup_steps}.")
+        if not self.lr > 0:
+            raise ConfigError(f"model.optim.lr must be positive, got {self.lr}.")
+
+    @classmethod
+    def of(cls, value: Optimisation | dict[str, Any]) -> Optimisation:
+        """The dataclass, or its mapping (a checkpoint's hyperparameters fed back on --ckpt_path)."""
+        return value if isinstance(value, cls) else cls(**dict(value))
+
+
+class PretrainTask(MedCTTask):
     """Base of the pretraining tasks: `net` (a registry network) whose encoder is pretrained.
 
     Args (shared by every method's YAML):
         net: the network from `medct.nets` (its `encoder_prefixes` part is exported).
-        spacing, hu_min, hu_max, patch_size, modality: the data's preprocessing (linked from the
-            data module by MedCTCLI), stored in the encoder card.
-        lr: peak AdamW learning rate. weight_decay: AdamW weight decay.
-        scheduler: "cosine", "wsd" or "constant". warmup_steps: linear warmup length.
-        decay_fraction: the last fraction of the run over which "wsd" decays to 0.
+        preprocessing, patch_size: the data's (linked from the data module by MedCTCLI), stored
+            in the encoder card.
+        optim: AdamW and its schedule (`Optimisation`).
         pretrained_encoder: an encoder folder to start from (continual pretraining).
     """
 
@@ -94,54 +124,28 @@ class PretrainTask(pl.LightningModule):
     def __init__(
         self,
         net: nn.Module,
-        spacing: Sequence[float] = (1.5, 1.5, 1.5),
-        hu_min: float = -1000.0,
-        hu_max: float = 1000.0,
+        preprocessing: Preprocessing | dict[str, Any] = Preprocessing(),
         patch_size: Sequence[int] = (96, 96, 96),
-        modality: str = "CT",
-        lr: float = 1e-4,
-        weight_decay: float = 1e-2,
-        scheduler: Schedule = "cosine",
-        warmup_steps: int = 0,
-        decay_fraction: float = 0.1,
+        optim: Optimisation | dict[str, Any] = Optimisation(),
         pretrained_encoder: str | None = None,
     ) -> None:
-        super().__init__()
-        if scheduler not in ("cosine", "wsd", "constant"):
-            raise ConfigError(f"model.scheduler must be cosine, wsd or constant, got '{scheduler}'.")
-        if not 0.0 < decay_fraction <= 1.0:
-            raise ConfigError(f"model.decay_fraction must lie in (0, 1], got {decay_fraction}.")
-        if int(warmup_steps) < 0:
-            raise ConfigError(f"model.warmup_steps must be 0 or more, got {warmup_steps}.")
-        self.net_config: dict[str, Any] | None = getattr(net, "net_config", None)
+        super().__init__(net, preprocessing, patch_size)
+        self.optim = Optimisation.of(optim)
         if not hasattr(net, "encoder_features"):
             raise ConfigError(f"{type(net).__name__} is not a medct registry network (no encoder_features).")
-        self.net = net
         self.lineage: list[dict[str, Any]] = []  # earlier pretraining phases of the encoder we start from
         if pretrained_encoder is not None:
             report = load_pretrained_encoder(net, pretrained_encoder, strict=True)
             rank_zero_info(f"pretrained encoder {pretrained_encoder}: {report.summary()}")
             self.lineage = _lineage_of(pretrained_encoder)
 
-    # -- what the data decides (hparams are set by the subclass's save_hyperparameters)
-
-    @property
-    def preprocessing(self) -> Preprocessing:
-        hp = self.hparams
-        return Preprocessing(
-            spacing=tuple(float(s) for s in hp.spacing),  # type: ignore[arg-type]
-            hu_min=float(hp.hu_min),
-            hu_max=float(hp.hu_max),
-            modality=str(hp.modality),
-        )
-
-    @property
-    def patch(self) -> tuple[int, int, int]:
-        return tuple(int(p) for p in self.hparams.patch_size)  # type: ignore[return-value]
+    def record_data(self) -> None:
+        super().record_data()
+        self.hparams.update(optim=asdict(self.optim))
 
     def method_settings(self) -> dict[str, Any]:
         """The method's own hyperparameters, for the card (JSON primitives)."""
-        skip = {"spacing", "hu_min", "hu_max", "patch_size", "modality", "pretrained_encoder"}
+        skip = {"preprocessing", "patch_size", "pretrained_encoder"}
         return {k: v for k, v in dict(self.hparams).items() if k not in skip and not k.startswith("_")}
 
     def data_seen(self) -> dict[str, Any]:
@@ -156,34 +160,23 @@ class PretrainTask(pl.LightningModule):
 
     def model_card(self) -> ModelCard:
         """The encoder card `medct export` writes (task "encoder")."""
-        if self.net_config is None:
-            raise ValueError("the network was not built by medct.nets.create_net (it has no net_config)")
         phase = {"method": self.method, "settings": self.method_settings(), "data": self.data_seen()}
-        return ModelCard(
-            net_name=str(self.net_config["name"]),
-            net_args=dict(self.net_config["args"]),
-            labels={},
-            preprocessing=self.preprocessing,
-            patch_size=self.patch,
-            task=ENCODER_TASK,
+        return self.card(
+            ENCODER_TASK,
             outputs={"encoder_prefixes": list(self.net.encoder_prefixes)},
             extra={"pretraining": {**phase, "earlier_phases": self.lineage}},
         )
 
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        if self.net_config is not None:
-            store_card(checkpoint, self.model_card(), net_prefix="net.")
-
     # -- optimisation
 
     def configure_optimizers(self) -> Any:
-        hp = self.hparams
+        o = self.optim
         params = [p for p in self.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=hp.lr, weight_decay=hp.weight_decay)
+        opt = torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay)
         total = self.trainer.estimated_stepping_batches if self._trainer is not None else math.inf
         if not math.isfinite(total):
             return opt
-        lam = WarmupSchedule(hp.scheduler, int(total), hp.warmup_steps, hp.decay_fraction)
+        lam = WarmupSchedule(o.scheduler, int(total), o.warmup_steps, o.decay_fraction)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lam)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 

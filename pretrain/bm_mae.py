@@ -30,9 +30,11 @@ import torch
 from monai.networks.blocks import TransformerBlock
 from torch import Tensor, nn
 
+from medct.card import ModelCard
 from medct.errors import ConfigError
 from medct.nets.mm_unetr import sincos_positions
-from medct.pretrain.base import PretrainTask, Schedule, centre_patch
+from medct.pretrain.base import Optimisation, PretrainTask, centre_patch
+from medct.transforms import Preprocessing
 
 DECODER_PART = "mae_decoder"  # the exported file mae_decoder.safetensors, from the task's `mae_decoder.` tensors
 
@@ -152,34 +154,14 @@ class BMMAETask(PretrainTask):
         decoder_heads: int = 6,
         norm_target: bool = False,
         image_key: str = "phases",
-        spacing: Sequence[float] = (1.5, 1.5, 1.5),
-        hu_min: float = -1000.0,
-        hu_max: float = 1000.0,
+        preprocessing: Preprocessing | dict[str, Any] = Preprocessing(),
         patch_size: Sequence[int] = (96, 96, 96),
-        modality: str = "CT",
-        lr: float = 1.5e-4,
-        weight_decay: float = 0.05,
-        scheduler: Schedule = "cosine",
-        warmup_steps: int = 0,
-        decay_fraction: float = 0.1,
+        optim: Optimisation | dict[str, Any] = Optimisation(lr=1.5e-4, weight_decay=0.05),
         pretrained_encoder: str | None = None,
     ) -> None:
-        super().__init__(
-            net,
-            spacing,
-            hu_min,
-            hu_max,
-            patch_size,
-            modality,
-            lr,
-            weight_decay,
-            scheduler,
-            warmup_steps,
-            decay_fraction,
-            pretrained_encoder,
-        )
+        super().__init__(net, preprocessing, patch_size, optim, pretrained_encoder)
         self.save_hyperparameters(ignore=["net"])
-        self.hparams.update(spacing=[float(s) for s in spacing], patch_size=[int(p) for p in patch_size])
+        self.record_data()
         if not hasattr(net, "tokenize") or not hasattr(net, "modalities"):
             raise ConfigError(
                 f"BM-MAE pretrains a multimodal ViT (medct.nets.MultiModalUNETR), not {type(net).__name__}."
@@ -196,19 +178,20 @@ class BMMAETask(PretrainTask):
             net.hidden, len(net.modalities), net.patch, decoder_dim, decoder_depth, decoder_heads
         )
 
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        from medct.checkpoint import store_card
+    def model_card(self) -> ModelCard:
+        """The encoder card, with how to rebuild the MAE decoder exported beside it."""
+        card = super().model_card()
+        hp = self.hparams
+        card.extra[DECODER_PART] = {
+            "dim": hp.decoder_dim,
+            "depth": hp.decoder_depth,
+            "heads": hp.decoder_heads,
+            "modalities": list(self.net.modalities),
+        }
+        return card
 
-        if self.net_config is not None:
-            card = self.model_card()
-            hp = self.hparams
-            card.extra[DECODER_PART] = {
-                "dim": hp.decoder_dim,
-                "depth": hp.decoder_depth,
-                "heads": hp.decoder_heads,
-                "modalities": list(self.net.modalities),
-            }
-            store_card(checkpoint, card, net_prefix="net.", parts={DECODER_PART: "mae_decoder."})
+    def card_parts(self) -> dict[str, str]:
+        return {DECODER_PART: "mae_decoder."}
 
     def _all_tokens(self, x: Tensor) -> tuple[Tensor, list[int]]:
         parts = [self.net.tokenize(x, m) for m in range(len(self.net.modalities))]

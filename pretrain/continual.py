@@ -32,6 +32,8 @@ from torch.utils.data import ConcatDataset, DataLoader, Sampler
 
 from medct.data import Datalist, PhantomCohort, VolumeDataModule, find_datalist, read_msd_datalist
 from medct.errors import ConfigError, InputPathError
+from medct.settings import Sampling, Split
+from medct.transforms import Preprocessing
 
 
 class ReplayBatchSampler(Sampler[list[int]]):
@@ -110,39 +112,27 @@ class ContinualDataModule(VolumeDataModule):
         keys: Sequence[str] = ("image",),
         data_dir: str | None = None,
         datalist: str | None = None,
-        spacing: tuple[float, float, float] = (1.5, 1.5, 1.5),
-        hu_min: float = -1000.0,
-        hu_max: float = 1000.0,
-        modality: str | None = None,
-        patch_size: tuple[int, int, int] = (96, 96, 96),
-        batch_size: int = 2,
-        num_samples: int = 1,
+        preprocessing: Preprocessing = Preprocessing(),
+        sampling: Sampling = Sampling(num_samples=1),
+        split: Split = Split(),
         augment: bool = True,
         num_workers: int = 4,
         multiprocessing_context: str | None = None,
         cache_dir: str | None = None,
-        val_fraction: float = 0.2,
-        seed: int = 0,
         phantom: PhantomCohort | None = None,
     ) -> None:
         super().__init__(
-            keys=keys,
-            data_dir=data_dir,
-            datalist=datalist,
-            spacing=spacing,
-            hu_min=hu_min,
-            hu_max=hu_max,
-            modality=modality,
-            patch_size=patch_size,
-            batch_size=batch_size,
-            num_samples=num_samples,
-            augment=augment,
-            num_workers=num_workers,
-            multiprocessing_context=multiprocessing_context,
-            cache_dir=cache_dir,
-            val_fraction=val_fraction,
-            seed=seed,
-            phantom=phantom,
+            keys,
+            data_dir,
+            datalist,
+            preprocessing,
+            sampling,
+            split,
+            augment,
+            num_workers,
+            multiprocessing_context,
+            cache_dir,
+            phantom,
         )
         if not 0.0 <= replay_fraction < 1.0:
             raise ConfigError(f"data.replay_fraction must lie in [0, 1), got {replay_fraction}.")

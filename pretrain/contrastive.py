@@ -9,7 +9,7 @@
     queue of earlier keys, InfoNCE at temperature 0.2.
 
 3D specifics follow nnssl's SimCLRTransform (MIC-DKFZ/nnssl `ssl_data/dataloading/simclr_transform.py`):
-the data module delivers one crop per volume sample (`data.patch_size`, e.g. 96^3); the two views
+the data module delivers one crop per volume sample (`data.sampling.patch_size`, e.g. 96^3); the two views
 are `crop_size` (64^3) sub-crops of it that overlap by at least `min_overlap` (50 %) along every
 axis, so both show the same region. The embedding is every encoder stage's output, average-
 pooled and concatenated (B, sum of stage widths), into the projector. Augmentations are CT-sensible
@@ -40,7 +40,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from medct.errors import ConfigError
-from medct.pretrain.base import PretrainTask, Schedule, centre_patch
+from medct.pretrain.base import Optimisation, PretrainTask, centre_patch
+from medct.transforms import Preprocessing
 
 
 def overlapping_offsets(
@@ -146,37 +147,16 @@ class ContrastiveTask(PretrainTask):
         proj_dim: int = 2048,
         queue_size: int = 4096,
         momentum: float = 0.999,
-        spacing: Sequence[float] = (1.5, 1.5, 1.5),
-        hu_min: float = -1000.0,
-        hu_max: float = 1000.0,
+        preprocessing: Preprocessing | dict[str, Any] = Preprocessing(),
         patch_size: Sequence[int] = (96, 96, 96),
-        modality: str = "CT",
-        lr: float = 1e-4,
-        weight_decay: float = 1e-2,
-        scheduler: Schedule = "cosine",
-        warmup_steps: int = 0,
-        decay_fraction: float = 0.1,
+        optim: Optimisation | dict[str, Any] = Optimisation(),
         pretrained_encoder: str | None = None,
     ) -> None:
-        super().__init__(
-            net,
-            spacing,
-            hu_min,
-            hu_max,
-            patch_size,
-            modality,
-            lr,
-            weight_decay,
-            scheduler,
-            warmup_steps,
-            decay_fraction,
-            pretrained_encoder,
-        )
+        super().__init__(net, preprocessing, patch_size, optim, pretrained_encoder)
         self.save_hyperparameters(ignore=["net"])
+        self.record_data()
         self.hparams.update(
             crop_size=[int(c) for c in crop_size],
-            spacing=[float(s) for s in spacing],
-            patch_size=[int(p) for p in patch_size],
         )
         if method not in ("simclr", "moco"):
             raise ConfigError(f"model.method must be simclr or moco, got '{method}'.")
@@ -184,7 +164,7 @@ class ContrastiveTask(PretrainTask):
             int(c) > int(p) or int(c) < 1 for c, p in zip(crop_size, patch_size, strict=True)
         ):
             raise ConfigError(
-                f"model.crop_size {list(crop_size)} must be three sides no larger than data.patch_size {list(patch_size)}."
+                f"model.crop_size {list(crop_size)} must be three sides no larger than data.sampling.patch_size {list(patch_size)}."
             )
         if not 0.0 < min_overlap <= 1.0:
             raise ConfigError(f"model.min_overlap must lie in (0, 1], got {min_overlap}.")

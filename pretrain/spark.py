@@ -33,7 +33,8 @@ import torch
 from torch import Tensor, nn
 
 from medct.errors import ConfigError
-from medct.pretrain.base import PretrainTask, Schedule, centre_patch
+from medct.pretrain.base import Optimisation, PretrainTask, centre_patch
+from medct.transforms import Preprocessing
 
 # ----------------------------------------------------------------------------- masks
 
@@ -250,34 +251,14 @@ class SparKTask(PretrainTask):
         mask_ratio: float = 0.75,
         mask_stride: int = 16,
         norm_target: bool = False,
-        spacing: Sequence[float] = (1.5, 1.5, 1.5),
-        hu_min: float = -1000.0,
-        hu_max: float = 1000.0,
+        preprocessing: Preprocessing | dict[str, Any] = Preprocessing(),
         patch_size: Sequence[int] = (96, 96, 96),
-        modality: str = "CT",
-        lr: float = 1e-4,
-        weight_decay: float = 1e-2,
-        scheduler: Schedule = "cosine",
-        warmup_steps: int = 0,
-        decay_fraction: float = 0.1,
+        optim: Optimisation | dict[str, Any] = Optimisation(),
         pretrained_encoder: str | None = None,
     ) -> None:
-        super().__init__(
-            net,
-            spacing,
-            hu_min,
-            hu_max,
-            patch_size,
-            modality,
-            lr,
-            weight_decay,
-            scheduler,
-            warmup_steps,
-            decay_fraction,
-            pretrained_encoder,
-        )
+        super().__init__(net, preprocessing, patch_size, optim, pretrained_encoder)
         self.save_hyperparameters(ignore=["net"])
-        self.hparams.update(spacing=[float(s) for s in spacing], patch_size=[int(p) for p in patch_size])
+        self.record_data()
         if not 0.0 < mask_ratio < 1.0:
             raise ConfigError(f"model.mask_ratio must lie strictly between 0 and 1, got {mask_ratio}.")
         bad = [p for p in patch_size if int(p) % int(mask_stride)]

@@ -22,13 +22,15 @@ keeps the whole batch. The boxes are drawn on the tensors' device inside the tra
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from monai.losses import DiceCELoss
 from torch import Tensor, nn
 
 from medct.errors import ConfigError
-from medct.pretrain.base import PretrainTask, Schedule, centre_patch
+from medct.pretrain.base import Optimisation, PretrainTask, centre_patch
+from medct.transforms import Preprocessing
 
 ALPHAS = (0.0, 0.25, 0.5, 0.75, 1.0)
 
@@ -87,38 +89,17 @@ class VolumeFusionTask(PretrainTask):
         num_boxes: Sequence[int] = (10, 40),
         min_side: int = 8,
         max_side_fraction: float = 0.625,
-        spacing: Sequence[float] = (1.5, 1.5, 1.5),
-        hu_min: float = -1000.0,
-        hu_max: float = 1000.0,
+        preprocessing: Preprocessing | dict[str, Any] = Preprocessing(),
         patch_size: Sequence[int] = (96, 96, 96),
-        modality: str = "CT",
-        lr: float = 1e-3,
-        weight_decay: float = 1e-5,
-        scheduler: Schedule = "cosine",
-        warmup_steps: int = 0,
-        decay_fraction: float = 0.1,
+        optim: Optimisation | dict[str, Any] = Optimisation(lr=1e-3, weight_decay=1e-5),
         pretrained_encoder: str | None = None,
     ) -> None:
-        super().__init__(
-            net,
-            spacing,
-            hu_min,
-            hu_max,
-            patch_size,
-            modality,
-            lr,
-            weight_decay,
-            scheduler,
-            warmup_steps,
-            decay_fraction,
-            pretrained_encoder,
-        )
+        super().__init__(net, preprocessing, patch_size, optim, pretrained_encoder)
         self.save_hyperparameters(ignore=["net"])
+        self.record_data()
         self.hparams.update(
             alphas=[float(a) for a in alphas],
             num_boxes=[int(n) for n in num_boxes],
-            spacing=[float(s) for s in spacing],
-            patch_size=[int(p) for p in patch_size],
         )
         if len(alphas) < 2 or any(not 0.0 <= a <= 1.0 for a in alphas):
             raise ConfigError(f"model.alphas must be two or more coefficients in [0, 1], got {list(alphas)}.")
@@ -158,7 +139,7 @@ class VolumeFusionTask(PretrainTask):
             self._same_volume_warned = True
             self.print(
                 "Volume Fusion: one volume per batch, so fg and bg crops come from the same volume; "
-                "use data.batch_size >= 2."
+                "use data.sampling.batch_size >= 2."
             )
         fused, labels = self.fused_batch(x, shift=k)
         loss = self.loss_fn(self.net(fused), labels)

@@ -28,13 +28,13 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from medct.checkpoint import ModelCard, store_card
+from medct.checkpoint import ModelCard
 from medct.errors import ConfigError
+from medct.task import MedCTTask
 from medct.transforms import Preprocessing
 
 PAD = "[PAD]"  # id 0: the text transformer's padding id
@@ -130,7 +130,7 @@ def retrieval_recall(img: Tensor, txt: Tensor, ks: Sequence[int] = (1, 5)) -> di
     return out
 
 
-class CLIPTask(pl.LightningModule):
+class CLIPTask(MedCTTask):
     """Train `medct.nets.CLIP3D` on (volume, report) pairs of a `TextCTDataModule`.
 
     The tokenizer is trained on the data module's training reports at the start of fitting (unless
@@ -142,20 +142,16 @@ class CLIPTask(pl.LightningModule):
     def __init__(
         self,
         net: nn.Module,
-        spacing: Sequence[float] = (4.0, 4.0, 4.0),
+        preprocessing: Preprocessing | dict[str, Any] = Preprocessing(spacing=(4.0, 4.0, 4.0), modality="CT"),
         patch_size: Sequence[int] = (96, 96, 48),
-        hu_min: float = -1000.0,
-        hu_max: float = 1000.0,
         lr: float = 3e-4,
         weight_decay: float = 0.05,
         pretrained_encoder: str | None = None,
         tokenizer: str | None = None,
     ) -> None:
-        super().__init__()
+        super().__init__(net, preprocessing, patch_size)
         self.save_hyperparameters(ignore=["net"])
-        self.hparams.update(spacing=[float(s) for s in spacing], patch_size=[int(p) for p in patch_size])
-        self.net = net
-        self.net_config: dict[str, Any] | None = getattr(net, "net_config", None)
+        self.record_data()
         self.tokenizer: Any = read_tokenizer(tokenizer, int(net.vocab_size)) if tokenizer else None
         if pretrained_encoder:
             from medct.nets import load_pretrained_encoder
@@ -164,16 +160,8 @@ class CLIPTask(pl.LightningModule):
         self._val: list[tuple[Tensor, Tensor]] = []
 
     def model_card(self) -> ModelCard:
-        if self.net_config is None:
-            raise ValueError("the network was not built by medct.nets.create_net (it has no net_config)")
-        hp = self.hparams
-        return ModelCard(
-            net_name=str(self.net_config["name"]),
-            net_args=dict(self.net_config["args"]),
-            labels={},
-            preprocessing=Preprocessing(spacing=tuple(hp.spacing), hu_min=hp.hu_min, hu_max=hp.hu_max, modality="CT"),  # type: ignore[arg-type]
-            patch_size=tuple(hp.patch_size),  # type: ignore[arg-type]
-            task="clip",
+        return self.card(
+            "clip",
             inference={"max_length": int(self.net.max_length)},
             outputs={"embed_dim": int(self.net.embed_dim)},
         )
@@ -187,11 +175,12 @@ class CLIPTask(pl.LightningModule):
                 raise ConfigError("CLIPTask needs a data module with report texts (medct.synthesis.TextCTDataModule).")
             self.tokenizer = train_tokenizer(dm.texts("train"), vocab_size=int(self.net.vocab_size))
 
+    def card_files(self) -> dict[str, str]:
+        return {TOKENIZER_FILE: self.tokenizer.to_str()} if self.tokenizer is not None else {}
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        files = {TOKENIZER_FILE: self.tokenizer.to_str()} if self.tokenizer is not None else {}
-        checkpoint["medct_tokenizer"] = files.get(TOKENIZER_FILE)
-        if self.net_config is not None:
-            store_card(checkpoint, self.model_card(), net_prefix="net.", files=files)
+        checkpoint["medct_tokenizer"] = self.card_files().get(TOKENIZER_FILE)
+        super().on_save_checkpoint(checkpoint)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if checkpoint.get("medct_tokenizer"):

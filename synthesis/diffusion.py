@@ -39,17 +39,18 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-import lightning.pytorch as pl
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from medct.checkpoint import ModelCard, store_card
+from medct.checkpoint import ModelCard
 from medct.errors import ConfigError, InputPathError, ModelFolderError
 from medct.predictor import use_bf16
 from medct.synthesis.clip3d import TOKENIZER_FILE, load_tokenizer, tokenize
 from medct.synthesis.vae import check_size, decode
+from medct.task import MedCTTask
+from medct.transforms import Preprocessing
 from medct.volume import Volume
 
 Objective = Literal["rflow", "ddpm"]
@@ -160,11 +161,11 @@ def _load_part(model_dir: str, task: str) -> tuple[nn.Module, ModelCard]:
     return net, card
 
 
-class LDMTask(pl.LightningModule):
+class LDMTask(MedCTTask):
     """Train a `medct.nets.LatentDiffusionUNet` in the latent space of the VAE folder `vae`,
     conditioned on the text embedding of the CLIP folder `clip` (both exported with `medct export`).
 
-    spacing / patch_size (the whole generation grid) / hu window come from the data module and must
+    preprocessing / patch_size (the whole generation grid) come from the data module and must
     match the VAE's. objective: "rflow" or "ddpm". context: "pooled" (the CLIP text embedding, length
     1, Text2CT) or "tokens" (the CLIP text encoder's token sequence). cond_drop: probability of replacing the text
     context by `null_value` (classifier-free guidance). steps / guidance: the card's sampling defaults.
@@ -175,10 +176,8 @@ class LDMTask(pl.LightningModule):
         net: nn.Module,
         vae: str,
         clip: str,
-        spacing: Sequence[float] = (4.0, 4.0, 4.0),
+        preprocessing: Preprocessing | dict[str, Any] = Preprocessing(spacing=(4.0, 4.0, 4.0), modality="CT"),
         patch_size: Sequence[int] = (96, 96, 48),
-        hu_min: float = -1000.0,
-        hu_max: float = 1000.0,
         objective: Objective = "rflow",
         context: Context = "pooled",
         lr: float = 1e-4,
@@ -187,17 +186,15 @@ class LDMTask(pl.LightningModule):
         steps: int = 30,
         guidance: float = 5.0,
     ) -> None:
-        super().__init__()
+        super().__init__(net, preprocessing, patch_size)
         self.save_hyperparameters(ignore=["net"])
-        self.hparams.update(spacing=[float(s) for s in spacing], patch_size=[int(p) for p in patch_size])
+        self.record_data()
         if objective not in ("rflow", "ddpm"):
             raise ConfigError(f"model.objective must be 'rflow' or 'ddpm', got '{objective}'.")
         if context not in ("pooled", "tokens"):
             raise ConfigError(f"model.context must be 'pooled' or 'tokens', got '{context}'.")
         if not 0.0 <= cond_drop < 1.0:
             raise ConfigError(f"model.cond_drop must be in [0, 1), got {cond_drop}.")
-        self.net = net
-        self.net_config: dict[str, Any] | None = getattr(net, "net_config", None)
         self.vae, self.vae_card = _load_part(vae, "vae")
         self.clip, self.clip_card = _load_part(clip, "clip")
         _frozen(self.vae), _frozen(self.clip)
@@ -206,17 +203,17 @@ class LDMTask(pl.LightningModule):
             raise ModelFolderError(f"The CLIP model folder '{clip}' has no {TOKENIZER_FILE}.")
         self.tokenizer_json = tok_path.read_text()
         self.tokenizer = load_tokenizer(self.tokenizer_json)
-        pre = self.vae_card.preprocessing
-        if [round(s, 4) for s in pre.spacing] != [round(s, 4) for s in spacing] or (pre.hu_min, pre.hu_max) != (
-            float(hu_min),
-            float(hu_max),
+        pre, own = self.vae_card.preprocessing, self.pre
+        if [round(s, 4) for s in pre.spacing] != [round(s, 4) for s in own.spacing] or (pre.hu_min, pre.hu_max) != (
+            own.hu_min,
+            own.hu_max,
         ):
             raise ConfigError(
-                f"The data (spacing {list(spacing)}, window [{hu_min}, {hu_max}]) must match the VAE's "
+                f"The data (spacing {list(own.spacing)}, window [{own.hu_min}, {own.hu_max}]) must match the VAE's "
                 f"(spacing {list(pre.spacing)}, window [{pre.hu_min}, {pre.hu_max}])."
             )
         f = int(self.vae.downsample)
-        check_size(patch_size, f * int(net.stride), "The generation grid (data.size = data.patch_size)")
+        check_size(patch_size, f * int(net.stride), "The generation grid (data.size = data.sampling.patch_size)")
         if int(net.in_channels) != int(self.vae.latent_channels):
             raise ConfigError(
                 f"The diffusion UNet takes {net.in_channels} channels but the VAE's latent has {self.vae.latent_channels}."
@@ -238,17 +235,11 @@ class LDMTask(pl.LightningModule):
     # -- card
 
     def model_card(self) -> ModelCard:
-        if self.net_config is None:
-            raise ValueError("the network was not built by medct.nets.create_net (it has no net_config)")
         hp = self.hparams
         sampler = "rflow" if hp.objective == "rflow" else "ddim"
-        return ModelCard(
-            net_name=str(self.net_config["name"]),
-            net_args=dict(self.net_config["args"]),
-            labels={},
+        return self.card(
+            "text2ct",
             preprocessing=self.vae_card.preprocessing,
-            patch_size=tuple(hp.patch_size),  # type: ignore[arg-type]
-            task="text2ct",
             inference={
                 "objective": hp.objective,
                 "sampler": sampler,
@@ -256,7 +247,7 @@ class LDMTask(pl.LightningModule):
                 "guidance": float(hp.guidance),
                 "null_value": float(hp.null_value),
                 "scale_factor": self.scale_factor,
-                "tile": list(self.vae_card.inference.get("tile", hp.patch_size)),
+                "tile": list(self.vae_card.inference.get("tile", self.patch)),
                 "center_mm": [float(c) for c in self.center_mm],
                 "max_length": int(self.clip.max_length),
                 "context": str(hp.context),
@@ -272,15 +263,11 @@ class LDMTask(pl.LightningModule):
     def scheduler(self) -> Any:
         return self._scheduler[0]
 
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        if self.net_config is not None:
-            store_card(
-                checkpoint,
-                self.model_card(),
-                net_prefix="net.",
-                parts={"vae": "vae.", "clip": "clip."},
-                files={TOKENIZER_FILE: self.tokenizer_json},
-            )
+    def card_parts(self) -> dict[str, str]:
+        return {"vae": "vae.", "clip": "clip."}
+
+    def card_files(self) -> dict[str, str]:
+        return {TOKENIZER_FILE: self.tokenizer_json}
 
     def on_fit_start(self) -> None:
         dm = self.trainer.datamodule if self.trainer is not None else None

@@ -29,7 +29,7 @@ import copy
 import re
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -39,9 +39,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from medct.card import ModelCard
 from medct.data import check_workers, worker_options
 from medct.errors import ConfigError, InputPathError, InvalidVolumeError, MedCTError
 from medct.geometry import Grid
+from medct.settings import Sampling, Split
+from medct.task import MedCTTask
+from medct.transforms import Preprocessing
 from medct.volume import Volume
 
 Registration = Literal["intensity", "elastix"]
@@ -335,12 +339,12 @@ def finetune(
     return tuned.eval()
 
 
-class MotionTask(pl.LightningModule):
+class MotionTask(MedCTTask):
     """Population training of a `medct.nets.MotionTransformer` on displacement-field sequences
     (batches from `MotionDataModule`: "fields" (B, L+1, 3, x, y, z) mm, "image" (B, 1, x, y, z)).
 
-    spacing / hu_min / hu_max / patch_size / context: the motion grid, reference window, training
-    crop and context length (linked from the data module). Validation rolls out each validation sequence from its first `context`
+    preprocessing / patch_size / context: the motion grid and reference window, the training crop
+    and the context length (linked from the data module). Validation rolls out each validation sequence from its first `context`
     fields and logs the mean displacement error (mm): val/rollout_mm. finetune_steps / finetune_lr:
     the defaults of patient-specific fine-tuning, stored in the card.
     """
@@ -351,23 +355,21 @@ class MotionTask(pl.LightningModule):
         lr: float = 3e-4,
         weight_decay: float = 1e-4,
         context: int = 16,
-        spacing: Sequence[float] = (8.0, 8.0, 8.0),
-        hu_min: float = -1000.0,
-        hu_max: float = 500.0,
+        preprocessing: Preprocessing | dict[str, Any] = Preprocessing(
+            spacing=(8.0, 8.0, 8.0), hu_max=500.0, modality="CT"
+        ),
         patch_size: Sequence[int] = (32, 32, 24),
         registration_spacing_mm: float = 6.0,
         finetune_steps: int = 50,
         finetune_lr: float = 1e-4,
     ) -> None:
-        super().__init__()
+        super().__init__(net, preprocessing, patch_size)
         self.save_hyperparameters(ignore=["net"])
-        self.hparams.update(spacing=[float(s) for s in spacing], patch_size=[int(p) for p in patch_size])
+        self.record_data()
         if context < 2:
             raise ConfigError(f"model.context must be at least 2 phases, got {context}.")
         if context > int(getattr(net, "max_phases", context)):
             raise ConfigError(f"model.context ({context}) exceeds the network's max_phases ({net.max_phases}).")
-        self.net = net
-        self.net_config: dict[str, Any] | None = getattr(net, "net_config", None)
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         loss = next_phase_loss(self.net, batch["fields"], batch["image"])
@@ -386,20 +388,10 @@ class MotionTask(pl.LightningModule):
     def configure_optimizers(self) -> Any:
         return torch.optim.AdamW(self.net.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
 
-    def model_card(self) -> Any:
-        from medct.checkpoint import ModelCard
-        from medct.transforms import Preprocessing
-
-        if self.net_config is None:
-            raise ValueError("the network was not built by medct.nets.create_net (it has no net_config)")
+    def model_card(self) -> ModelCard:
         hp = self.hparams
-        return ModelCard(
-            net_name=str(self.net_config["name"]),
-            net_args=dict(self.net_config["args"]),
-            labels={},
-            preprocessing=Preprocessing(spacing=tuple(hp.spacing), hu_min=float(hp.hu_min), hu_max=float(hp.hu_max)),
-            patch_size=tuple(hp.patch_size),  # type: ignore[arg-type]
-            task="motion",
+        return self.card(
+            "motion",
             inference={
                 "context": int(hp.context),
                 "registration": "intensity",
@@ -410,21 +402,14 @@ class MotionTask(pl.LightningModule):
             outputs={"units": "mm", "kind": "pull-back displacement from phase 0, RAS"},
         )
 
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        from medct.checkpoint import store_card
-
-        store_card(checkpoint, self.model_card())
-
 
 # --------------------------------------------------------------------------- population data
 
 
-def _sequence_arrays(
-    phases: Sequence[Volume], fields: np.ndarray, spacing: Sequence[float], hu_min: float, hu_max: float
-) -> tuple[np.ndarray, np.ndarray]:
+def _sequence_arrays(phases: Sequence[Volume], fields: np.ndarray, pre: Preprocessing) -> tuple[np.ndarray, np.ndarray]:
     """(image (1, x, y, z), fields (T, 3, x, y, z)) on the motion grid of phases[0]."""
-    grid = motion_grid(phases[0], spacing)
-    return reference_channel(phases[0], grid, hu_min, hu_max), to_motion_grid(fields, phases[0], grid)
+    grid = motion_grid(phases[0], pre.spacing)
+    return reference_channel(phases[0], grid, pre.hu_min, pre.hu_max), to_motion_grid(fields, phases[0], grid)
 
 
 class _Windows(torch.utils.data.Dataset):
@@ -472,11 +457,12 @@ class MotionDataModule(pl.LightningDataModule):
         phantom_patients: how many phantom patients (seeded by phantom_seed + i). Defaults to 0.
         n_phases, phases_per_cycle: of each phantom sequence. Defaults to 24 and 8.
         phantom_shape, phantom_spacing: the phantom grid (voxels, mm). Defaults to (96, 96, 64) at 4 mm.
-        spacing, hu_min, hu_max: motion grid (mm) and reference window. Defaults to 8 mm, -1000, 500.
+        preprocessing: motion grid (mm) and reference window. Defaults to 8 mm, [-1000, 500].
+        sampling: patch_size (training crop on the motion grid) and batch_size; one window per
+            draw. Defaults to (32, 32, 24) and 4.
+        split: val_fraction (the first sequences validate) and seed. Defaults to 0.2 and 0.
         context: training windows hold context + 1 fields. Defaults to 16.
-        patch_size: training crop on the motion grid. Defaults to (32, 32, 24).
-        batch_size, samples_per_epoch, val_fraction, seed, num_workers, multiprocessing_context:
-            as in `medct.data.VolumeDataModule`.
+        samples_per_epoch, num_workers, multiprocessing_context: as in `medct.data.VolumeDataModule`.
     """
 
     def __init__(
@@ -488,15 +474,11 @@ class MotionDataModule(pl.LightningDataModule):
         phases_per_cycle: int = 8,
         phantom_shape: tuple[int, int, int] = (96, 96, 64),
         phantom_spacing: float = 4.0,
-        spacing: tuple[float, float, float] = (8.0, 8.0, 8.0),
-        hu_min: float = -1000.0,
-        hu_max: float = 500.0,
+        preprocessing: Preprocessing = Preprocessing(spacing=(8.0, 8.0, 8.0), hu_max=500.0, modality="CT"),
+        sampling: Sampling = Sampling(patch_size=(32, 32, 24), batch_size=4, num_samples=1),
+        split: Split = Split(),
         context: int = 16,
-        patch_size: tuple[int, int, int] = (32, 32, 24),
-        batch_size: int = 4,
         samples_per_epoch: int = 200,
-        val_fraction: float = 0.2,
-        seed: int = 0,
         num_workers: int = 0,
         multiprocessing_context: str | None = None,
     ) -> None:
@@ -506,9 +488,18 @@ class MotionDataModule(pl.LightningDataModule):
             raise ConfigError("Give exactly one of data.datalist (a JSON file) or data.phantom_patients (> 0).")
         if n_phases < context + 1 and datalist is None:
             raise ConfigError(f"data.n_phases ({n_phases}) must exceed data.context ({context}).")
-        self.save_hyperparameters()
+        # JSON primitives in the hyperparameters (a checkpoint stays weights_only-loadable)
+        self.save_hyperparameters(ignore=["preprocessing", "sampling", "split"])
+        self.pre = preprocessing.resolved("CT")
+        self.sampling, self.split_settings = sampling, split
+        self.hparams.update(preprocessing=self.pre.to_dict(), sampling=asdict(sampling), split=asdict(split))
         self.train_seqs: list[tuple[np.ndarray, np.ndarray]] = []
         self.val_seqs: list[tuple[np.ndarray, np.ndarray]] = []
+
+    @property
+    def resolved_preprocessing(self) -> dict[str, Any]:
+        """The motion grid and window, as the task receives it (MedCTCLI links it)."""
+        return self.pre.to_dict()
 
     def _load(self) -> list[tuple[np.ndarray, np.ndarray]]:
         hp = self.hparams
@@ -521,7 +512,7 @@ class MotionDataModule(pl.LightningDataModule):
                 s = phantom_sequence(
                     int(hp.phantom_seed) + i, hp.n_phases, hp.phases_per_cycle, tuple(hp.phantom_shape), sp
                 )
-                out.append(_sequence_arrays(s.phases, s.displacements, hp.spacing, hp.hu_min, hp.hu_max))
+                out.append(_sequence_arrays(s.phases, s.displacements, self.pre))
             return out
         import json
 
@@ -541,21 +532,22 @@ class MotionDataModule(pl.LightningDataModule):
                 fields = register_phases(vols, spacing_mm=6.0)
             if len(vols) <= hp.context:
                 raise ConfigError(f"{ph} has {len(vols)} phases; training needs more than data.context ({hp.context}).")
-            out.append(_sequence_arrays(vols, fields, hp.spacing, hp.hu_min, hp.hu_max))
+            out.append(_sequence_arrays(vols, fields, self.pre))
         return out
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_seqs:
             return
         seqs = self._load()
-        n_val = int(round(len(seqs) * float(self.hparams.val_fraction))) if len(seqs) > 1 else 0
+        n_val = int(round(len(seqs) * self.split_settings.val_fraction)) if len(seqs) > 1 else 0
         self.val_seqs, self.train_seqs = seqs[:n_val], seqs[n_val:]
 
     def train_dataloader(self) -> Any:
         hp = self.hparams
-        ds = _Windows(self.train_seqs, hp.context + 1, hp.patch_size, hp.samples_per_epoch, hp.seed)
+        patch, seed = self.sampling.patch_size, self.split_settings.seed
+        ds = _Windows(self.train_seqs, hp.context + 1, patch, hp.samples_per_epoch, seed)
         workers = worker_options(int(hp.num_workers), hp.multiprocessing_context)
-        return torch.utils.data.DataLoader(ds, batch_size=hp.batch_size, shuffle=False, **workers)
+        return torch.utils.data.DataLoader(ds, batch_size=self.sampling.batch_size, shuffle=False, **workers)
 
     def val_dataloader(self) -> Any:
         items = [

@@ -29,17 +29,19 @@ import itertools
 import json
 import os
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Literal
 
-import lightning.pytorch as pl
 import numpy as np
 import torch
 from torch import Tensor, nn
 
-from medct.checkpoint import ModelCard, store_card
+from medct.checkpoint import ModelCard
 from medct.data import PhantomCohort, VolumeDataModule
 from medct.errors import ConfigError, InvalidVolumeError
+from medct.settings import Sampling, Split
+from medct.task import MedCTTask
 from medct.transforms import Preprocessing
 from medct.volume import Volume
 
@@ -228,6 +230,20 @@ def align_pair(
     return write_volume(warped, out_path)  # atomic: a crash never leaves a half-written pair
 
 
+def ct_range(pre: Preprocessing) -> Preprocessing:
+    """`pre` with synthetic CT's fixed target range [CT_MIN, CT_MAX] HU as its window. A window left at
+    Preprocessing's default (a Python caller giving only the spacing) takes it; any other window is
+    a user's mistake, refused in one sentence (the source is normalised by its modality instead)."""
+    window = (pre.hu_min, pre.hu_max)
+    default = Preprocessing()
+    if window not in ((CT_MIN, CT_MAX), (default.hu_min, default.hu_max)):
+        raise ConfigError(
+            f"Synthetic CT maps the CT target from its fixed range [{CT_MIN:g}, {CT_MAX:g}] HU; "
+            f"data.preprocessing.hu_min / hu_max ({window[0]:g}, {window[1]:g}) cannot be changed."
+        )
+    return replace(pre, hu_min=CT_MIN, hu_max=CT_MAX)
+
+
 class SCTDataModule(VolumeDataModule):
     """Pairs ("image": CBCT or MR, "target": its CT) for synthetic CT, aligned first.
 
@@ -246,57 +262,48 @@ class SCTDataModule(VolumeDataModule):
         self,
         data_dir: str | None = None,
         datalist: str | None = None,
-        spacing: tuple[float, float, float] = (1.0, 1.0, 3.0),
-        modality: str | None = None,
-        patch_size: tuple[int, int, int] = (128, 128, 3),
+        preprocessing: Preprocessing = Preprocessing(spacing=(1.0, 1.0, 3.0), hu_min=CT_MIN, hu_max=CT_MAX),
+        sampling: Sampling = Sampling(patch_size=(128, 128, 3), batch_size=4, num_samples=4),
+        split: Split = Split(),
         context: int = 1,
-        batch_size: int = 4,
-        num_samples: int = 4,
         num_workers: int = 2,
         multiprocessing_context: str | None = None,
         cache_dir: str | None = None,
-        val_fraction: float = 0.2,
-        seed: int = 0,
         phantom: PhantomCohort | None = None,
         phantom_misalign_mm: float = 8.0,
         align: Align = "none",
         align_preset: str = "ct-cbct",
         align_encoder: str | None = None,
         align_dir: str | None = None,
-        num_train: int | None = None,
     ) -> None:
         if phantom is not None and phantom.variant not in ("cbct", "cbct_tst", "mr"):
             raise ConfigError(
                 f"data.phantom.variant of a synthetic-CT cohort must be cbct, cbct_tst or mr, got '{phantom.variant}'."
             )
         super().__init__(
-            keys=("image", "target"),
-            data_dir=data_dir,
-            datalist=datalist,
-            spacing=spacing,
-            hu_min=CT_MIN,
-            hu_max=CT_MAX,
-            modality=modality,
-            patch_size=patch_size,
-            batch_size=batch_size,
-            num_samples=num_samples,
-            num_workers=num_workers,
-            multiprocessing_context=multiprocessing_context,
-            cache_dir=cache_dir,
-            val_fraction=val_fraction,
-            seed=seed,
-            phantom=phantom,
-            num_train=num_train,
+            ("image", "target"),
+            data_dir,
+            datalist,
+            ct_range(preprocessing),
+            sampling,
+            split,
+            True,
+            num_workers,
+            multiprocessing_context,
+            cache_dir,
+            phantom,
         )
         if int(context) not in (1, 2, 3):
             raise ConfigError(f"data.context must be 1, 2 or 3 (2k+1 input slices), got {context}.")
         self.context = int(context)
         if self.patch_size[2] != 2 * self.context + 1:
             raise ConfigError(
-                f"data.patch_size[2] must be 2 * data.context + 1 = {2 * self.context + 1} slices, got {self.patch_size[2]}."
+                f"data.sampling.patch_size[2] must be 2 * data.context + 1 = {2 * self.context + 1} slices, got {self.patch_size[2]}."
             )
         if self.modality.upper() not in ("CBCT", "MR", "CT"):
-            raise ConfigError(f"Synthetic CT takes CBCT or MR images, but data.modality is '{self.modality}'.")
+            raise ConfigError(
+                f"Synthetic CT takes CBCT or MR images, but data.preprocessing.modality is '{self.modality}'."
+            )
         if align not in ("none", "elastix", "impact"):
             raise ConfigError(f"data.align must be none, elastix or impact, got '{align}'.")
         if align == "impact" and align_encoder is None:
@@ -462,12 +469,12 @@ class SCTPredictor:
 # ----------------------------------------------------------------------------- the task
 
 
-class SCTTask(pl.LightningModule):
+class SCTTask(MedCTTask):
     """Train `net` (a 2D network with 2k+1 input channels, e.g. `medct.nets.SliceUNetPlusPlus`) to
     map a CBCT/MR slab to the CT's centre slice.
 
-    `spacing`, `patch_size` (X, Y, 2k+1) and `modality` come from the data module (linked by the
-    CLI) and go into the model card. Loss: `l1_weight` * L1 + `impact_weight` * IMPACT distance
+    `preprocessing` (spacing, modality; the CT range is fixed) and `patch_size` (X, Y, 2k+1) come from
+    the data module (linked by the CLI) and go into the model card. Loss: `l1_weight` * L1 + `impact_weight` * IMPACT distance
     (`impact_metric` over encoder stages `impact_layers` of the frozen medct model in `impact_model`,
     a segmentation or encoder folder), both inside the mask. Validation predicts whole volumes slice
     by slice and logs val/mae_hu (masked MAE in HU) and val/loss. `tta`: the model's default for
@@ -477,9 +484,10 @@ class SCTTask(pl.LightningModule):
     def __init__(
         self,
         net: nn.Module,
-        spacing: Sequence[float] = (1.0, 1.0, 3.0),
+        preprocessing: Preprocessing | dict[str, Any] = Preprocessing(
+            spacing=(1.0, 1.0, 3.0), hu_min=CT_MIN, hu_max=CT_MAX, modality="CBCT"
+        ),
         patch_size: Sequence[int] = (128, 128, 3),
-        modality: str = "CBCT",
         lr: float = 2e-4,
         weight_decay: float = 1e-4,
         l1_weight: float = 1.0,
@@ -491,23 +499,17 @@ class SCTTask(pl.LightningModule):
         tta: bool = True,
         val_batch_size: int = 16,
     ) -> None:
-        super().__init__()
+        super().__init__(net, preprocessing, patch_size)
         self.save_hyperparameters(ignore=["net"])
-        self.hparams.update(
-            spacing=[float(s) for s in spacing],
-            patch_size=[int(p) for p in patch_size],
-            modality=str(modality),
-            impact_layers=[int(i) for i in impact_layers],
-        )
-        self.net = net
-        self.net_config: dict[str, Any] | None = getattr(net, "net_config", None)
+        self.record_data()
+        self.hparams.update(impact_layers=[int(i) for i in impact_layers])
         slices = int(patch_size[2])
         if slices % 2 != 1:
             raise ConfigError(f"model.patch_size[2] must be an odd number of slices (2k+1), got {slices}.")
         in_channels = getattr(net, "in_channels", None)
         if in_channels is not None and int(in_channels) != slices:
             raise ConfigError(
-                f"The network takes {in_channels} input slices but the patches have {slices} (data.patch_size[2]); "
+                f"The network takes {in_channels} input slices but the patches have {slices} (data.sampling.patch_size[2]); "
                 "set model.init_args.net.init_args.in_channels to match."
             )
         self.context = (slices - 1) // 2
@@ -522,26 +524,16 @@ class SCTTask(pl.LightningModule):
             self._features = (load_feature_model(impact_model, impact_layers).model,)
 
     def model_card(self) -> ModelCard:
-        if self.net_config is None:
-            raise ValueError("the network was not built by medct.nets.create_net (it has no net_config)")
         hp = self.hparams
-        return ModelCard(
-            net_name=str(self.net_config["name"]),
-            net_args=dict(self.net_config["args"]),
-            labels={},
-            preprocessing=Preprocessing(spacing=tuple(hp.spacing), hu_min=CT_MIN, hu_max=CT_MAX, modality=hp.modality),  # type: ignore[arg-type]
-            patch_size=tuple(hp.patch_size),  # type: ignore[arg-type]
-            task="sct",
+        return self.card(
+            "sct",
+            preprocessing=ct_range(self.pre),
             inference={"context": self.context, "tta": bool(hp.tta), "batch_size": int(hp.val_batch_size)},
             outputs={"channels": 1, "units": "HU", "range": [CT_MIN, CT_MAX]},
             extra={
                 "loss": {"l1": float(hp.l1_weight), "impact": float(hp.impact_weight), "impact_model": hp.impact_model}
             },
         )
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        if self.net_config is not None:
-            store_card(checkpoint, self.model_card(), net_prefix="net.")
 
     def on_fit_start(self) -> None:
         self._features = tuple(m.to(self.device) for m in self._features)

@@ -19,6 +19,7 @@ from typing import Any
 
 from medct.data import PhantomCohort, VolumeDataModule
 from medct.errors import ConfigError
+from medct.settings import Sampling, Split
 from medct.transforms import Preprocessing, _deterministic
 
 
@@ -44,55 +45,48 @@ class TextCTDataModule(VolumeDataModule):
     """`VolumeDataModule` with keys ("image", "text") on one fixed generation grid.
 
     Args:
-        size: the grid (X, Y, Z) in voxels at `spacing`, every volume padded/cropped to it. Defaults to (96, 96, 48).
-        patch_size: training crop; = size for the CLIP and diffusion recipes. Defaults to (96, 96, 48).
-        (the other arguments as `VolumeDataModule`; hu_min/hu_max default to [-1000, 1000] HU.)
+        size: the grid (X, Y, Z) in voxels at the preprocessing spacing, every volume padded/cropped
+            to it. Defaults to (96, 96, 48).
+        (the other arguments as `VolumeDataModule`; sampling.patch_size = size for the CLIP and
+        diffusion recipes; the modality is CT and there is no augmentation.)
     """
 
     def __init__(
         self,
         data_dir: str | None = None,
         datalist: str | None = None,
-        spacing: tuple[float, float, float] = (4.0, 4.0, 4.0),
         size: tuple[int, int, int] = (96, 96, 48),
-        patch_size: tuple[int, int, int] = (96, 96, 48),
-        hu_min: float = -1000.0,
-        hu_max: float = 1000.0,
-        batch_size: int = 2,
-        num_samples: int = 1,
+        preprocessing: Preprocessing = Preprocessing(spacing=(4.0, 4.0, 4.0)),
+        sampling: Sampling = Sampling(patch_size=(96, 96, 48), num_samples=1),
+        split: Split = Split(),
         num_workers: int = 2,
         multiprocessing_context: str | None = None,
         cache_dir: str | None = None,
-        val_fraction: float = 0.2,
-        seed: int = 0,
         phantom: PhantomCohort | None = None,
-        num_train: int | None = None,
     ) -> None:
+        if preprocessing.modality not in (None, "CT"):
+            raise ConfigError(
+                f"Text-to-CT trains on CT, but data.preprocessing.modality is '{preprocessing.modality}'."
+            )
+        ct = preprocessing.resolved("CT")
         super().__init__(
-            keys=("image", "text"),
-            data_dir=data_dir,
-            datalist=datalist,
-            spacing=spacing,
-            hu_min=hu_min,
-            hu_max=hu_max,
-            modality="CT",
-            patch_size=patch_size,
-            batch_size=batch_size,
-            num_samples=num_samples,
-            augment=False,
-            num_workers=num_workers,
-            multiprocessing_context=multiprocessing_context,
-            cache_dir=cache_dir,
-            val_fraction=val_fraction,
-            seed=seed,
-            phantom=phantom,
-            num_train=num_train,
+            ("image", "text"),
+            data_dir,
+            datalist,
+            ct,
+            sampling,
+            split,
+            False,
+            num_workers,
+            multiprocessing_context,
+            cache_dir,
+            phantom,
         )
         self.size = [int(s) for s in size]
         if len(self.size) != 3 or min(self.size) < 1:
             raise ConfigError(f"data.size must be three positive voxel counts, got {list(size)}.")
         if any(p > s for p, s in zip(self.patch_size, self.size, strict=True)):
-            raise ConfigError(f"data.patch_size {self.patch_size} must fit in data.size {self.size}.")
+            raise ConfigError(f"data.sampling.patch_size {self.patch_size} must fit in data.size {self.size}.")
 
     def _split(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
         train, val = super()._split()

@@ -27,13 +27,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from medct.checkpoint import ModelCard, store_card
+from medct.checkpoint import ModelCard
 from medct.errors import ConfigError
+from medct.task import MedCTTask
 from medct.transforms import Preprocessing
 
 
@@ -93,11 +93,11 @@ def psnr(a: Tensor, b: Tensor, data_range: float = 1.0) -> Tensor:
     return 10.0 * torch.log10(data_range**2 / F.mse_loss(a, b).clamp_min(1e-12))
 
 
-class VAETask(pl.LightningModule):
+class VAETask(MedCTTask):
     """Train a `medct.nets.KLAutoencoder` on CT patches in [0, 1] (hu_min..hu_max).
 
-    `spacing`, `patch_size`, `hu_min`, `hu_max` come from the data module (linked by the CLI) and go
-    into the model card. perceptual_model: a medct model/encoder folder (None: no perceptual term).
+    `preprocessing` and `patch_size` come from the data module (linked by the CLI) and go into the
+    model card. perceptual_model: a medct model/encoder folder (None: no perceptual term).
     adv_weight > 0 adds a PatchDiscriminator (least-squares GAN) from step `adv_start` on. Validation
     reconstructs whole volumes (tiled at patch_size) and logs val/l1, val/psnr and the latent scale
     factor (val/scale_factor), which the model card stores.
@@ -106,10 +106,8 @@ class VAETask(pl.LightningModule):
     def __init__(
         self,
         net: nn.Module,
-        spacing: Sequence[float] = (4.0, 4.0, 4.0),
+        preprocessing: Preprocessing | dict[str, Any] = Preprocessing(spacing=(4.0, 4.0, 4.0), modality="CT"),
         patch_size: Sequence[int] = (64, 64, 32),
-        hu_min: float = -1000.0,
-        hu_max: float = 1000.0,
         lr: float = 1e-4,
         l1_weight: float = 1.0,
         perceptual_weight: float = 0.0,
@@ -120,17 +118,12 @@ class VAETask(pl.LightningModule):
         adv_start: int = 0,
         disc_channels: int = 32,
     ) -> None:
-        super().__init__()
+        super().__init__(net, preprocessing, patch_size)
         self.save_hyperparameters(ignore=["net"])
-        self.hparams.update(
-            spacing=[float(s) for s in spacing],
-            patch_size=[int(p) for p in patch_size],
-            perceptual_layers=[int(i) for i in perceptual_layers],
-        )
+        self.record_data()
+        self.hparams.update(perceptual_layers=[int(i) for i in perceptual_layers])
         self.automatic_optimization = False  # generator and discriminator steps (MONAI's tutorial loop)
-        self.net = net
-        self.net_config: dict[str, Any] | None = getattr(net, "net_config", None)
-        check_size(patch_size, net.downsample, "The VAE's training patch (data.patch_size)")
+        check_size(patch_size, net.downsample, "The VAE's training patch (data.sampling.patch_size)")
         if perceptual_weight > 0 and perceptual_model is None:
             raise ConfigError(
                 "model.perceptual_weight > 0 needs model.perceptual_model (a medct model or encoder folder)."
@@ -151,24 +144,13 @@ class VAETask(pl.LightningModule):
     # -- card
 
     def model_card(self) -> ModelCard:
-        if self.net_config is None:
-            raise ValueError("the network was not built by medct.nets.create_net (it has no net_config)")
         hp = self.hparams
-        return ModelCard(
-            net_name=str(self.net_config["name"]),
-            net_args=dict(self.net_config["args"]),
-            labels={},
-            preprocessing=Preprocessing(spacing=tuple(hp.spacing), hu_min=hp.hu_min, hu_max=hp.hu_max, modality="CT"),  # type: ignore[arg-type]
-            patch_size=tuple(hp.patch_size),  # type: ignore[arg-type]
-            task="vae",
-            inference={"scale_factor": float(self.scale_factor), "tile": list(hp.patch_size), "overlap": 0.25},
+        return self.card(
+            "vae",
+            inference={"scale_factor": float(self.scale_factor), "tile": list(self.patch), "overlap": 0.25},
             outputs={"latent_channels": int(self.net.latent_channels), "downsample": int(self.net.downsample)},
             extra={"loss": {k: float(hp[k]) for k in ("l1_weight", "perceptual_weight", "kl_weight", "adv_weight")}},
         )
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        if self.net_config is not None:
-            store_card(checkpoint, self.model_card(), net_prefix="net.")
 
     def on_fit_start(self) -> None:
         self._features = tuple(m.to(self.device) for m in self._features)
@@ -180,10 +162,8 @@ class VAETask(pl.LightningModule):
             return recon.new_zeros(())
         from medct.registration.impact import impact_distance
 
-        hp = self.hparams
-
         def hu(t: Tensor) -> Tensor:
-            return t * (hp.hu_max - hp.hu_min) + hp.hu_min
+            return t * (self.pre.hu_max - self.pre.hu_min) + self.pre.hu_min
 
         model = self._features[0]
         with torch.no_grad():
@@ -223,7 +203,7 @@ class VAETask(pl.LightningModule):
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         x = batch["image"]  # (1, 1, X, Y, Z)
-        tile = self.hparams.patch_size
+        tile = self.patch
         mu, _sigma = encode(self.net, x, tile)
         recon = decode(self.net, mu, tile).clamp(0.0, 1.0)
         self._latent_sq.append(torch.stack([mu.mean(), mu.pow(2).mean()]).detach())

@@ -329,7 +329,10 @@ def test_bad_recipe_values_are_one_sentence(tmp_path: Path, capsys: pytest.Captu
     cases = [
         (["--model.init_args.net.class_path=medct.nets.NoSuchNet"], "has no attribute 'NoSuchNet'"),
         (["--model.init_args.lr=abc"], "Got value: abc"),
-        ([f"--data.init_args.data_dir={tmp_path / 'c'}", "--data.init_args.fold=7"], "data.fold must lie in [0, 5)"),
+        (
+            [f"--data.init_args.data_dir={tmp_path / 'c'}", "--data.init_args.split.fold=7"],
+            "split.fold must lie in 0..4",
+        ),
         ([f"--data.init_args.data_dir={tmp_path / 'c'}", "--data.init_args.keys=[image]"], "keys"),
     ]
     for extra, message in cases:

@@ -100,7 +100,7 @@ def _tiny(cfg: dict[str, Any], tmp: Path) -> dict[str, Any]:
         model["proj_hidden"], model["proj_dim"] = 32, 16
 
     data = cfg.get("data", {}).get("init_args", {})
-    spacing = data.get("spacing", [4.0, 4.0, 4.0])
+    spacing = (data.get("preprocessing") or {}).get("spacing", [4.0, 4.0, 4.0])
     if "phantom" in data:
         data["data_dir"] = str(tmp / "phantom")
         data["phantom"] = {**(data["phantom"] or {}), "n": 3, "shape": [32, 32, 32], "spacing": spacing}
@@ -114,13 +114,8 @@ def _tiny(cfg: dict[str, Any], tmp: Path) -> dict[str, Any]:
     elif "replay_data_dir" in data:
         write_cohort(tmp / "replay", n=3, seed=1, shape=(32, 32, 32), spacing=tuple(spacing))
         data["replay_data_dir"] = str(tmp / "replay")
-    for key, value in {
-        "patch_size": [patch] * 3,
-        "batch_size": 1,
-        "num_samples": 1,
-        "num_workers": 0,
-        "cache_dir": str(tmp / "cache"),
-    }.items():
+    data["sampling"] = {**(data.get("sampling") or {}), "patch_size": [patch] * 3, "batch_size": 1, "num_samples": 1}
+    for key, value in {"num_workers": 0, "cache_dir": str(tmp / "cache")}.items():
         if key in data:
             data[key] = value
     if data.get("align") == "elastix":  # synthetic CT's pair alignment: the cheapest preset (~1 s a pair)
@@ -135,7 +130,7 @@ def _tiny(cfg: dict[str, Any], tmp: Path) -> dict[str, Any]:
         data.update(phantom_patients=2, phantom_shape=[32, 32, 24], phantom_spacing=12.0, context=4, n_phases=6)
         data["samples_per_epoch"] = 4
     elif "context" in data:  # 2.5D synthetic CT: patches are (X, Y, 2k+1) slices
-        data["patch_size"] = [patch, patch, 2 * int(data["context"]) + 1]
+        data["sampling"]["patch_size"] = [patch, patch, 2 * int(data["context"]) + 1]
     return cfg
 
 
@@ -144,7 +139,7 @@ def _tiny_chain(cfg: dict[str, Any], tmp: Path) -> dict[str, Any]:
     data a tiny cohort of its own, the stages written under tmp."""
     chain = cfg.pop("turbolift")
     cfg = _tiny(cfg, tmp)
-    spacing = cfg.get("data", {}).get("init_args", {}).get("spacing", [4.0, 4.0, 4.0])
+    spacing = (cfg.get("data", {}).get("init_args", {}).get("preprocessing") or {}).get("spacing", [4.0, 4.0, 4.0])
     for k, stage in enumerate(chain["stages"]):
         data = stage.get("data") or {}
         folder = tmp / f"stage_{k}"
@@ -154,7 +149,7 @@ def _tiny_chain(cfg: dict[str, Any], tmp: Path) -> dict[str, Any]:
             write_cohort(folder, n=4, seed=k, shape=(32, 32, 32), spacing=tuple(spacing))
             data.pop("datalist", None)
         data["data_dir"] = str(folder)
-        data["val_fraction"] = 0.25
+        data["split"] = {"val_fraction": 0.25}
         stage["data"] = data
         stage.pop("trainer", None)
     chain["output_dir"] = str(tmp / "chain")

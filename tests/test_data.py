@@ -18,6 +18,8 @@ from medct.data import (
 )
 from medct.errors import InputPathError
 from medct.phantom import LABELS, write_cohort
+from medct.settings import Sampling, Split
+from medct.transforms import Preprocessing
 
 
 @pytest.fixture(scope="module")
@@ -96,13 +98,11 @@ def test_split_is_seeded_disjoint_and_complete():
 def test_datamodule_batches_and_labels(cohort, tmp_path):
     dm = SegmentationDataModule(
         data_dir=str(cohort),
-        spacing=(6.0, 6.0, 6.0),
-        patch_size=(16, 16, 16),
-        batch_size=2,
-        num_samples=2,
         num_workers=0,
-        val_fraction=0.25,
-        augment=False,  # noise/shift would leave [0, 1]
+        augment=False,
+        preprocessing=Preprocessing(spacing=(6.0, 6.0, 6.0)),
+        sampling=Sampling(patch_size=(16, 16, 16), batch_size=2, num_samples=2),
+        split=Split(val_fraction=0.25),
     )
     assert dm.labels == [LABELS[i] for i in range(len(LABELS))] and dm.num_classes == len(LABELS)
     dm.prepare_data()
@@ -121,10 +121,10 @@ def test_disk_cache_filled_in_prepare_data_and_reused(cohort, tmp_path):
     def make():
         return SegmentationDataModule(
             data_dir=str(cohort),
-            spacing=(6.0, 6.0, 6.0),
-            patch_size=(16, 16, 16),
             num_workers=0,
             cache_dir=str(tmp_path / "cache"),
+            preprocessing=Preprocessing(spacing=(6.0, 6.0, 6.0)),
+            sampling=Sampling(patch_size=(16, 16, 16)),
         )
 
     dm = make()
@@ -139,7 +139,11 @@ def test_disk_cache_filled_in_prepare_data_and_reused(cohort, tmp_path):
     next(iter(dm2.val_dataloader()))
     assert sorted(folder.rglob("*.pt")) == files and [f.stat().st_mtime_ns for f in files] == stamps
     # another preprocessing gets its own cache folder
-    other = SegmentationDataModule(data_dir=str(cohort), spacing=(5.0, 5.0, 5.0), patch_size=(16, 16, 16))
+    other = SegmentationDataModule(
+        data_dir=str(cohort),
+        preprocessing=Preprocessing(spacing=(5.0, 5.0, 5.0)),
+        sampling=Sampling(patch_size=(16, 16, 16)),
+    )
     assert other.cache_fingerprint() != dm.cache_fingerprint()
 
 
@@ -147,9 +151,9 @@ def test_phantom_cohort_written_on_first_use(tmp_path):
     dm = SegmentationDataModule(
         data_dir=str(tmp_path / "ph"),
         phantom=PhantomCohort(n=3, shape=(32, 32, 32), spacing=(6.0, 6.0, 6.0)),
-        spacing=(6.0, 6.0, 6.0),
-        patch_size=(16, 16, 16),
         num_workers=0,
+        preprocessing=Preprocessing(spacing=(6.0, 6.0, 6.0)),
+        sampling=Sampling(patch_size=(16, 16, 16)),
     )
     assert dm.labels[0] == "background" and len(dm.labels) == len(LABELS)  # before the cohort exists
     dm.prepare_data()
@@ -197,7 +201,11 @@ def _json(tmp_path, training):
 def _module(**kw):
     from medct.data import VolumeDataModule
 
-    args = dict(spacing=(6.0, 6.0, 6.0), patch_size=(16, 16, 16), batch_size=2, num_samples=1, num_workers=0)
+    args = dict(
+        preprocessing=Preprocessing(spacing=(6.0, 6.0, 6.0)),
+        sampling=Sampling(patch_size=(16, 16, 16), batch_size=2, num_samples=1),
+        num_workers=0,
+    )
     return VolumeDataModule(**{**args, **kw})
 
 
@@ -210,7 +218,7 @@ def test_image_only_from_a_plain_folder_with_dicom(tmp_path, shared_data):
         _vol(folder, f"s{i}.nii.gz", seed=i)
     shutil.copytree(shared_data / "popi_phase00_10slices_dicom", folder / "dicom_series")
     (folder / "notes.txt").write_text("not a scan")
-    dm = _module(keys=["image"], data_dir=str(folder), val_fraction=0.34)
+    dm = _module(keys=["image"], data_dir=str(folder), split=Split(val_fraction=0.34))
     dm.setup("fit")
     assert len(dm.train_items) + len(dm.val_items) == 3  # two NIfTI files and one DICOM series folder
     assert all(set(x) == {"image"} for x in dm.train_items)
@@ -250,7 +258,11 @@ def test_fixed_moving_may_lie_on_different_grids(tmp_path):
         }
         for i in range(2)
     ]
-    dm = _module(keys=["fixed", "moving"], datalist=_json(tmp_path, items), batch_size=1)
+    dm = _module(
+        keys=["fixed", "moving"],
+        datalist=_json(tmp_path, items),
+        sampling=Sampling(patch_size=(16, 16, 16), batch_size=1, num_samples=1),
+    )
     dm.setup("fit")
     batch = next(iter(dm.train_dataloader()))
     assert batch["fixed"].shape == batch["moving"].shape == (1, 1, 16, 16, 16)
@@ -266,7 +278,12 @@ def test_phases_from_files_and_from_one_4d_nifti(tmp_path):
     four_d = np.stack([nib.load(p).get_fdata() for p in phases], axis=-1).astype(np.int16)
     nib.save(nib.Nifti1Image(four_d, np.diag([6.0, 6.0, 6.0, 1.0])), tmp_path / "fourd.nii.gz")
     items = [{"phases": phases}, {"phases": str(tmp_path / "fourd.nii.gz")}]
-    dm = _module(keys=["phases"], datalist=_json(tmp_path, items), augment=False, batch_size=1)
+    dm = _module(
+        keys=["phases"],
+        datalist=_json(tmp_path, items),
+        augment=False,
+        sampling=Sampling(patch_size=(16, 16, 16), batch_size=1, num_samples=1),
+    )
     dm.setup("fit")
     a = next(iter(dm.val_dataloader()))["phases"]
     assert a.shape[:2] == (1, 3)  # three phases as channels
@@ -290,12 +307,17 @@ def test_unknown_keys_and_bad_values_are_config_errors(tmp_path):
 
     with pytest.raises(ConfigError, match="not a known key set"):
         _module(keys=["image", "mask"], data_dir=str(tmp_path))
-    for kw, match in [
-        ({"spacing": (0.0, 1.0, 1.0)}, "data.spacing"),
-        ({"patch_size": (16, 16)}, "data.patch_size"),
-        ({"hu_min": 100.0, "hu_max": 100.0}, "hu_max"),
-        ({"val_fraction": 1.0}, "val_fraction"),
-        ({"batch_size": 0}, "batch_size"),
+    # each typed group checks itself when made, in one sentence naming its key
+    for make, match in [
+        (lambda: Preprocessing(spacing=(0.0, 1.0, 1.0)), r"preprocessing\.spacing must be three positive"),
+        (lambda: Sampling(patch_size=(16, 16)), r"sampling\.patch_size must be three positive"),
+        (
+            lambda: Preprocessing(hu_min=100.0, hu_max=100.0),
+            r"preprocessing\.hu_min must be below hu_max, got 100.0 and 100.0",
+        ),
+        (lambda: Split(val_fraction=1.0), r"split\.val_fraction must lie strictly between"),
+        (lambda: Split(fold=5, num_folds=5), r"split\.fold must lie in 0\.\.4"),
+        (lambda: Sampling(batch_size=0), r"sampling\.batch_size must be at least 1"),
     ]:
         with pytest.raises(ConfigError, match=match):
-            _module(keys=["image"], data_dir=str(tmp_path), **kw)
+            make()

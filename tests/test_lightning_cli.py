@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from medct.lightning_cli import DATA_LINKS, run_lightning
 from medct.phantom import write_cohort
+from medct.transforms import Preprocessing
 
 SEEN: dict[str, object] = {}
 
@@ -50,37 +51,65 @@ class ReconstructionTask(pl.LightningModule):
         return torch.optim.Adam(self.parameters(), lr=1e-3)
 
 
-def test_links_are_documented() -> None:
-    targets = {t.split(".")[-1] for _, t, _ in DATA_LINKS}
-    assert {"spacing", "hu_min", "hu_max", "patch_size", "modality", "labels", "out_channels"} <= targets
+class PreprocessingProbe(ReconstructionTask):
+    """Takes the data's preprocessing (linked on instantiation) besides patch_size; records what arrives."""
+
+    def __init__(
+        self,
+        net: nn.Module,
+        preprocessing: Preprocessing = Preprocessing(),
+        patch_size: Sequence[int] = (8, 8, 8),
+    ) -> None:
+        super().__init__(net, patch_size)
+        SEEN["preprocessing"] = preprocessing
 
 
-def test_task_without_labels_spacing_or_out_channels_runs(tmp_path: Path) -> None:
-    write_cohort(tmp_path / "scans", n=3, seed=0, shape=(24, 24, 24), spacing=(8.0, 8.0, 8.0))
-    cfg = tmp_path / "recon.yaml"
+def _fit_one_step(tmp_path: Path, task: str, data_lines: str) -> None:
+    """`medct fit` one step of `task` (a class of this file, with TinyEncoder) on a VolumeDataModule of image keys."""
+    cfg = tmp_path / "recipe.yaml"
     cfg.write_text(
         f"""
 trainer: {{accelerator: cpu, devices: 1, max_steps: 1, limit_val_batches: 0, enable_progress_bar: false,
           logger: false, enable_checkpointing: false, default_root_dir: {tmp_path / "runs"}}}
 model:
-  class_path: tests.test_lightning_cli.ReconstructionTask
+  class_path: tests.test_lightning_cli.{task}
   init_args:
     net: {{class_path: tests.test_lightning_cli.TinyEncoder}}
 data:
   class_path: medct.data.VolumeDataModule
   init_args:
     keys: [image]
-    data_dir: {tmp_path / "scans" / "imagesTr"}
-    spacing: [8.0, 8.0, 8.0]
-    patch_size: [16, 16, 16]
-    batch_size: 1
-    num_samples: 1
     num_workers: 0
-"""
+{data_lines}"""
     )
     SEEN.clear()
     run_lightning(["fit", "--config", str(cfg)])
-    assert SEEN["patch_size"] == [16, 16, 16]  # linked from data.patch_size
+
+
+def test_data_preprocessing_reaches_the_task_with_its_modality_resolved(tmp_path: Path) -> None:
+    """The recipe states the window and spacing once, under data.preprocessing, and no modality:
+    the data module resolves it from its phantom variant (CBCT) and the task receives all of it,
+    with sampling.patch_size, through DATA_LINKS."""
+    assert ("data.resolved_preprocessing", "model.init_args.preprocessing", "instantiate") in DATA_LINKS
+    data = f"""    data_dir: {tmp_path / "cbct"}
+    phantom: {{n: 2, variant: cbct, seed: 0, shape: [24, 24, 24], spacing: [8.0, 8.0, 8.0]}}
+    preprocessing: {{spacing: [8.0, 8.0, 8.0], hu_min: -500, hu_max: 700}}
+    sampling: {{patch_size: [16, 16, 8], batch_size: 1, num_samples: 1}}
+    split: {{val_fraction: 0.5}}
+"""
+    _fit_one_step(tmp_path, "PreprocessingProbe", data)
+    assert SEEN["preprocessing"] == Preprocessing(spacing=(8.0, 8.0, 8.0), hu_min=-500.0, hu_max=700.0, modality="CBCT")
+    assert SEEN["patch_size"] == [16, 16, 8]
+
+
+def test_task_without_labels_spacing_or_out_channels_runs(tmp_path: Path) -> None:
+    write_cohort(tmp_path / "scans", n=3, seed=0, shape=(24, 24, 24), spacing=(8.0, 8.0, 8.0))
+    data = f"""    data_dir: {tmp_path / "scans" / "imagesTr"}
+    preprocessing: {{spacing: [8.0, 8.0, 8.0]}}
+    sampling: {{patch_size: [16, 16, 16], batch_size: 1, num_samples: 1}}
+"""
+    _fit_one_step(tmp_path, "ReconstructionTask", data)
+    assert SEEN["patch_size"] == [16, 16, 16]  # linked from data.sampling.patch_size
     assert SEEN["batch_keys"] == ["image"] and SEEN["shape"] == (1, 1, 16, 16, 16)
 
 
@@ -102,7 +131,11 @@ model:
     net: {{class_path: medct.nets.MultiModalUNETR, init_args: {{modalities: [ct], hidden_size: 100, num_heads: 4}}}}
 data:
   class_path: medct.data.SegmentationDataModule
-  init_args: {{data_dir: {tmp_path / "scans"}, spacing: [8.0, 8.0, 8.0], patch_size: [16, 16, 16], num_workers: 0}}
+  init_args:
+    data_dir: {tmp_path / "scans"}
+    preprocessing: {{spacing: [8.0, 8.0, 8.0]}}
+    sampling: {{patch_size: [16, 16, 16]}}
+    num_workers: 0
 """
     )
     with pytest.raises(ConfigError) as info:

@@ -13,6 +13,8 @@ from medct.finetune.segmentation import SegmentationTask
 from medct.lightning_cli import run_lightning
 from medct.nets import create_net
 from medct.phantom import write_cohort
+from medct.settings import Sampling, Split
+from medct.transforms import Preprocessing
 
 SPACING = (6.0, 6.0, 6.0)
 
@@ -27,12 +29,10 @@ def cohort(tmp_path_factory):
 def _dm(cohort, **kw):
     args = dict(
         data_dir=str(cohort),
-        spacing=SPACING,
-        patch_size=(16, 16, 16),
-        batch_size=1,
-        num_samples=2,
+        preprocessing=Preprocessing(spacing=SPACING),
+        sampling=Sampling(patch_size=(16, 16, 16), batch_size=1, num_samples=2),
+        split=Split(val_fraction=0.5),
         num_workers=0,
-        val_fraction=0.5,
         augment=False,
     )
     args.update(kw)
@@ -41,7 +41,7 @@ def _dm(cohort, **kw):
 
 def _task(dm, **kw):
     net = create_net("resenc_unet", out_channels=dm.num_classes, filters=[8, 16, 32])
-    args = dict(labels=dm.labels, spacing=SPACING, patch_size=dm.patch_size, lr=1e-2, scheduler="constant")
+    args = dict(labels=dm.labels, preprocessing=dm.pre, patch_size=dm.patch_size, lr=1e-2, scheduler="constant")
     args.update(kw)
     return SegmentationTask(net, **args)
 
@@ -109,7 +109,9 @@ def test_validation_logs_per_class_dice(cohort, tmp_path):
 def test_deep_supervision_and_schedulers(cohort, tmp_path):
     dm = _dm(cohort)
     net = create_net("resenc_unet", out_channels=dm.num_classes, filters=[8, 16, 32], deep_supervision=True)
-    task = SegmentationTask(net, labels=dm.labels, spacing=SPACING, patch_size=(16, 16, 16), scheduler="poly")
+    task = SegmentationTask(
+        net, labels=dm.labels, patch_size=(16, 16, 16), scheduler="poly", preprocessing=Preprocessing(spacing=SPACING)
+    )
     trainer = _trainer(tmp_path, max_steps=3, limit_val_batches=0)
     trainer.fit(task, datamodule=dm)
     sched = trainer.lr_scheduler_configs[0].scheduler
@@ -120,8 +122,10 @@ def test_deep_supervision_and_schedulers(cohort, tmp_path):
 
 def test_hparams_are_primitive_and_head_must_match_labels(cohort):
     net = create_net("resenc_unet", out_channels=3, filters=[8, 16, 32])
-    task = SegmentationTask(net, labels=("bg", "a", "b"), spacing=(2, 2, 2), patch_size=(16, 16, 16))
-    assert task.hparams.spacing == [2.0, 2.0, 2.0] and task.hparams.labels == ["bg", "a", "b"]
+    task = SegmentationTask(
+        net, labels=("bg", "a", "b"), patch_size=(16, 16, 16), preprocessing=Preprocessing(spacing=(2, 2, 2))
+    )
+    assert task.hparams.preprocessing["spacing"] == [2.0, 2.0, 2.0] and task.hparams.labels == ["bg", "a", "b"]
     assert task.preprocessing.spacing == (2.0, 2.0, 2.0)
     with pytest.raises(ValueError, match="3 output channels but there are 2 labels"):
         SegmentationTask(net, labels=["bg", "a"])
@@ -171,15 +175,18 @@ data:
   class_path: medct.data.SegmentationDataModule
   init_args:
     data_dir: {cohort}
-    modality: CBCT
-    spacing: [6.0, 6.0, 6.0]
-    hu_min: -200.0
-    hu_max: 300.0
-    patch_size: [16, 16, 16]
-    batch_size: 1
-    num_samples: 1
+    preprocessing:
+      modality: CBCT
+      spacing: [6.0, 6.0, 6.0]
+      hu_min: -200.0
+      hu_max: 300.0
+    sampling:
+      patch_size: [16, 16, 16]
+      batch_size: 1
+      num_samples: 1
     num_workers: 0
-    val_fraction: 0.5
+    split:
+      val_fraction: 0.5
 """
     )
     run_lightning(["fit", "--config", str(cfg)])
@@ -187,7 +194,9 @@ data:
     raw = torch.load(last, map_location="cpu", weights_only=True)
     hp = raw["hyper_parameters"]
     assert raw["medct"]["card"]["net"]["args"]["out_channels"] == len(hp["labels"]) == 12  # linked from the data
-    assert hp["hu_min"] == -200.0 and hp["patch_size"] == [16, 16, 16] and hp["spacing"] == [6.0, 6.0, 6.0]
+    pre = hp["preprocessing"]  # JSON primitives, linked from the data
+    assert pre["hu_min"] == -200.0 and pre["spacing"] == [6.0, 6.0, 6.0] and pre["modality"] == "CBCT"
+    assert hp["patch_size"] == [16, 16, 16]
 
     run_lightning(["fit", "--config", str(cfg), "--trainer.max_steps=4", "--ckpt_path", str(last)])
     resumed_ckpt = tmp_path / "runs" / "lightning_logs" / "version_1" / "checkpoints" / "last.ckpt"

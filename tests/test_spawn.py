@@ -24,6 +24,7 @@ import torch
 from medct.data import ClassificationDataModule, PhantomCohort, SegmentationDataModule, VolumeDataModule
 from medct.errors import ConfigError
 from medct.pretrain.continual import ContinualDataModule
+from medct.settings import Sampling, Split
 from medct.synthesis.motion import MotionDataModule
 from medct.synthesis.sct import SCTDataModule
 from medct.synthesis.text_data import TextCTDataModule
@@ -42,29 +43,23 @@ def _cohort(root: Path, name: str, **kw: Any) -> PhantomCohort:
 def modules(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """One small instance of every data module (and of every VolumeDataModule key set), workers spawned."""
     root = tmp_path_factory.mktemp("spawn")
-    common = {"spacing": SPACING, "batch_size": 1, **SPAWN}
-    seg = SegmentationDataModule(
-        data_dir=str(root / "ct"), phantom=_cohort(root, "ct"), patch_size=(24, 24, 16), num_samples=1, **common
-    )
+    pre = Preprocessing(spacing=SPACING)
+    one = Sampling(patch_size=(24, 24, 16), batch_size=1, num_samples=1)
+    common = {"preprocessing": pre, "sampling": one, **SPAWN}
+    seg = SegmentationDataModule(data_dir=str(root / "ct"), phantom=_cohort(root, "ct"), **common)
     seg.prepare_data()  # the CT cohort the other modules reuse
     ct = json.loads((root / "ct" / "dataset.json").read_text())["training"]
     pair = {"training": [{"fixed": ct[i]["image"], "moving": ct[(i + 1) % 3]["image"]} for i in range(3)]}
     (root / "ct" / "pairs.json").write_text(json.dumps(pair))
-    patch = {"patch_size": (24, 24, 16), "num_samples": 1}
     return {
         "segmentation": seg,
-        "classification": ClassificationDataModule(
-            class_key="lesion", data_dir=str(root / "ct"), patch_size=(24, 24, 16), **common
-        ),
-        "pretraining": VolumeDataModule(keys=["image"], data_dir=str(root / "ct"), **patch, **common),
-        "registration": VolumeDataModule(
-            keys=["fixed", "moving"], datalist=str(root / "ct" / "pairs.json"), **patch, **common
-        ),
+        "classification": ClassificationDataModule(class_key="lesion", data_dir=str(root / "ct"), **common),
+        "pretraining": VolumeDataModule(keys=["image"], data_dir=str(root / "ct"), **common),
+        "registration": VolumeDataModule(keys=["fixed", "moving"], datalist=str(root / "ct" / "pairs.json"), **common),
         "multiphase": VolumeDataModule(
             keys=["phases", "label"],
             data_dir=str(root / "mp"),
             phantom=_cohort(root, "mp", phases=("native", "venous")),
-            **patch,
             **common,
         ),
         "continual": ContinualDataModule(
@@ -72,22 +67,20 @@ def modules(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
             phantom=_cohort(root, "cbct", variant="cbct"),
             replay_data_dir=str(root / "ct"),
             replay_fraction=0.5,
-            **patch,
             **common,
         ),
         "text_ct": TextCTDataModule(
             data_dir=str(root / "text"),
             phantom=_cohort(root, "text", varied_reports=True),
             size=(24, 24, 16),
-            patch_size=(24, 24, 16),
             **common,
         ),
         "sct": SCTDataModule(
             data_dir=str(root / "sct"),
             phantom=_cohort(root, "sct", variant="cbct"),
-            patch_size=(24, 24, 3),
-            num_samples=1,
-            **common,
+            preprocessing=Preprocessing(spacing=SPACING, hu_min=-1024.0, hu_max=3071.0),
+            sampling=Sampling(patch_size=(24, 24, 3), batch_size=1, num_samples=1),
+            **SPAWN,
         ),
         "motion": MotionDataModule(
             phantom_patients=2,
@@ -95,11 +88,10 @@ def modules(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
             phases_per_cycle=4,
             phantom_shape=(32, 32, 24),
             context=3,
-            patch_size=(8, 8, 8),
-            batch_size=2,
             samples_per_epoch=2,
-            val_fraction=0.5,
             **SPAWN,
+            sampling=Sampling(patch_size=(8, 8, 8), batch_size=2),
+            split=Split(val_fraction=0.5),
         ),
     }
 
@@ -206,7 +198,7 @@ def test_fit_with_ddp_spawn_on_two_cpu_processes(tmp_path: Path) -> None:
         "--trainer.enable_progress_bar=false", "--trainer.default_root_dir", str(tmp_path / "runs"),
         f"--data.init_args.data_dir={tmp_path / 'data'}", "--data.init_args.num_workers=1",
         "--data.init_args.multiprocessing_context=spawn", "--data.init_args.phantom.n=4",
-        "--data.init_args.phantom.shape=[48,48,48]", "--data.init_args.patch_size=[32,32,32]",
+        "--data.init_args.phantom.shape=[48,48,48]", "--data.init_args.sampling.patch_size=[32,32,32]",
     ]  # fmt: skip
     out = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]

@@ -128,7 +128,7 @@ class ResEncUNet(DynUNet):
 # 32 base features doubled per stage up to 320, (1, 3, 4, 6, 6, 6, ...) residual blocks per encoder
 # stage, one block per decoder stage. M and L build the same network for the same number of stages;
 # they differ in the patch size nnU-Net plans for them (8 vs 24 GB of GPU memory), which a recipe
-# states as data.patch_size. nnU-Net plans the number of stages from the patch size: 6 for 3D
+# states as data.sampling.patch_size. nnU-Net plans the number of stages from the patch size: 6 for 3D
 # full-resolution patches of ~128^3 (bottleneck 4^3), hence the default.
 RESENC_BLOCKS = (1, 3, 4, 6, 6, 6, 6, 6)
 RESENC_MAX_FEATURES = 320
@@ -169,5 +169,5 @@ class ResEncUNetM(ResEncUNet):
 @register_net("resenc_unet_l", tiny_args={"n_stages": 3}, tiny_size=32)
 class ResEncUNetL(ResEncUNetM):
     """nnU-Net ResEnc-L: the ResEnc-M network (same features and blocks per stage, same arguments),
-    meant for the larger patches nnU-Net plans for 24 GB GPUs (state them as data.patch_size, e.g.
+    meant for the larger patches nnU-Net plans for 24 GB GPUs (state them as data.sampling.patch_size, e.g.
     160^3). A name of its own so that recipes and model cards say which preset they follow."""

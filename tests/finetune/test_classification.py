@@ -13,6 +13,8 @@ from medct.errors import ConfigError, InputPathError
 from medct.finetune.classification import ClassificationTask, roc_auc
 from medct.nets import create_net, encoder_state_dict
 from medct.phantom import write_cohort
+from medct.settings import Sampling, Split
+from medct.transforms import Preprocessing
 
 
 @pytest.fixture(scope="module")
@@ -26,11 +28,10 @@ def _data(cohort, **kw) -> ClassificationDataModule:
     args = dict(
         class_key="lesion",
         data_dir=str(cohort),
-        spacing=(8.0, 8.0, 8.0),
-        patch_size=(32, 32, 32),
-        batch_size=2,
+        preprocessing=Preprocessing(spacing=(8.0, 8.0, 8.0)),
+        sampling=Sampling(patch_size=(32, 32, 32), batch_size=2),
+        split=Split(val_fraction=0.25),
         num_workers=0,
-        val_fraction=0.25,
         augment=False,
     )
     return ClassificationDataModule(**{**args, **kw})
@@ -57,13 +58,13 @@ def test_classes_come_from_the_class_key(cohort):
 
 
 def test_few_label_subset_is_balanced(cohort):
-    dm = _data(cohort, num_train=2, val_fraction=0.25)
+    dm = _data(cohort, split=Split(num_train=2, val_fraction=0.25))
     dm.setup()
     assert len(dm.train_items) == 2
     if {x["lesion"] for x in _data(cohort)._split()[0]} == {"absent", "present"}:
         assert {x["lesion"] for x in dm.train_items} == {"absent", "present"}
     with pytest.raises(ConfigError, match="num_train"):
-        _data(cohort, num_train=50).setup()
+        _data(cohort, split=Split(num_train=50, val_fraction=0.25)).setup()
 
 
 def test_roc_auc():

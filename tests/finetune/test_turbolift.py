@@ -39,12 +39,10 @@ def _chain_yaml(tmp: Path, **turbolift: object) -> Path:
         "data": {
             "class_path": "medct.data.SegmentationDataModule",
             "init_args": {
-                "spacing": [8.0, 8.0, 8.0],
-                "patch_size": [32, 32, 32],
-                "batch_size": 1,
-                "num_samples": 1,
+                "preprocessing": {"spacing": [8.0, 8.0, 8.0]},
+                "sampling": {"patch_size": [32, 32, 32], "batch_size": 1, "num_samples": 1},
+                "split": {"val_fraction": 0.25},
                 "num_workers": 0,
-                "val_fraction": 0.25,
             },
         },
         "turbolift": {

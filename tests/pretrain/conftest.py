@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -35,3 +37,22 @@ def train_steps(task: nn.Module, loss_fn: Callable[[], Tensor], steps: int, lr: 
         opt.step()
         losses.append(float(loss.detach()))
     return losses
+
+
+def quiet_trainer(root: Path, max_steps: int, callbacks: list[Any] | None = None, checkpoints: bool = False) -> Any:
+    """A CPU Lightning Trainer for `max_steps` steps without logger, progress bar, summary or
+    validation; checkpoints (into `root`) only when asked."""
+    import lightning.pytorch as pl
+
+    return pl.Trainer(
+        max_steps=max_steps,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=checkpoints,
+        limit_val_batches=0,
+        default_root_dir=str(root),
+        callbacks=list(callbacks or []),
+    )

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import itertools
 
-import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
 
 from medct.nets import create_net, encoder_state_dict
 from medct.pretrain.bm_mae import BMMAETask, dirichlet_visible, patchify, unpatchify
-from tests.pretrain.conftest import train_steps
+from medct.settings import Sampling, Split
+from medct.transforms import Preprocessing
+from tests.pretrain.conftest import quiet_trainer, train_steps
 
 PHASES = ["native", "arterial", "venous"]
 TINY = {"hidden_size": 48, "depth": 4, "num_heads": 4, "mlp_dim": 96, "feature_size": 8}
@@ -28,8 +29,8 @@ def _task(net=None, **kw):
         decoder_dim=36,
         decoder_depth=1,
         decoder_heads=4,
-        spacing=(8.0, 8.0, 8.0),
         **kw,
+        preprocessing=Preprocessing(spacing=(8.0, 8.0, 8.0)),
     )
 
 
@@ -90,25 +91,14 @@ def test_export_finetune_and_reconstruct_a_missing_phase(tmp_path):
     dm = VolumeDataModule(
         keys=["phases"],
         data_dir=str(tmp_path / "ph"),
-        spacing=(8.0, 8.0, 8.0),
-        patch_size=(32, 32, 32),
-        batch_size=1,
-        num_samples=1,
         num_workers=0,
-        val_fraction=0.34,
+        preprocessing=Preprocessing(spacing=(8.0, 8.0, 8.0)),
+        sampling=Sampling(patch_size=(32, 32, 32), batch_size=1, num_samples=1),
+        split=Split(val_fraction=0.34),
     )
     torch.manual_seed(0)
     task = _task()
-    trainer = pl.Trainer(
-        max_steps=2,
-        accelerator="cpu",
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        limit_val_batches=0,
-        default_root_dir=str(tmp_path),
-    )
+    trainer = quiet_trainer(tmp_path, 2)
     trainer.fit(task, datamodule=dm)
     trainer.save_checkpoint(tmp_path / "bm.ckpt")
     enc = export_lightning_checkpoint(tmp_path / "bm.ckpt", tmp_path / "enc")

@@ -9,8 +9,12 @@ import torch
 from medct.errors import ConfigError, InputPathError
 from medct.nets import create_net
 from medct.phantom import write_cohort
+from medct.pretrain.base import Optimisation
 from medct.pretrain.continual import ContinualDataModule, ReplayBatchSampler
 from medct.pretrain.spark import SparKTask
+from medct.settings import Sampling, Split
+from medct.transforms import Preprocessing
+from tests.pretrain.conftest import quiet_trainer
 
 
 @pytest.mark.parametrize("fraction,batch", [(0.0, 2), (0.1, 2), (0.25, 4), (0.5, 2), (0.3, 3)])
@@ -47,7 +51,10 @@ def test_continual_phase_from_an_exported_encoder(tmp_path):
     write_cohort(tmp_path / "ct", n=3, seed=0, shape=(32, 32, 32), spacing=(4.0, 4.0, 4.0))
     write_cohort(tmp_path / "cbct", n=3, seed=9, variant="cbct", shape=(32, 32, 32), spacing=(4.0, 4.0, 4.0))
     common = dict(
-        spacing=(4.0, 4.0, 4.0), patch_size=(32, 32, 32), batch_size=2, num_samples=1, num_workers=0, val_fraction=0.34
+        preprocessing=Preprocessing(spacing=(4.0, 4.0, 4.0)),
+        sampling=Sampling(patch_size=(32, 32, 32), batch_size=2, num_samples=1),
+        split=Split(val_fraction=0.34),
+        num_workers=0,
     )
 
     lrs: list[float] = []
@@ -57,25 +64,15 @@ def test_continual_phase_from_an_exported_encoder(tmp_path):
             lrs.append(trainer.optimizers[0].param_groups[0]["lr"])
 
     def trainer(steps):
-        return pl.Trainer(
-            max_steps=steps,
-            accelerator="cpu",
-            logger=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            enable_checkpointing=False,
-            limit_val_batches=0,
-            default_root_dir=str(tmp_path),
-            callbacks=[RecordLR()],
-        )
+        return quiet_trainer(tmp_path, steps, [RecordLR()])
 
     def task(**kw):
         return SparKTask(
             create_net("resenc_unet", filters=[4, 8, 16]),
-            spacing=(4.0, 4.0, 4.0),
             patch_size=(32, 32, 32),
             mask_stride=8,
             **kw,
+            preprocessing=Preprocessing(spacing=(4.0, 4.0, 4.0)),
         )
 
     torch.manual_seed(0)
@@ -87,12 +84,12 @@ def test_continual_phase_from_an_exported_encoder(tmp_path):
     dm = ContinualDataModule(
         data_dir=str(tmp_path / "cbct"), replay_data_dir=str(tmp_path / "ct"), replay_fraction=0.5, **common
     )
-    phase2 = task(pretrained_encoder=str(enc), scheduler="wsd", warmup_steps=0)
+    phase2 = task(pretrained_encoder=str(enc), optim=Optimisation(scheduler="wsd", warmup_steps=0))
     t2 = trainer(2)
     lrs.clear()
     t2.fit(phase2, datamodule=dm)
     assert t2.global_step == 2
-    assert lrs[0] == pytest.approx(phase2.hparams.lr)  # the stable rate from the first step: no re-warming
+    assert lrs[0] == pytest.approx(phase2.optim.lr)  # the stable rate from the first step: no re-warming
     t2.save_checkpoint(tmp_path / "cbct.ckpt")
     card = read_model_card(export_lightning_checkpoint(tmp_path / "cbct.ckpt", tmp_path / "enc_cbct"))
     phases = card.extra["pretraining"]["earlier_phases"]

@@ -9,6 +9,8 @@ import pytest
 
 from medct.io import Volume, write_volume
 from medct.pretrain.reduction import axial_axis, dhash, greedy_keep, hamming, reduce_datalist
+from medct.settings import Sampling, Split
+from medct.transforms import Preprocessing
 
 
 def test_dhash_bits():
@@ -66,12 +68,11 @@ def test_training_crops_are_centred_on_kept_slices(tmp_path):
     dm = VolumeDataModule(
         keys=["image"],
         datalist=str(tmp_path / "red.json"),
-        spacing=(4.0, 4.0, 4.0),
-        patch_size=(16, 16, 8),
-        num_samples=20,
         augment=False,
         num_workers=0,
-        val_fraction=0.5,
+        preprocessing=Preprocessing(spacing=(4.0, 4.0, 4.0)),
+        sampling=Sampling(patch_size=(16, 16, 8), num_samples=20),
+        split=Split(val_fraction=0.5),
     )
     dm.setup()
     assert dm.kept_slices

@@ -14,8 +14,11 @@ from medct.data import VolumeDataModule
 from medct.errors import ModelFolderError
 from medct.nets import create_net, encoder_state_dict, load_encoder, load_encoder_folder
 from medct.phantom import write_cohort
-from medct.pretrain.base import WarmupSchedule
+from medct.pretrain.base import Optimisation, WarmupSchedule
 from medct.pretrain.spark import SparKTask
+from medct.settings import Sampling
+from medct.transforms import Preprocessing
+from tests.pretrain.conftest import quiet_trainer
 
 
 @pytest.fixture(scope="module")
@@ -29,36 +32,23 @@ def _data(cohort) -> VolumeDataModule:
     return VolumeDataModule(
         keys=["image"],
         data_dir=str(cohort),
-        spacing=(4.0, 4.0, 4.0),
-        patch_size=(32, 32, 32),
-        batch_size=1,
-        num_samples=1,
         num_workers=0,
+        preprocessing=Preprocessing(spacing=(4.0, 4.0, 4.0)),
+        sampling=Sampling(patch_size=(32, 32, 32), batch_size=1, num_samples=1),
     )
 
 
 def _trainer(root, max_steps: int, callbacks=None) -> pl.Trainer:
-    return pl.Trainer(
-        max_steps=max_steps,
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=str(root),
-        limit_val_batches=0,
-        callbacks=callbacks or [],
-        enable_checkpointing=bool(callbacks),
-    )
+    return quiet_trainer(root, max_steps, callbacks, checkpoints=bool(callbacks))
 
 
 def _spark(**kw) -> SparKTask:
     return SparKTask(
         create_net("resenc_unet", filters=[4, 8, 16]),
-        spacing=(4.0, 4.0, 4.0),
         patch_size=(32, 32, 32),
         mask_stride=8,
         **kw,
+        preprocessing=Preprocessing(spacing=(4.0, 4.0, 4.0)),
     )
 
 
@@ -66,7 +56,7 @@ def _spark(**kw) -> SparKTask:
 def encoder_dir(cohort, tmp_path_factory):
     root = tmp_path_factory.mktemp("pretrain")
     torch.manual_seed(0)
-    task = _spark(lr=1e-2)
+    task = _spark(optim=Optimisation(lr=1e-2))
     trainer = _trainer(root, 2)
     trainer.fit(task, datamodule=_data(cohort))
     ckpt = root / "last.ckpt"
@@ -148,15 +138,17 @@ def test_resume_continues_the_schedule(cohort, tmp_path):
 
     torch.manual_seed(0)
     straight = _trainer(tmp_path / "a", 6)
-    straight.fit(_spark(warmup_steps=4, scheduler="cosine"), datamodule=_data(cohort))
+    straight.fit(_spark(optim=Optimisation(warmup_steps=4, scheduler="cosine")), datamodule=_data(cohort))
 
     torch.manual_seed(0)
     every2 = ModelCheckpoint(dirpath=tmp_path / "ck", every_n_train_steps=2, save_top_k=-1, filename="{step}")
     killed = _trainer(tmp_path / "b", 2, callbacks=[every2])  # stops after step 2, as a killed run would
-    killed.fit(_spark(warmup_steps=4, scheduler="cosine"), datamodule=_data(cohort))
+    killed.fit(_spark(optim=Optimisation(warmup_steps=4, scheduler="cosine")), datamodule=_data(cohort))
     ckpt = tmp_path / "ck" / "step=2.ckpt"
     assert ckpt.is_file()
     resumed = _trainer(tmp_path / "c", 6)
-    resumed.fit(_spark(warmup_steps=4, scheduler="cosine"), datamodule=_data(cohort), ckpt_path=str(ckpt))
+    resumed.fit(
+        _spark(optim=Optimisation(warmup_steps=4, scheduler="cosine")), datamodule=_data(cohort), ckpt_path=str(ckpt)
+    )
     assert resumed.global_step == 6
     assert lr_after(resumed) == pytest.approx(lr_after(straight))  # not re-warmed: the same point of the schedule

@@ -12,6 +12,8 @@ import pytest
 import torch
 
 from medct.errors import GeometryMismatchError, InputPathError, InvalidVolumeError
+from medct.settings import Sampling, Split
+from medct.transforms import Preprocessing
 from medct.volume import Volume
 
 
@@ -206,7 +208,11 @@ def motion_model(tmp_path_factory) -> Path:
     from medct.synthesis.motion import MotionTask
 
     task = MotionTask(
-        _tiny_net(), context=4, spacing=(12.0, 12.0, 12.0), registration_spacing_mm=12.0, finetune_steps=2
+        _tiny_net(),
+        context=4,
+        registration_spacing_mm=12.0,
+        finetune_steps=2,
+        preprocessing=Preprocessing(spacing=(12.0, 12.0, 12.0)),
     )
     torch.nn.init.normal_(task.net.head.weight, std=0.01)
     folder = tmp_path_factory.mktemp("motion") / "model"
@@ -274,7 +280,12 @@ def test_datalist_sequences_with_and_without_their_fields(tmp_path):
         {"phases": [str(p.relative_to(tmp_path)) for p in b]},  # registered at set-up
     ]
     (tmp_path / "list.json").write_text(json.dumps({"training": entries}))
-    dm = MotionDataModule(datalist=str(tmp_path / "list.json"), context=4, patch_size=(16, 16, 16), val_fraction=0.0)
+    dm = MotionDataModule(
+        datalist=str(tmp_path / "list.json"),
+        context=4,
+        sampling=Sampling(patch_size=(16, 16, 16), batch_size=4),
+        split=Split(val_fraction=0.2),  # round(2 x 0.2) = 0: both sequences train
+    )
     dm.setup()
     assert len(dm.train_seqs) == 2
     (img_a, f_a), (img_b, f_b) = dm.train_seqs

@@ -15,6 +15,7 @@ from torch import nn
 from medct.checkpoint import ModelCard
 from medct.errors import ConfigError
 from medct.io import read_volume, write_volume
+from medct.settings import Sampling, Split
 from medct.synthesis import sct
 from medct.transforms import Preprocessing
 from medct.volume import Volume
@@ -163,12 +164,18 @@ def test_train_export_and_medct_sct_on_a_folder(tmp_path: Path) -> None:
     from medct.nets import create_tiny_net
 
     dm = sct.SCTDataModule(
-        data_dir=str(tmp_path / "pairs"), phantom=PhantomCohort(n=3, variant="cbct", shape=(48, 48, 24), spacing=(4.0, 4.0, 4.0)),
-        spacing=(4.0, 4.0, 4.0), patch_size=(32, 32, 3), batch_size=1, num_samples=2, num_workers=0, val_fraction=0.34,
-    )  # fmt: skip
+        data_dir=str(tmp_path / "pairs"),
+        phantom=PhantomCohort(n=3, variant="cbct", shape=(48, 48, 24), spacing=(4.0, 4.0, 4.0)),
+        preprocessing=Preprocessing(spacing=(4.0, 4.0, 4.0), hu_min=sct.CT_MIN, hu_max=sct.CT_MAX),
+        sampling=Sampling(patch_size=(32, 32, 3), batch_size=1, num_samples=2),
+        split=Split(val_fraction=0.34),
+        num_workers=0,
+    )
     assert dm.modality == "CBCT"
     task = sct.SCTTask(
-        create_tiny_net("unetpp_2d", in_channels=3), spacing=(4.0, 4.0, 4.0), patch_size=(32, 32, 3), modality="CBCT"
+        create_tiny_net("unetpp_2d", in_channels=3),
+        patch_size=(32, 32, 3),
+        preprocessing=Preprocessing(spacing=(4.0, 4.0, 4.0), modality="CBCT"),
     )
     trainer = pl.Trainer(
         max_steps=3, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False
