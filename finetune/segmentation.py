@@ -40,6 +40,7 @@ from medct.errors import ConfigError
 from medct.finetune.losses import LossName, make_loss
 from medct.finetune.safeguards import WeightAnchor, load_fisher, param_groups
 from medct.nets.encoder import load_pretrained_encoder, load_unique_state_dict
+from medct.sliding_window import DEFAULT_OVERLAP, check_overlap
 from medct.task import MedCTTask
 from medct.transforms import Preprocessing
 
@@ -77,7 +78,7 @@ class SegmentationTask(MedCTTask):
         weight_decay: float = 1e-5,
         scheduler: Literal["poly", "cosine", "constant"] = "poly",
         sw_batch_size: int = 2,
-        sw_overlap: float = 0.25,
+        sw_overlap: float = DEFAULT_OVERLAP,
         keep_largest: Sequence[str] = (),
         pretrained_encoder: str | None = None,
         encoder_strict: bool = True,
@@ -140,6 +141,7 @@ class SegmentationTask(MedCTTask):
             self.anchor = WeightAnchor(reference, regularizer_weight, importance)
         if not 0.0 < encoder_lr_scale <= 1.0:
             raise ConfigError(f"model.encoder_lr_scale must lie in (0, 1], got {encoder_lr_scale}.")
+        check_overlap(sw_overlap)  # the one check of every overlap: a recipe's mistake before training
         self.dice_metric = DiceMetric(include_background=False, reduction="none", ignore_empty=True)
 
     def model_card(self) -> ModelCard:

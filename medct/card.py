@@ -120,9 +120,14 @@ class ModelCard:
                 raise ValueError(f"labels name {max(self.labels) + 1} classes but net.args.out_channels is {channels}")
         elif self.task in ("segmentation", "classification"):
             raise ValueError(f"a {self.task} model needs labels; the card has none")
-        overlap = self.inference.get("overlap")
-        if overlap is not None and not 0.0 <= float(overlap) < 1.0:
-            raise ValueError(f"inference.overlap must be in [0, 1), got {overlap}")
+        if self.inference.get("overlap") is not None:
+            from medct.errors import MedCTError
+            from medct.sliding_window import check_overlap
+
+            try:
+                check_overlap(self.inference["overlap"])
+            except MedCTError as e:
+                raise ValueError(f"inference.{str(e).rstrip('.')}") from e
         batch = self.inference.get("sw_batch_size")
         if batch is not None and int(batch) < 1:
             raise ValueError(f"inference.sw_batch_size must be at least 1, got {batch}")

@@ -70,19 +70,8 @@ __all__ = [
     "check_overlap",
     "resolve_device",
 ]
-from medct.sliding_window import sliding_window
+from medct.sliding_window import DEFAULT_OVERLAP, check_overlap, sliding_window
 from medct.volume import Volume
-
-DEFAULT_OVERLAP = 0.5  # nnU-Net's tile step of half a patch
-
-
-def check_overlap(value: object) -> float:
-    """A sliding-window overlap: a real number in [0, 1) (not a string, not a bool)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)):
-        raise ConfigError(f"overlap must be a number in [0, 1), got {value!r} ({type(value).__name__}).")
-    if not 0.0 <= float(value) < 1.0:
-        raise ConfigError(f"overlap must be in [0, 1), got {value}.")
-    return float(value)
 
 
 def check_flag(name: str, value: object) -> bool:

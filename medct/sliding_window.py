@@ -25,6 +25,21 @@ import torch
 
 SIGMA_SCALE = 0.125  # MONAI's default for mode="gaussian"
 
+DEFAULT_OVERLAP = 0.5  # nnU-Net's tile step of half a patch: the one default of every predictor and task
+
+
+def check_overlap(value: object) -> float:
+    """The one check of a sliding-window overlap (API, CLI, YAML, model card): a real number in
+    [0, 1), not a string or a bool; ConfigError in one sentence otherwise."""
+    from medct.errors import ConfigError
+
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)):
+        raise ConfigError(f"overlap must be a number in [0, 1), got {value!r} ({type(value).__name__}).")
+    if not (math.isfinite(float(value)) and 0.0 <= float(value) < 1.0):
+        raise ConfigError(f"overlap must be in [0, 1), got {value}.")
+    return float(value)
+
+
 # MONAI's compute_importance_map(mode="gaussian") and dense_patch_slices as of MONAI 1.6, transcribed
 # rather than imported: importing any MONAI module imports all of MONAI (~3 s on 2 cores, about 12 %
 # of `medct segment` on a real CT). tests/test_sliding_window.py checks both against MONAI's own.

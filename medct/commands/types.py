@@ -28,14 +28,18 @@ def int_triplet(text: str) -> tuple[int, int, int]:
 
 
 def overlap(text: str) -> float:
-    """A sliding-window overlap: a fraction in [0, 1)."""
+    """--overlap: a fraction in [0, 1), checked by the one check of every overlap (check_overlap)."""
+    from medct.errors import ConfigError
+    from medct.sliding_window import check_overlap
+
     try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got '{text}'") from None
-    if not 0.0 <= value < 1.0:
-        raise argparse.ArgumentTypeError(f"the overlap must lie in [0, 1), got {text}")
-    return value
+    try:
+        return check_overlap(value)
+    except ConfigError:
+        raise argparse.ArgumentTypeError(f"the overlap must lie in [0, 1), got {text}") from None
 
 
 def positive_int(text: str) -> int:
