@@ -1,4 +1,5 @@
-"""Shared fixtures: the real scans in ../shared/data (skipped with a reason when absent)."""
+"""Shared fixtures: the real scans in ../shared/data (skipped with a reason when absent, an error
+when MEDCT_REQUIRE_SHARED_DATA=1: a run that must test real scans cannot pass without them)."""
 
 from __future__ import annotations
 
@@ -15,9 +16,13 @@ SHARED_DATA = Path(
 
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
-    """Root of the real public scans; tests that need them skip when the folder is absent."""
+    """Root of the real public scans; tests that need them skip when the folder is absent (fail
+    when MEDCT_REQUIRE_SHARED_DATA=1)."""
     if not SHARED_DATA.is_dir():
-        pytest.skip(f"real scans not found at {SHARED_DATA} (see shared/data/MANIFEST.md)")
+        reason = f"real scans not found at {SHARED_DATA} (see shared/data/MANIFEST.md)"
+        if os.environ.get("MEDCT_REQUIRE_SHARED_DATA") == "1":
+            pytest.fail(reason + "; MEDCT_REQUIRE_SHARED_DATA=1 asks for them", pytrace=False)
+        pytest.skip(reason)
     return SHARED_DATA
 
 

@@ -61,21 +61,18 @@ def venous() -> PhantomCase:
     return _case(1, shape=(64, 64, 64), phase="venous", lesions=1)
 
 
-def test_label_set_is_fixed():
-    assert LABELS == {
-        0: "background",
-        1: "liver",
-        2: "spleen",
-        3: "kidney_left",
-        4: "kidney_right",
-        5: "stomach",
-        6: "aorta",
-        7: "lung_left",
-        8: "lung_right",
-        9: "spine",
-        10: "ribs",
-        11: "lesion",
-    }
+def test_written_cohort_says_what_its_label_indices_mean(tmp_path):
+    """A cohort a user trains on names its labels in dataset.json as medct.phantom.LABELS, and its
+    label maps hold those indices and no other (index 0 background, every organ drawn)."""
+    from medct.data import read_label_names
+    from medct.phantom import write_cohort
+
+    path = write_cohort(tmp_path / "c", n=2, seed=0, shape=(48, 48, 48), spacing=(8.0, 8.0, 8.0))
+    names = read_label_names(path)
+    assert names == [LABELS[i] for i in range(len(LABELS))] and names[0] == "background"
+    for entry in json.loads(path.read_text())["training"]:
+        values = set(np.unique(np.asarray(nib.load(path.parent / entry["label"]).dataobj)).astype(int).tolist())
+        assert values <= set(LABELS) and {0, 1, 2, 9} <= values  # background, liver, spleen, spine at least
 
 
 def test_deterministic_per_seed_and_seeds_differ():
