@@ -12,16 +12,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-BODY_HU = -500.0  # air < -500 HU < every tissue
+from medct.intensity import BODY_HU, body_threshold  # noqa: F401  (re-exported: the body's intensity rule)
+
 BODY_COARSE_MM = 3.0  # voxel size of the coarse copy the body mask is found on
 BODY_OPEN_MM = 10.0  # opening radius: removes couch plates/rails thinner than ~2 cm
 BODY_MIN_ML = 10.0  # pieces of the opened mask kept as body (arms, ...); couch remnants are smaller
-
-
-def body_threshold(hu_min: float, hu_max: float) -> float:
-    """BODY_HU on the [0, 1] scale of the HU window [hu_min, hu_max]; never below a hair above 0
-    (the value clipped air takes when the window starts above -500 HU)."""
-    return max((BODY_HU - hu_min) / (hu_max - hu_min), 1e-3)
 
 
 @dataclass(frozen=True)

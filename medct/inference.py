@@ -393,7 +393,9 @@ class Predictor:
             for zs, chunk in resample_chunks(src, index_map, grid.shape):
                 out[0, :, :, :, zs] = chunk
         # Same as MONAI ScaleIntensityRange(a_min, a_max, 0, 1, clip=True) after Spacingd.
-        out.sub_(pre.hu_min).div_(pre.hu_max - pre.hu_min).clamp_(0.0, 1.0)
+        out.sub_(pre.hu_min).div_(pre.hu_max - pre.hu_min).clamp_(
+            0.0, 1.0
+        )  # medct.intensity.scale_window, in place on the tensor
         return out
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -92,10 +92,10 @@ class Preprocessing:
 
 
 def scale_intensity(hu: np.ndarray, pre: Preprocessing) -> np.ndarray:
-    """Clip HU to the window and map to [0, 1] as float32 (same as MONAI ScaleIntensityRange
-    with a_min=hu_min, a_max=hu_max, b_min=0, b_max=1, clip=True)."""
-    out = (hu.astype(np.float32) - pre.hu_min) / (pre.hu_max - pre.hu_min)
-    return np.clip(out, 0.0, 1.0)
+    """Clip HU to `pre`'s window and map to [0, 1] as float32 (`medct.intensity.scale_window`)."""
+    from medct.intensity import scale_window
+
+    return scale_window(hu, pre.hu_min, pre.hu_max)
 
 
 # ----------------------------------------------------------------------------- MONAI builders
@@ -106,10 +106,11 @@ BODY_MARGIN_VOXELS = 8  # margin kept around the body after resampling
 
 
 def body_threshold(pre: Preprocessing) -> float:
-    """medct.body.BODY_HU on the [0, 1] scale of `pre` (CropForegroundd's and the sampler's body mask)."""
-    from medct.body import body_threshold as threshold
+    """The body threshold on `pre`'s [0, 1] scale (CropForegroundd's and the sampler's body mask):
+    `medct.intensity.body_threshold` of its window."""
+    from medct.intensity import body_threshold as on_window
 
-    return threshold(pre.hu_min, pre.hu_max)
+    return on_window(pre.hu_min, pre.hu_max)
 
 
 class AboveThreshold:

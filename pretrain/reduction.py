@@ -211,6 +211,7 @@ def encoder_embedding(encoder_dir: str | os.PathLike[str], side: int = 64) -> Ca
 
     from medct.checkpoint import read_model_card
     from medct.nets import load_encoder_folder
+    from medct.transforms import scale_intensity
 
     card = read_model_card(encoder_dir)
     net, _ = load_encoder_folder(encoder_dir)
@@ -219,7 +220,7 @@ def encoder_embedding(encoder_dir: str | os.PathLike[str], side: int = 64) -> Ca
 
     def embed(img: np.ndarray) -> np.ndarray:
         small = _area_resize(img, side, side)
-        scaled = np.clip((small - pre.hu_min) / (pre.hu_max - pre.hu_min), 0.0, 1.0).astype(np.float32)
+        scaled = scale_intensity(small, pre)
         slab = torch.from_numpy(scaled)[None, None, :, :, None].expand(1, 1, side, side, depth).contiguous()
         with torch.inference_mode():
             feats = net.encoder_features(slab)

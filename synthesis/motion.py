@@ -43,6 +43,7 @@ from medct.card import ModelCard
 from medct.data import check_workers, worker_options
 from medct.errors import ConfigError, InputPathError, InvalidVolumeError, MedCTError
 from medct.geometry import Grid
+from medct.intensity import scale_window
 from medct.settings import Sampling, Split
 from medct.task import MedCTTask
 from medct.transforms import Preprocessing
@@ -155,7 +156,7 @@ def reference_channel(reference: Volume, grid: Grid, hu_min: float, hu_max: floa
 
     ref = reference.with_array(np.asarray(reference.array, np.float32))
     img = resample_volume(ref, grid, padding=float(hu_min)).array
-    return np.clip((img - hu_min) / (hu_max - hu_min), 0.0, 1.0)[None].astype(np.float32)
+    return scale_window(img, hu_min, hu_max)[None]
 
 
 def register_phases(

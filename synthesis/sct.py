@@ -40,82 +40,24 @@ from torch import Tensor, nn
 from medct.checkpoint import ModelCard
 from medct.data import PhantomCohort, VolumeDataModule
 from medct.errors import ConfigError, InvalidVolumeError
+
+# the intensity scales (CT range, CBCT/MR normalisation, body and support masks) are medct.intensity's
+from medct.intensity import (  # noqa: F401  (re-exported: the sCT method's names)
+    CT_MAX,
+    CT_MIN,
+    ct_body,
+    ct_to_unit,
+    normalise_source,
+    pair_mask,
+    source_support,
+    unit_to_ct,
+)
 from medct.settings import Sampling, Split
 from medct.task import MedCTTask
 from medct.transforms import Preprocessing
 from medct.volume import Volume
 
-CT_MIN, CT_MAX = -1024.0, 3071.0  # SynthRAD2025's CT range
-SOURCE_PERCENTILE = 99.5  # CBCT: [min, p99.5] -> [-1, 1]
-SUPPORT_FRACTION = {"CT": 0.25, "CBCT": 0.25, "MR": 0.1}  # source support: above this fraction of [min, p99.5]
 Align = Literal["none", "elastix", "impact"]
-
-
-# ----------------------------------------------------------------------------- intensities
-
-
-def ct_to_unit(hu: np.ndarray) -> np.ndarray:
-    """HU clipped to [-1024, 3071] -> [-1, 1] (float32)."""
-    x = np.clip(np.asarray(hu, np.float32), CT_MIN, CT_MAX)
-    return (x - CT_MIN) * np.float32(2.0 / (CT_MAX - CT_MIN)) - np.float32(1.0)
-
-
-def unit_to_ct(x: Tensor | np.ndarray) -> Any:
-    """[-1, 1] -> HU (the inverse of `ct_to_unit` on its range)."""
-    return (x + 1.0) * ((CT_MAX - CT_MIN) / 2.0) + CT_MIN
-
-
-def fill_slices(mask: np.ndarray) -> np.ndarray:
-    """Holes filled in every axial slice (axis 2): lungs, bowel gas and airways belong to the body."""
-    from scipy import ndimage
-
-    out = np.empty_like(mask, dtype=bool)
-    for k in range(mask.shape[2]):
-        out[:, :, k] = ndimage.binary_fill_holes(mask[:, :, k])
-    return out
-
-
-def source_support(array: np.ndarray, modality: str) -> np.ndarray:
-    """Where the source image holds the patient: above a fraction of its [min, p99.5] range (CBCT,
-    CT: soft tissue, not air or the -1000 outside a CBCT's field of view; MR: signal, not
-    background), holes filled per axial slice. (X, Y, Z) bool."""
-    a = np.asarray(array, np.float32)
-    lo, hi = float(a.min()), float(np.percentile(a, SOURCE_PERCENTILE))
-    frac = SUPPORT_FRACTION.get(modality.upper(), 0.25)
-    return fill_slices(a > lo + frac * (hi - lo))
-
-
-def ct_body(hu: np.ndarray) -> np.ndarray:
-    """The CT's body: above -500 HU (medct.body.BODY_HU), holes filled per axial slice."""
-    from medct.body import BODY_HU
-
-    return fill_slices(np.asarray(hu) > BODY_HU)
-
-
-def pair_mask(source: np.ndarray, ct_hu: np.ndarray, modality: str) -> np.ndarray:
-    """Training and scoring mask of a pair on one grid: the CT's body inside the source's support."""
-    return ct_body(ct_hu) & source_support(source, modality)
-
-
-def normalise_source(array: np.ndarray, modality: str) -> np.ndarray:
-    """The network's input scale (float32): CBCT [min, p99.5] -> [-1, 1] (clipped above); MR z-scored
-    inside `source_support`; CT as `ct_to_unit`."""
-    a = np.asarray(array, np.float32)
-    m = modality.upper()
-    if m == "CT":
-        return ct_to_unit(a)
-    if m == "CBCT":
-        lo, hi = float(a.min()), float(np.percentile(a, SOURCE_PERCENTILE))
-        if not hi > lo:
-            raise InvalidVolumeError("The CBCT is constant below its 99.5th percentile; it holds no image.")
-        return np.minimum((a - lo) * np.float32(2.0 / (hi - lo)) - np.float32(1.0), np.float32(1.0))
-    if m == "MR":
-        body = source_support(a, "MR")
-        if body.sum() < 2:
-            raise InvalidVolumeError("The MR has no signal above its background; it holds no image.")
-        mean, sd = float(a[body].mean()), float(a[body].std())
-        return (a - np.float32(mean)) / np.float32(max(sd, 1e-6))
-    raise ConfigError(f"Synthetic CT takes CBCT or MR (or CT) input, not '{modality}'.")
 
 
 class SCTPaird:
