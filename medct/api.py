@@ -16,7 +16,7 @@ import os
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -155,14 +155,23 @@ def register(
     fixed_mask: str | os.PathLike[str] | Volume | None = None,
     moving_mask: str | os.PathLike[str] | Volume | None = None,
     moving_labels: str | os.PathLike[str] | Volume | None = None,
+    method: Literal["elastix", "impact"] = "elastix",
+    encoder: str | os.PathLike[str] | None = None,
+    impact_init: str = "affine",
+    impact_layers: tuple[int, ...] = (0, 1),
+    impact_mode: Literal["jacobian", "static"] = "jacobian",
 ) -> dict[str, Any]:
-    """Register `moving` to `fixed` with Elastix (`medct.registration.elastix`).
+    """Register `moving` to `fixed`, as `medct register` does.
 
-    preset: rigid | affine | bspline (rigid -> affine -> bspline) | ct-cbct; or elastix
-    `parameter_files` run in order. Returns {"warped": the moving image on the fixed grid,
-    "warped_labels": `moving_labels` warped by nearest neighbour (or None), "transform": the
-    `ElastixTransform` (fixed -> moving world; `.warp`, `.points_moving_to_fixed`, `.jacobian`,
-    `.save`, ...)}. Every volume carries the fixed image's geometry.
+    method "elastix" (`medct.registration.elastix`): preset rigid | affine | bspline (rigid ->
+    affine -> bspline) | ct-cbct, or stages joined by commas (`elastix.parse_preset`); or elastix
+    `parameter_files` run in order. method "impact" (`medct.registration.impact`, Boussot et al.
+    2025): the IMPACT distance on the features of `encoder` (a medct segmentation model or encoder
+    folder; stages `impact_layers`, `impact_mode`), after the Elastix preset `impact_init` ("none":
+    from the identity). Returns {"warped": the moving image on the fixed grid, "warped_labels":
+    `moving_labels` warped by nearest neighbour (or None), "transform": the transform (fixed ->
+    moving world; `.warp`, `.points_moving_to_fixed`, `.jacobian`, `.save`, ...)}. Every volume
+    carries the fixed image's geometry.
     """
     from medct.registration import elastix
 
@@ -170,10 +179,21 @@ def register(
         return None if x is None else _as_volume(x, None)
 
     fixed_v, moving_v = _as_volume(fixed, None), _as_volume(moving, None)
-    tr = elastix.register(
-        fixed_v, moving_v, preset=preset, parameter_files=parameter_files,
-        fixed_mask=vol(fixed_mask), moving_mask=vol(moving_mask),
-    )  # fmt: skip
+    if method == "impact":
+        from medct.registration import impact
+
+        if encoder is None:
+            raise ConfigError('method="impact" needs encoder= (a medct segmentation model or encoder folder).')
+        features = impact.load_feature_model(encoder, layers=impact_layers)
+        settings = impact.ImpactSettings(mode=impact_mode)
+        tr: Any = impact.register_on_encoder(fixed_v, moving_v, features, impact_init, settings, vol(fixed_mask))
+    elif method == "elastix":
+        tr = elastix.register(
+            fixed_v, moving_v, preset=preset, parameter_files=parameter_files,
+            fixed_mask=vol(fixed_mask), moving_mask=vol(moving_mask),
+        )  # fmt: skip
+    else:
+        raise ConfigError(f"method must be 'elastix' or 'impact', got {method!r}.")
     labels = vol(moving_labels)
     return {
         "warped": tr.warp(moving_v),

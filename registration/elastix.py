@@ -122,11 +122,27 @@ def _ct_cbct_map() -> ParameterMap:
     return m
 
 
+def parse_preset(text: str) -> tuple[str, ...]:
+    """The one grammar of an Elastix preset (`medct register --preset`, `--impact-init`, the API,
+    a synthetic-CT recipe's `align_preset`): a preset name, i.e. its chain of stages
+    (`PRESET_STAGES`: "bspline" = rigid -> affine -> bspline), or stage names joined by commas, run
+    in that order ("rigid,bspline"; "bspline," = the B-spline stage alone). Returns the stages;
+    anything else is a ConfigError in one sentence."""
+    name = str(text).strip()
+    if "," not in name:
+        if name in PRESET_STAGES:
+            return PRESET_STAGES[name]
+        stages: list[str] = []
+    else:
+        stages = [s.strip() for s in name.split(",") if s.strip()]
+    if not stages or any(s not in PRESETS for s in stages):
+        raise ConfigError(f"'{text}' is not a registration preset or a comma list of {', '.join(PRESETS)}.")
+    return tuple(stages)
+
+
 def preset_maps(preset: str) -> list[ParameterMap]:
-    """The parameter maps of a preset (rigid, affine, bspline, ct-cbct), one per stage."""
-    if preset not in PRESET_STAGES:
-        raise ConfigError(f"Unknown registration preset {preset!r}; choose one of {', '.join(PRESETS)}.")
-    return [_stage_map(s) for s in PRESET_STAGES[preset]]
+    """The parameter maps of a preset (`parse_preset`), one per stage."""
+    return [_stage_map(s) for s in parse_preset(preset)]
 
 
 def read_parameter_file(path: str | os.PathLike[str]) -> ParameterMap:
@@ -477,10 +493,7 @@ def resolve_maps(
     """Parameter maps from a preset name (a comma list chains presets' last stages) or from files."""
     if parameter_files:
         return [read_parameter_file(p) for p in parameter_files]
-    name = preset or "bspline"
-    if "," in name:
-        return [_stage_map(s.strip()) for s in name.split(",") if s.strip()]
-    return preset_maps(name)
+    return preset_maps(preset or "bspline")
 
 
 def register(

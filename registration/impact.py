@@ -444,3 +444,23 @@ __all__ = [
     "load_feature_model",
     "register_impact",
 ]
+
+
+def register_on_encoder(
+    fixed: Volume,
+    moving: Volume,
+    features: FeatureSource,
+    init: str | None = "affine",
+    settings: ImpactSettings | None = None,
+    fixed_mask: Volume | None = None,
+    threads: int | None = None,
+) -> ImpactTransform:
+    """IMPACT as `medct register --preset impact`, the API (`medct.api.register(method="impact")`)
+    and synthetic CT's pair alignment run it: an Elastix `init` preset first (`elastix.parse_preset`
+    grammar; None or "none": from the identity), then `register_impact` on `features`."""
+    from medct.registration import elastix
+
+    initial = None
+    if init is not None and init != "none":
+        initial = elastix.register(fixed, moving, preset=init, fixed_mask=fixed_mask, number_of_threads=threads)
+    return register_impact(fixed, moving, features, settings, initial, fixed_mask=fixed_mask)

@@ -159,13 +159,12 @@ def align_pair(
 
         transform: Any = register(fixed, moving, preset=preset, fixed_mask=mask, seed=seed)
     elif method == "impact":
-        from medct.registration.impact import ImpactSettings, load_feature_model, register_impact
+        from medct.registration.impact import ImpactSettings, load_feature_model, register_on_encoder
 
         if encoder is None:
             raise ConfigError("data.align impact needs data.align_encoder (a medct model or encoder folder).")
-        transform = register_impact(
-            fixed, moving, load_feature_model(encoder), ImpactSettings(seed=seed), fixed_mask=mask
-        )
+        features = load_feature_model(encoder)
+        transform = register_on_encoder(fixed, moving, features, None, ImpactSettings(seed=seed), mask)
     else:
         raise ConfigError(f"data.align must be none, elastix or impact, got '{method}'.")
     warped = transform.warp(moving, "image", default=CT_MIN)
@@ -246,6 +245,10 @@ class SCTDataModule(VolumeDataModule):
             raise ConfigError(
                 f"Synthetic CT takes CBCT or MR images, but data.preprocessing.modality is '{self.modality}'."
             )
+        if align == "elastix":
+            from medct.registration.elastix import parse_preset
+
+            parse_preset(align_preset)  # a wrong preset is one sentence now, not after the cohort is written
         if align not in ("none", "elastix", "impact"):
             raise ConfigError(f"data.align must be none, elastix or impact, got '{align}'.")
         if align == "impact" and align_encoder is None:

@@ -24,16 +24,19 @@ from typing import Any
 from medct.commands import types
 
 HELP = "register a moving scan to a fixed one (Elastix presets), warping labels and points with it"
-PRESET_CHOICES = ("rigid", "affine", "bspline", "ct-cbct")
 
 
 def _preset(text: str) -> str:
-    """A preset name (or impact), or a comma list of stages (each one of the preset names)."""
+    """impact, none, or an Elastix preset in the one grammar of `elastix.parse_preset`."""
+    from medct.errors import ConfigError
+    from medct.registration.elastix import parse_preset
+
     if text in ("impact", "none"):
         return text
-    parts = [t.strip() for t in text.split(",") if t.strip()] if "," in text else [text]
-    if not parts or any(t not in PRESET_CHOICES for t in parts):
-        raise argparse.ArgumentTypeError(f"'{text}' is not a preset or a comma list of {', '.join(PRESET_CHOICES)}")
+    try:
+        parse_preset(text)
+    except ConfigError as e:
+        raise argparse.ArgumentTypeError(str(e).rstrip(".")) from None
     return text
 
 
@@ -125,19 +128,16 @@ def _checkerboard(fixed: Any, warped: Any, squares: int = 8) -> Any:
 def _impact(fixed: Any, moving: Any, masks: dict[str, Any], args: argparse.Namespace) -> Any:
     """IMPACT on the --encoder's features, from an Elastix --impact-init transform."""
     from medct.errors import ConfigError
-    from medct.registration import elastix, impact
+    from medct.registration import impact
 
     if not args.encoder:
         raise ConfigError("--preset impact needs --encoder MODEL_DIR (a medct segmentation model or encoder folder).")
     if getattr(args, "_features", None) is None:  # loaded once for a whole datalist
         args._features = impact.load_feature_model(args.encoder, layers=args.impact_layers)
-    initial = None
-    if args.impact_init != "none":
-        initial = elastix.register(
-            fixed, moving, preset=args.impact_init, fixed_mask=masks["fixed_mask"], number_of_threads=args.threads
-        )
     settings = impact.ImpactSettings(mode=args.impact_mode)
-    return impact.register_impact(fixed, moving, args._features, settings, initial, fixed_mask=masks["fixed_mask"])
+    return impact.register_on_encoder(
+        fixed, moving, args._features, args.impact_init, settings, masks["fixed_mask"], args.threads
+    )
 
 
 def run_pair(entry: dict[str, Any], out: Path, args: argparse.Namespace) -> dict[str, Any]:

@@ -200,7 +200,7 @@ def test_clear_errors_for_2d_empty_masks_and_disjoint_fields_of_view() -> None:
         elastix.register(fixed, far, preset="rigid")
     with pytest.raises(elastix.RegistrationError, match="mask is empty"):
         elastix.register(fixed, moving, preset="rigid", fixed_mask=fixed.with_array(np.zeros(fixed.shape, np.uint8)))
-    with pytest.raises(Exception, match="Unknown registration preset"):
+    with pytest.raises(Exception, match="'nonrigid' is not a registration preset"):
         elastix.register(fixed, moving, preset="nonrigid")
 
 
@@ -300,3 +300,23 @@ def test_user_parameter_files_run_in_order(tmp_path: Path) -> None:
 
     with pytest.raises(ConfigError, match="names no Transform"):
         elastix.register(fixed, moving, parameter_files=[tmp_path / "bad.txt"])
+
+
+def test_one_preset_grammar_for_the_command_the_api_and_recipes() -> None:
+    """A preset name is its chain of stages, a comma list names stages in order; the command's
+    option and elastix.register read presets through this one parser."""
+    import argparse
+
+    from medct.commands.register import _preset
+    from medct.errors import ConfigError
+
+    assert elastix.parse_preset("bspline") == ("rigid", "affine", "bspline")
+    assert elastix.parse_preset("ct-cbct") == ("rigid", "ct-cbct")
+    assert elastix.parse_preset("bspline,") == ("bspline",)
+    assert elastix.parse_preset(" rigid , bspline ") == ("rigid", "bspline")
+    for bad in ("", ",", "nonrigid", "rigid,spline"):
+        with pytest.raises(ConfigError, match="is not a registration preset or a comma list of rigid, affine"):
+            elastix.parse_preset(bad)
+        with pytest.raises(argparse.ArgumentTypeError, match="is not a registration preset"):
+            _preset(bad)
+    assert _preset("impact") == "impact" and _preset("rigid,affine") == "rigid,affine"
