@@ -223,9 +223,11 @@ def run_folder(
     pipeline: bool = True,
     debug: bool = False,
     ignored: Sequence[tuple[Path, str]] = (),
+    summary: bool = True,
 ) -> RunReport:
     """Run `job` over `cases` into `output_dir` (made by `prepare_output_folder`); see the module
-    docstring. `ignored`: folder entries that are not cases, listed in summary.csv."""
+    docstring. `ignored`: folder entries that are not cases, listed in summary.csv. `summary`
+    False: no summary.csv (one output the user named as a file, e.g. `generate -o one.nii.gz`)."""
     from tqdm import tqdm
 
     out_dir = Path(output_dir)
@@ -312,7 +314,8 @@ def run_folder(
             report.skipped.append(e.case.name)
         else:
             report.failed.append((e.case.name, str(e.row.get("error", ""))))
-    write_summary(rows, job.columns, out_dir / "summary.csv")
+    if summary:
+        write_summary(rows, job.columns, out_dir / "summary.csv")
     print(
         f"medct {job.command}: {len(report.done)} {_verb(job.command, False)}, {len(report.skipped)} skipped (output exists or another run "
         f"has it), {len(report.failed)} failed"
@@ -327,7 +330,8 @@ def run_folder(
 
 # how the messages say what a command does to a case: (done, doing); other commands "done"/"processing"
 _VERBS = {"segment": ("segmented", "segmenting"), "sct": ("synthesised", "synthesising"),
-          "register": ("registered", "registering")}  # fmt: skip
+          "register": ("registered", "registering"), "generate": ("generated", "generating"),
+          "motion": ("predicted", "predicting")}  # fmt: skip
 
 
 def _verb(command: str, doing: bool) -> str:

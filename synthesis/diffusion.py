@@ -405,6 +405,15 @@ class TextToCT:
         """Every generated size must be a multiple of this (VAE downsampling x UNet stride)."""
         return int(self.vae.downsample) * int(self.net.stride)
 
+    def grid_size(self, size: Sequence[int] | None = None) -> list[int]:
+        """The generation grid (X, Y, Z) voxels: `size`, or the model's; ConfigError unless three
+        multiples of `factor` (checked before any sampling)."""
+        size_t = [int(s) for s in (self.card.patch_size if size is None else size)]
+        if len(size_t) != 3:
+            raise ConfigError(f"--size needs three voxel counts (X Y Z), got {size_t}.")
+        check_size(size_t, self.factor, "This model")
+        return size_t
+
     def context(self, prompts: Sequence[str]) -> Tensor:
         """(B,) prompts -> (B, L, D) text contexts of the model's kind (card inference.context)."""
         ids = tokenize(self.tokenizer, prompts, int(self.clip.max_length)).to(self.device)
@@ -434,10 +443,7 @@ class TextToCT:
         steps = int(inf.get("steps", 30) if steps is None else steps)
         guidance = float(inf.get("guidance", 5.0) if guidance is None else guidance)
         sampler = str(inf.get("sampler", "rflow") if sampler is None else sampler)
-        size_t = [int(s) for s in (self.card.patch_size if size is None else size)]
-        if len(size_t) != 3:
-            raise ConfigError(f"--size needs three voxel counts (X Y Z), got {size_t}.")
-        check_size(size_t, self.factor, "This model")
+        size_t = self.grid_size(size)
         if int(n) < 1:
             raise ConfigError(f"-n must be at least 1, got {n}.")
         texts = [str(p).strip() for p in prompts]

@@ -1,8 +1,9 @@
 """`medct generate -m MODEL "PROMPT" -o OUT`: CT volumes from report text (text-to-CT).
 
 One volume (one prompt, -n 1) and OUT ending in .nii.gz/.nii: OUT and OUT's stem + .png (axial
-montage). Otherwise OUT is a folder: gen_PPPP_SS.nii.gz + .png per volume (prompt P, sample S) and
-summary.csv (file, prompt, seed, seconds). Prompts come from the command line or --prompts FILE
+montage). Otherwise OUT is a folder: gen_PPPP_SS.nii.gz + .png per volume (prompt P, sample S,
+seed = --seed + P * n + S) and summary.csv (the folder runner's columns, then prompt and seed);
+volumes whose file exists are skipped unless --overwrite. Prompts come from the command line or --prompts FILE
 (one per line; blank lines and lines starting with # skipped). Volumes are int16 HU on a RAS grid
 at the model's spacing (or --spacing); every file is written atomically.
 """
@@ -10,6 +11,8 @@ at the model's spacing (or --spacing); every file is written atomically.
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
+from typing import Any
 
 from medct.commands import types
 
@@ -34,11 +37,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sampler", choices=("rflow", "ddim"), default=None, help="sampler (default: the model's)")
     p.add_argument("--device", type=types.device, default=None, help="cuda, mps or cpu (default: best available)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar over the sampling steps")
+    p.add_argument("--overwrite", action="store_true", help="generate again volumes whose file exists")
 
 
 def _read_prompts(args: argparse.Namespace) -> list[str]:
-    from pathlib import Path
-
     from medct.errors import InputPathError, MedCTError
 
     prompts = [str(p) for p in args.prompt]
@@ -55,55 +57,68 @@ def _read_prompts(args: argparse.Namespace) -> list[str]:
     return prompts
 
 
-def run(args: argparse.Namespace) -> int:
-    import csv
-    import sys
-    from pathlib import Path
+class GenerateJob:
+    """The folder runner's job for text-to-CT: one case per (prompt, sample); nothing to read, the
+    sampler runs on the main thread, the volume and its montage are written behind it."""
 
-    from medct.io import write_volume
-    from medct.paths import atomic_file
-    from medct.preview import save_montage
+    command = "generate"
+    columns = ("prompt", "seed")
+
+    def __init__(self, model: Any, args: argparse.Namespace, single: Path | None) -> None:
+        self.model, self.args, self.single = model, args, single
+
+    def output_path(self, case: Any, out_dir: Path) -> Path:
+        return self.single if self.single is not None else out_dir / f"{case.name}.nii.gz"
+
+    def refuse(self, case: Any) -> str | None:
+        return None
+
+    def load(self, case: Any) -> Any:
+        return case.data
+
+    def run(self, entry: dict[str, Any], row: dict[str, object]) -> Any:
+        a = self.args
+        row.update(prompt=entry["prompt"], seed=entry["seed"])
+        (vol,) = self.model.generate(
+            [entry["prompt"]], n=1, steps=a.steps, guidance=a.guidance, seed=entry["seed"], size=a.size,
+            spacing=a.spacing, sampler=a.sampler, progress=not a.no_progress,
+        )  # fmt: skip
+        row["network_seconds"] = float(vol.meta["seconds"])
+        return vol
+
+    def write(self, case: Any, vol: Any, out_path: Path, row: dict[str, object]) -> None:
+        from medct.io import write_volume
+        from medct.preview import save_montage
+
+        write_volume(vol, out_path)
+        stem = out_path.name.removesuffix(".gz").removesuffix(".nii")
+        save_montage(vol, out_path.with_name(stem + ".png"), window=(-160.0, 240.0), title=str(vol.meta["text"]))
+
+    def summarise_existing(self, case: Any, out_path: Path, row: dict[str, object]) -> None:
+        row.update(prompt=case.data["prompt"], seed=case.data["seed"])
+
+
+def run(args: argparse.Namespace) -> int:
+    from medct.errors import ConfigError
+    from medct.runner import Case, prepare_output_folder, run_folder
     from medct.synthesis.diffusion import TextToCT
 
     prompts = _read_prompts(args)
     if args.n < 1:
-        from medct.errors import ConfigError
-
         raise ConfigError(f"-n must be at least 1, got {args.n}.")
     out = Path(args.output)
     single = len(prompts) * args.n == 1 and out.name.endswith((".nii.gz", ".nii"))
     model = TextToCT.from_folder(args.model, device=args.device)
-    rows = []
-    for p, prompt in enumerate(prompts):
-        vols = model.generate(
-            [prompt],
-            n=args.n,
-            steps=args.steps,
-            guidance=args.guidance,
-            seed=args.seed + p * args.n,
-            size=args.size,
-            spacing=args.spacing,
-            sampler=args.sampler,
-            progress=not args.no_progress,
-        )
-        for s, vol in enumerate(vols):
-            if single:
-                path = out
-                out.parent.mkdir(parents=True, exist_ok=True)
-            else:
-                out.mkdir(parents=True, exist_ok=True)
-                path = out / f"gen_{p:04d}_{s:02d}.nii.gz"
-            write_volume(vol, path)
-            stem = path.name.removesuffix(".gz").removesuffix(".nii")
-            save_montage(vol, path.with_name(stem + ".png"), window=(-160.0, 240.0), title=prompt)
-            rows.append(
-                {"file": str(path), "prompt": prompt, "seed": vol.meta["seed"], "seconds": f"{vol.meta['seconds']:.2f}"}
-            )
-            print(f"wrote {path} ({vol.meta['seconds']:.1f} s)", file=sys.stderr)
-    if not single:
-        with atomic_file(out / "summary.csv", suffix=".csv") as tmp, open(tmp, "w", newline="") as fh:
-            w = csv.DictWriter(fh, fieldnames=["file", "prompt", "seed", "seconds"])
-            w.writeheader()
-            w.writerows(rows)
-    print(f"medct generate: {len(rows)} volumes", file=sys.stderr)
-    return 0
+    model.grid_size(args.size)  # a grid the model cannot code: one sentence before any case
+    source = Path(args.prompts) if args.prompts is not None else Path("command line")
+    cases = [
+        Case(f"gen_{p:04d}_{s:02d}", source, "entry", {"prompt": prompt, "seed": args.seed + p * args.n + s})
+        for p, prompt in enumerate(prompts)
+        for s in range(args.n)
+    ]
+    if single:
+        cases[0].name = out.name.removesuffix(".gz").removesuffix(".nii")
+    out_dir = prepare_output_folder(out.parent if single else out)
+    job = GenerateJob(model, args, out if single else None)
+    report = run_folder(cases, out_dir, job, overwrite=args.overwrite, debug=args.debug, summary=not single)
+    return report.exit_code
