@@ -6,13 +6,18 @@ the motion model (fine-tuned on this patient's phases, --finetune-steps) rolls o
 and each predicted phase is the reference warped by its field, so the anatomy is the patient's.
 OUT (a folder) gets predicted_phase_TT.nii.gz and displacement_TT.nii.gz (X, Y, Z, 3 RAS mm,
 pull-back to phase 0: phase_T(p) = reference(p + u(p))) on the input grid, sequence.png (a coronal
-strip, predicted phases in red), sequence.gif and summary.json; every file is written atomically.
+strip, predicted phases in red), sequence.gif, summary.json (written last) and the folder runner's
+summary.csv; every file is written atomically. OUT holding a summary.json is done: the run is
+skipped unless --overwrite.
 --method copy-last | linear | pca runs a baseline instead (no model needed).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+from pathlib import Path
+from typing import Any
 
 from medct.commands import types
 
@@ -34,17 +39,68 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of registration sampling and fine-tuning")
     p.add_argument("--device", type=types.device, default=None, help="cuda, mps or cpu (default: best available)")
     p.add_argument("--no-gif", action="store_true", help="do not write sequence.gif")
+    p.add_argument("--overwrite", action="store_true", help="predict again when OUT already holds a summary.json")
+
+
+class MotionJob:
+    """The folder runner's job for one 4D scan: its phases (read and checked before the output
+    folder is made) in, the predicted phases, their displacement fields, the previews and
+    summary.json out. summary.json is written last: its existence means the case is done."""
+
+    command = "motion"
+    columns = ("method", "observed_phases", "predicted_phases")
+
+    def __init__(self, predictor: Any, args: argparse.Namespace) -> None:
+        self.predictor, self.args = predictor, args
+
+    def output_path(self, case: Any, out_dir: Path) -> Path:
+        return out_dir / "summary.json"
+
+    def refuse(self, case: Any) -> str | None:
+        return None
+
+    def load(self, case: Any) -> Any:
+        return case.data["phases"]
+
+    def run(self, phases: Any, row: dict[str, object]) -> Any:
+        a = self.args
+        res = self.predictor.predict(phases, a.predict, a.method, a.finetune_steps, a.registration, a.seed)
+        row.update(method=res.method, observed_phases=len(res.observed), predicted_phases=len(res.phases))
+        row["network_seconds"] = float(res.seconds.get("prediction", 0.0))
+        return res
+
+    def write(self, case: Any, res: Any, out_path: Path, row: dict[str, object]) -> None:
+        from medct.io import write_volume
+        from medct.paths import write_text_atomic
+        from medct.synthesis.motion import save_sequence_previews
+
+        out, m = out_path.parent, len(res.observed)
+        files = []
+        for j, (img, disp) in enumerate(zip(res.phases, res.displacements, strict=True)):
+            t = m + j
+            image, field = f"predicted_phase_{t:02d}.nii.gz", f"displacement_{t:02d}.nii.gz"
+            write_volume(img, out / image)
+            write_volume(disp, out / field)
+            files.append({"phase": t, "image": image, "displacement": field})
+        gif = None if self.args.no_gif else out / "sequence.gif"
+        save_sequence_previews([*res.observed, *res.phases], m, out / "sequence.png", gif)
+        summary = {"method": res.method, "observed_phases": m, "predicted": files, "seconds": res.seconds}
+        write_text_atomic(out_path, json.dumps(summary, indent=2) + "\n")
+
+    def summarise_existing(self, case: Any, out_path: Path, row: dict[str, object]) -> None:
+        try:
+            done = json.loads(out_path.read_text())
+            row.update(
+                method=done["method"], observed_phases=done["observed_phases"], predicted_phases=len(done["predicted"])
+            )
+        except (OSError, ValueError, KeyError, TypeError):
+            row["note"] = "summary.json unreadable"
 
 
 def run(args: argparse.Namespace) -> int:
-    import json
-    import sys
-    from pathlib import Path
-
     from medct.errors import ConfigError
-    from medct.io import write_volume
-    from medct.paths import atomic_file
-    from medct.synthesis.motion import MotionPredictor, save_sequence_previews
+    from medct.runner import Case, prepare_output_folder, run_folder
+    from medct.synthesis.motion import MotionPredictor, read_sequence
 
     if args.predict < 1:
         raise ConfigError(f"--predict must be at least 1 phase, got {args.predict}.")
@@ -57,26 +113,12 @@ def run(args: argparse.Namespace) -> int:
         predictor = MotionPredictor.from_folder(args.model, device=args.device)
     else:
         predictor = MotionPredictor(None, None, "cpu" if args.device is None else str(args.device))
-    res = predictor.predict(source, args.predict, args.method, args.finetune_steps, args.registration, args.seed)
-    out = Path(args.output)
-    out.mkdir(parents=True, exist_ok=True)
-    m = len(res.observed)
-    files = []
-    for j, (img, disp) in enumerate(zip(res.phases, res.displacements, strict=True)):
-        t = m + j
-        write_volume(img, out / f"predicted_phase_{t:02d}.nii.gz")
-        write_volume(disp, out / f"displacement_{t:02d}.nii.gz")
-        files.append(
-            {"phase": t, "image": f"predicted_phase_{t:02d}.nii.gz", "displacement": f"displacement_{t:02d}.nii.gz"}
-        )
-    save_sequence_previews(
-        [*res.observed, *res.phases], m, out / "sequence.png", None if args.no_gif else out / "sequence.gif"
+    phases = read_sequence(source)  # a missing file, too few phases, grids that differ: before any output
+    first = Path(args.input[0])
+    name = (
+        first.name.removesuffix(".gz").removesuffix(".nii") if first.is_file() and len(args.input) == 1 else first.name
     )
-    summary = {"method": res.method, "observed_phases": m, "predicted": files, "seconds": res.seconds}
-    with atomic_file(out / "summary.json", suffix=".json") as tmp:
-        Path(tmp).write_text(json.dumps(summary, indent=2) + "\n")
-    secs = sum(res.seconds.values())
-    print(
-        f"medct motion: {args.predict} phases predicted from {m} ({res.method}, {secs:.1f} s) -> {out}", file=sys.stderr
-    )
-    return 0
+    case = Case(name or "sequence", first, "entry", {"phases": phases})
+    out_dir = prepare_output_folder(args.output)
+    report = run_folder([case], out_dir, MotionJob(predictor, args), overwrite=args.overwrite, debug=args.debug)
+    return report.exit_code
