@@ -1,6 +1,6 @@
 """The one folder runner of every command that maps input cases to outputs.
 
-`medct segment`, `medct sct` and `medct register --pairs` hand it their cases and a `CaseJob` (how
+`medct segment`, `sct`, `register --pairs`, `generate` and `motion` hand it their cases and a `CaseJob` (how
 to read one case, run the model on it, write its outputs); it does the rest once for all of them,
 as a user of TotalSegmentator/nnU-Net expects:
 

@@ -4,6 +4,7 @@ reproduce known motion exactly, roll-out shapes and causality, fine-tuning, regi
 
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 
@@ -239,6 +240,10 @@ def test_medct_motion_end_to_end_keeps_the_input_geometry(motion_model, tmp_path
     assert (out / "sequence.png").stat().st_size > 0 and (out / "sequence.gif").stat().st_size > 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["observed_phases"] == 5 and len(summary["predicted"]) == 3 and summary["method"] == "ar"
+    row = next(csv.DictReader(open(out / "summary.csv")))  # the folder runner's row of the one 4D case
+    assert row["case"] == "in" and row["status"] == "done" and row["predicted_phases"] == "3"
+    argv = ["motion", "-m", str(motion_model), "-i", str(tmp_path / "in"), "-o", str(out), "--predict", "3"]
+    assert main(argv) == 0 and next(csv.DictReader(open(out / "summary.csv")))["status"] == "skipped (exists)"
 
     capsys.readouterr()
     assert (

@@ -308,6 +308,10 @@ def test_medct_generate_cli_writes_volumes_montages_and_summary(text2ct_dir, tmp
     rows = list(csv.DictReader(open(folder / "summary.csv")))
     assert [r["seed"] for r in rows] == ["0", "1", "2", "3"] and rows[2]["prompt"] == "Arterial phase CT. Hepatomegaly."
     assert nib.load(folder / "gen_0001_01.nii.gz").shape == (16, 16, 8) and (folder / "gen_0001_01.png").is_file()
+    assert {r["status"] for r in rows} == {"done"} and rows[0]["case"] == "gen_0000_00"  # the folder runner's columns
+    assert main([*args, "--steps", "2", "--no-progress"]) == 0  # a second run skips what exists
+    rows = list(csv.DictReader(open(folder / "summary.csv")))
+    assert {r["status"] for r in rows} == {"skipped (exists)"} and [r["seed"] for r in rows] == ["0", "1", "2", "3"]
 
     capsys.readouterr()
     assert main(["generate", "-m", str(text2ct_dir), "", "-o", str(tmp_path / "x.nii.gz")]) == 1
