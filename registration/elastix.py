@@ -506,6 +506,7 @@ def register(
     number_of_threads: int | None = None,
     seed: int | None = None,
     log_to_console: bool = False,
+    keep_log: str | os.PathLike[str] | None = None,
 ) -> ElastixTransform:
     """Register `moving` to `fixed` with elastix; returns the transform (fixed -> moving world).
 
@@ -513,6 +514,8 @@ def register(
     (rigid -> the SynthRAD2025 CBCT map), or a comma list of stages ("rigid,bspline"); ignored when
     `parameter_files` are given (elastix text files, run in order). Masks restrict the metric's
     samples and must lie on their image's grid. `seed` fixes elastix's random sampler (RandomSeed).
+    Elastix logs into a temporary folder; when it fails, the RegistrationError carries the reason
+    its log gives (`elastix_reason`) and, with `keep_log`, the whole log is kept at that path.
     """
     import itk
 
@@ -533,17 +536,45 @@ def register(
     if number_of_threads:
         reg.SetNumberOfThreads(int(number_of_threads))
     reg.SetLogToConsole(log_to_console)
-    try:
-        reg.Update()
-    except RuntimeError as e:
-        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-        hint = next((ln for ln in lines if "Description" in ln or "too many samples" in ln.lower()), lines[-1])
-        raise RegistrationError(f"Elastix failed: {hint[:200]}") from None
+    with tempfile.TemporaryDirectory(prefix="medct-elastix-") as log_dir:
+        reg.SetLogToFile(True)
+        reg.SetOutputDirectory(log_dir)
+        reg.SetLogFileName("elastix.log")
+        try:
+            reg.Update()
+        except RuntimeError as e:
+            log = Path(log_dir) / "elastix.log"
+            text = log.read_text(errors="replace") if log.is_file() else ""
+            lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+            hint = next((ln for ln in lines if "Description" in ln or "too many samples" in ln.lower()), lines[-1])
+            reason = elastix_reason(text) or hint
+            kept = ""
+            if keep_log is not None and text:
+                from medct.paths import write_text_atomic
+
+                write_text_atomic(Path(keep_log), text)
+                kept = f" (elastix's log: {keep_log})"
+            raise RegistrationError(f"Elastix failed: {reason[:200]}{kept}.") from None
     result = reg.GetTransformParameterObject()
     out = [{k: list(v) for k, v in result.GetParameterMap(i).items()} for i in range(result.GetNumberOfParameterMaps())]
     for m in out:
         m["InitialTransformParameterFileName"] = ["NoInitialTransform"]
     return ElastixTransform(out)
+
+
+def elastix_reason(log: str) -> str:
+    """The reason an elastix log gives for failing: its first error description without ITK's
+    location prefix (e.g. "The following component could not be created: NoSuchTransform"), else
+    its first ERROR line; "" when the log names none."""
+    prefix = re.compile(r"^(?:Description:\s*)?(?:ITK ERROR:\s*)?(?:[\w:]+\(0x[0-9a-fA-F]+\):\s*)?")
+    lines = [ln.strip() for ln in log.splitlines() if ln.strip()]
+    for ln in lines:
+        if ln.startswith("Description:"):
+            return prefix.sub("", ln).rstrip(".")
+    for ln in lines:
+        if ln.startswith("ERROR:"):
+            return ln.removeprefix("ERROR:").strip().rstrip(".")
+    return ""
 
 
 # --------------------------------------------------------------------------- point files
@@ -573,6 +604,11 @@ def read_points(path: str | os.PathLike[str], vol: Volume | None = None) -> np.n
         ) from None
     if pts.shape != (n, 3):
         raise InvalidVolumeError(f"Point file {p} announces {n} points but holds {len(pts)} of 3 coordinates.")
+    bad = np.flatnonzero(~np.isfinite(pts).all(axis=1))
+    if bad.size:
+        raise InvalidVolumeError(
+            f"Point file {p}: point {int(bad[0]) + 1} has a coordinate that is not a finite number (NaN or inf)."
+        )
     if kind == "index":
         if vol is None:
             raise ConfigError(f"Point file {p} holds voxel indices; it needs the image they index.")

@@ -5,6 +5,8 @@ Writes into OUT (one pair) or OUT/<name>/ (each pair of `--pairs`):
     warped_labels.nii.gz  --moving-labels on the fixed grid (nearest neighbour)
     warped_points.txt     --points (on the moving image) carried into the fixed image (elastix format)
     transform/            TransformParameters.<i>.txt (elastix; reusable with transformix)
+    elastix.log           only when elastix fails: its whole log (<name>.elastix.log for --pairs);
+                          the error sentence quotes the reason it gives
     jacobian.nii.gz       the transform's Jacobian determinant on the fixed grid (<= 0: folding)
     preview.png           checkerboard of fixed and warped, with the warped labels
 and, for --pairs, summary.csv (one row per pair: seconds, folding fraction, Jacobian range) from the
@@ -140,8 +142,9 @@ def _impact(fixed: Any, moving: Any, masks: dict[str, Any], args: argparse.Names
     )
 
 
-def run_pair(entry: dict[str, Any], out: Path, args: argparse.Namespace) -> dict[str, Any]:
-    """Register one pair and write its outputs into `out`; returns its summary row."""
+def run_pair(entry: dict[str, Any], out: Path, args: argparse.Namespace, log: Path | None = None) -> dict[str, Any]:
+    """Register one pair and write its outputs into `out`; returns its summary row. When elastix
+    fails, its reason is the error's sentence and its whole log is kept at `log`."""
     import numpy as np
 
     from medct.io import read_volume, write_volume
@@ -167,6 +170,7 @@ def run_pair(entry: dict[str, Any], out: Path, args: argparse.Namespace) -> dict
             fixed_mask=masks["fixed_mask"],
             moving_mask=masks["moving_mask"],
             number_of_threads=args.threads,
+            keep_log=log,
         )
     seconds_registration = time.perf_counter() - t0
     out.mkdir(parents=True, exist_ok=True)
@@ -208,12 +212,12 @@ def run_pair(entry: dict[str, Any], out: Path, args: argparse.Namespace) -> dict
 PAIR_COLUMNS = ("seconds_registration", "folding_fraction", "jacobian_min", "jacobian_max")
 
 
-def _register_pair(entry: dict[str, Any], out: Path, args: argparse.Namespace) -> dict[str, Any]:
+def _register_pair(entry: dict[str, Any], out: Path, args: argparse.Namespace, log: Path) -> dict[str, Any]:
     """run_pair, with an itk/elastix/transformix failure (a RuntimeError, long) as one sentence."""
     from medct.registration.elastix import RegistrationError
 
     try:
-        return run_pair(entry, out, args)
+        return run_pair(entry, out, args, log)
     except RuntimeError as e:
         raise RegistrationError(f"elastix failed: {str(e).strip().splitlines()[-1][:200]}") from None
 
@@ -241,7 +245,8 @@ class PairsJob:
         from medct.paths import atomic_folder
 
         with atomic_folder(self.output_path(case, Path(self.args.output))) as stage:
-            result = _register_pair(case.data, stage, self.args)
+            # elastix's log of a failed pair is kept beside the pair folders (the stage is discarded)
+            result = _register_pair(case.data, stage, self.args, Path(self.args.output) / f"{case.name}.elastix.log")
         row.update({k: result[k] for k in PAIR_COLUMNS})
         row["network_seconds"] = float(result["seconds_registration"])
         return None
@@ -259,7 +264,7 @@ def run(args: argparse.Namespace) -> int:
     entries = _pairs(args)
     if not args.pairs:  # one pair: its files straight into OUT, errors as the command's own
         out = Path(args.output)
-        r = _register_pair(entries[0], out, args)
+        r = _register_pair(entries[0], out, args, out / "elastix.log")
         print(
             f"{r['name']}: registered in {r['seconds_registration']:.1f} s, folding {100 * r['folding_fraction']:.3f} %"
         )

@@ -530,6 +530,34 @@ def b_register_pairs_one_bad(work: Path, model: Path) -> list[str]:
     return ["register", "--pairs", str(work / "pairs.json"), "-o", str(work / "out"), "--preset", "rigid"]
 
 
+def b_register_nan_point(work: Path, model: Path) -> list[str]:
+    fixed, moving = _register_pair(work)
+    (work / "points.txt").write_text("point\n2\n10.0 -20.0 5.0\nnan 3.0 4.0\n")
+    return _register(work, fixed, moving, "--points", str(work / "points.txt"))
+
+
+def b_register_params_elastix_rejects(work: Path, model: Path) -> list[str]:
+    """A parameter file that reads fine but names a component elastix does not have: the message
+    must give elastix's reason (from its log, which stays in the output folder), not 'see the log'."""
+    fixed, moving = _register_pair(work)
+    (work / "bad.txt").write_text(
+        '(Transform "NoSuchTransform")\n(Registration "MultiResolutionRegistration")\n'
+        '(Metric "AdvancedMattesMutualInformation")\n(Optimizer "AdaptiveStochasticGradientDescent")\n'
+    )
+    return ["register", "-f", str(fixed), "-m", str(moving), "-o", str(work / "out"), "--params", str(work / "bad.txt")]
+
+
+def b_register_pairs_bad_names(work: Path, model: Path) -> list[str]:
+    """Pair names a datalist from elsewhere may hold: each refused in one sentence, nothing written
+    outside -o, the good pair registered."""
+    _register_pair(work)
+    bad = ["../escaped_pair", str(work / "absolute_pair"), "a/b", "", "nul\x00name", "x" * 260]
+    pairs = [{"name": "good", "fixed": "fixed.nii.gz", "moving": "moving.nii.gz"}]
+    pairs += [{"name": n, "fixed": "fixed.nii.gz", "moving": "moving.nii.gz"} for n in bad]
+    (work / "pairs.json").write_text(json.dumps(pairs))
+    return ["register", "--pairs", str(work / "pairs.json"), "-o", str(work / "out"), "--preset", "rigid"]
+
+
 def b_register_no_inputs(work: Path, model: Path) -> list[str]:
     return ["register", "-o", str(work / "out")]
 
@@ -727,6 +755,11 @@ CASES: list[Case] = [
     Case("register: pairs, one unreadable", G_REGISTER, b_register_pairs_one_bad, 1, "bad",
          {"good/warped.nii.gz": "fixed.nii.gz"}),
     Case("register: no -f/-m or --pairs", G_REGISTER, b_register_no_inputs, 1, "Give -f FIXED"),
+    Case("register: a NaN point coordinate", G_REGISTER, b_register_nan_point, 1, "not a finite number"),
+    Case("register: a parameter file elastix rejects", G_REGISTER, b_register_params_elastix_rejects, 1,
+         "could not be created: NoSuchTransform"),
+    Case("register: pair names that escape -o", G_REGISTER, b_register_pairs_bad_names, 1, "is refused",
+         {"good/warped.nii.gz": "fixed.nii.gz"}),
     Case("sct: a segmentation model", G_SCT, b_sct_segmentation_model, 1, "not a synthetic-CT model"),
     Case("sct: folder with a NaN CBCT", G_SCT, b_sct_folder_nan_and_good, 1, "NaN",
          {"good.nii.gz": "in/good.nii.gz"}),
