@@ -112,6 +112,10 @@ def write_result(path: Path, name: str, body: dict[str, Any], quick: bool) -> Pa
     tmp.write_text(json.dumps(result, indent=2) + "\n")
     os.replace(tmp, path)
     print(f"wrote {path}")
+    if not quick:  # a full result changes the README's Results table: regenerate it (bench/summary.py)
+        import summary
+
+        summary.main([])
     return path
 
 
