@@ -47,3 +47,27 @@ def test_verdict_follows_the_goal_and_its_checks(tmp_path: Path) -> None:
         "abcdef1",
         "[toy.json](bench/results/toy.json)",
     ]
+
+
+def test_command_table_names_every_command_and_its_examples_parse() -> None:
+    """README's "What medct does" table has a row for every command medct has, and each example
+    is a command line the CLI's parser accepts (Lightning verbs: a recipe that exists)."""
+    import re
+    import shlex
+
+    from medct.cli import LIGHTNING_VERBS, build_parser
+    from medct.commands import COMMANDS
+
+    text = (ROOT / "README.md").read_text()
+    table = text[text.index("## What medct does") : text.index("## Set-up")]
+    rows = [ln for ln in table.splitlines() if ln.startswith("| `medct ")]
+    named = {re.match(r"\| `medct (\w+)", ln).group(1) for ln in rows}
+    assert set(COMMANDS) <= named and "fit" in named
+    parser = build_parser()
+    for ln in rows:
+        example = ln.rstrip(" |").rsplit("| `", 1)[1].rstrip("`")
+        argv = shlex.split(example)[1:]
+        if argv[0] in (*LIGHTNING_VERBS, "turbolift"):
+            assert (ROOT / argv[argv.index("--config") + 1]).is_file(), example
+            continue
+        parser.parse_args(argv)  # SystemExit (argparse's exit 2) fails the test
