@@ -415,3 +415,21 @@ def write_volume(
         else:
             _write_itk(vol, stage / p.name, np_dtype, compress_level)
     return p
+
+
+MAX_LABEL = 255  # class indices of a label map: 0..255 (cached and written as uint8)
+
+
+def check_label_values(array: np.ndarray, where: str) -> None:
+    """InvalidVolumeError in one sentence unless `array` holds class indices: finite, whole numbers
+    in [0, MAX_LABEL] (a training label map, `register --moving-labels`)."""
+    a = np.asarray(array)
+    if a.size == 0:
+        raise InvalidVolumeError(f"{where} is empty.")
+    if np.issubdtype(a.dtype, np.floating) and not np.isfinite(a).all():
+        raise InvalidVolumeError(f"{where} holds NaN or infinite values; a label map must hold class indices.")
+    if np.issubdtype(a.dtype, np.floating) and not np.array_equal(a, np.round(a)):
+        raise InvalidVolumeError(f"{where} holds non-integer values; a label map must hold class indices.")
+    lo, hi = a.min(), a.max()
+    if lo < 0 or hi > MAX_LABEL:
+        raise InvalidVolumeError(f"{where} holds values in [{lo}, {hi}]; class indices must lie in [0, {MAX_LABEL}].")

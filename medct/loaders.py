@@ -17,9 +17,7 @@ import torch
 from monai.data import MetaTensor
 from monai.transforms import MapTransform
 
-from medct.errors import InvalidVolumeError
-
-MAX_LABEL = 255  # labels are cached as uint8
+from medct.io import MAX_LABEL, check_label_values  # noqa: F401  (MAX_LABEL: labels are cached as uint8)
 
 
 def volume_to_metatensor(vol: Any, dtype: Any = None) -> Any:
@@ -43,11 +41,7 @@ def volume_to_metatensor(vol: Any, dtype: Any = None) -> Any:
 
 
 def _check_label_values(array: np.ndarray, where: str) -> None:
-    lo, hi = array.min(), array.max()
-    if np.issubdtype(array.dtype, np.floating) and not np.array_equal(array, np.round(array)):
-        raise InvalidVolumeError(f"{where} holds non-integer values; a label map must hold class indices.")
-    if lo < 0 or hi > MAX_LABEL:
-        raise InvalidVolumeError(f"{where} holds values in [{lo}, {hi}]; class indices must lie in [0, {MAX_LABEL}].")
+    check_label_values(array, where)  # medct.io's one check of a label map (training and registration)
 
 
 class LoadVolumed(MapTransform):

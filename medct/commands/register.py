@@ -155,9 +155,10 @@ def run_pair(entry: dict[str, Any], out: Path, args: argparse.Namespace, log: Pa
     masks = {k: read_volume(entry[k]) if entry.get(k) else None for k in ("fixed_mask", "moving_mask")}
     labels = read_volume(entry["moving_labels"]) if entry.get("moving_labels") else None
     if labels is not None:
-        from medct.io import check_same_grid
+        from medct.io import check_label_values, check_same_grid
 
         check_same_grid(labels, moving, "moving labels and moving image")
+        check_label_values(labels.array, f"Moving labels {entry['moving_labels']}")
     points = elastix.read_points(entry["points"], moving) if entry.get("points") else None
     if args.preset == "impact" and not args.params:
         tr = _impact(fixed, moving, masks, args)

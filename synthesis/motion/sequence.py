@@ -107,6 +107,8 @@ def read_displacement(path: str | Path, reference: Volume) -> np.ndarray:
     arr = arr.reshape(*arr.shape[:3], -1) if arr.ndim == 5 else arr
     if arr.ndim != 4 or arr.shape[-1] != 3:
         raise InvalidVolumeError(f"{p} has shape {arr.shape}; a displacement field is (X, Y, Z, 3) in mm.")
+    if not np.isfinite(arr).all():
+        raise InvalidVolumeError(f"Displacement field {p} holds NaN or infinite values.")
     field_vol = Volume(np.zeros(arr.shape[:3], np.float32), np.asarray(img.affine, np.float64))
     check_same_grid(reference, field_vol, what=f"reference phase and displacement field {p.name}")
     return arr

@@ -536,6 +536,15 @@ def b_register_nan_point(work: Path, model: Path) -> list[str]:
     return _register(work, fixed, moving, "--points", str(work / "points.txt"))
 
 
+def b_register_labels_not_class_indices(work: Path, model: Path) -> list[str]:
+    fixed, moving = _register_pair(work)
+    vol = real_ct((64, 56, 16))
+    arr = (vol.array > 0).astype(np.float32)
+    arr[0, 0, 0] = np.nan
+    labels = _write(vol.with_array(arr), work / "labels.nii.gz")
+    return _register(work, fixed, moving, "--moving-labels", str(labels))
+
+
 def b_register_params_elastix_rejects(work: Path, model: Path) -> list[str]:
     """A parameter file that reads fine but names a component elastix does not have: the message
     must give elastix's reason (from its log, which stays in the output folder), not 'see the log'."""
@@ -756,6 +765,8 @@ CASES: list[Case] = [
          {"good/warped.nii.gz": "fixed.nii.gz"}),
     Case("register: no -f/-m or --pairs", G_REGISTER, b_register_no_inputs, 1, "Give -f FIXED"),
     Case("register: a NaN point coordinate", G_REGISTER, b_register_nan_point, 1, "not a finite number"),
+    Case("register: moving labels with NaN", G_REGISTER, b_register_labels_not_class_indices, 1,
+         "holds NaN or infinite values"),
     Case("register: a parameter file elastix rejects", G_REGISTER, b_register_params_elastix_rejects, 1,
          "could not be created: NoSuchTransform"),
     Case("register: pair names that escape -o", G_REGISTER, b_register_pairs_bad_names, 1, "is refused",
