@@ -25,6 +25,7 @@ ever left behind.
 from __future__ import annotations
 
 import csv
+import errno
 import io as _io
 import os
 import sys
@@ -148,6 +149,10 @@ class _Entry:
     def fail(self, e: BaseException, debug: bool) -> None:
         if isinstance(e, MedCTError):
             message = str(e)
+        elif isinstance(e, OSError) and e.errno == errno.ENOSPC:
+            message = "No space left on the output's disk; free space and run again (finished cases are kept)."
+        elif isinstance(e, OSError) and e.strerror:  # the system refused: its reason, no exception name
+            message = f"{e.strerror}" + (f" ('{e.filename}')." if e.filename else ".")
         else:
             if debug:
                 traceback.print_exception(e)

@@ -5,6 +5,10 @@ Each `Case` writes its inputs into a fresh folder and runs one `medct` command l
 (`medct.cli.main`) or one Python API call. `run_case` then checks what a user would: the exit code
 (or the exception), one error sentence without a traceback naming the problem, no temporary or
 partial file in the output folder, and for accepted inputs the exact geometry of every output.
+The group "every command" runs the same scenarios for each command on the folder runner (segment,
+segment --adapt, sct, register --pairs, generate, motion): the rerun after a kill -9 (its temporary
+and claim left behind), a case claimed by a live run on the same -o, a full disk (-o on an 8 KiB
+tmpfs; needs root, skipped otherwise) and -o inside the input folder.
 tests/robustness/test_corpus.py runs every case; bench/robustness.py prints the table.
 """
 
@@ -39,6 +43,7 @@ class Case:
     exit: int
     expect: str = ""
     outputs: dict[str, str] = field(default_factory=dict)
+    disk_kb: int = 0  # > 0: work/out is a tmpfs of this size (a full disk; needs root, skipped otherwise)
 
 
 @dataclass
@@ -49,6 +54,7 @@ class Outcome:
     message: str
     ok: bool
     why: str = ""
+    skipped: bool = False  # the case could not be set up here (a tmpfs needs root)
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -677,6 +683,122 @@ def b_motion_no_such_input(work: Path, model: Path) -> list[str]:
     return ["motion", "--method", "linear", "-i", str(work / "nope.nii.gz"), "-o", str(work / "out"), "--predict", "2"]
 
 
+# ----------------------------------------------------------------------------- every folder command
+# The same leftovers, races, a full disk and an output folder inside the input folder, for each
+# command on the folder runner. `_job(name)` writes two cases (one for motion: a 4D scan is one
+# case) and returns the argv and the case names; the scenarios below wrap it.
+
+
+def _job(name: str, work: Path, model: Path) -> tuple[list[str], list[str]]:
+    out = str(work / "out")
+    if name == "segment":
+        for c in ("a", "b"):
+            _write(real_ct(), work / "in" / f"{c}.nii.gz")
+        return ["segment", "-m", str(model), "-i", str(work / "in"), "-o", out], ["a", "b"]
+    if name == "segment --adapt":
+        for c in ("a", "b"):
+            _write(real_ct(), work / "in" / f"{c}.nii.gz")
+        argv = ["segment", "-m", str(model), "-i", str(work / "in"), "-o", out, "--adapt", "cotta"]
+        return [*argv, "--adapt-steps", "1"], ["a", "b"]
+    if name == "sct":
+        for c in ("a", "b"):
+            _cbct(work, f"{c}.nii.gz")
+        return ["sct", "-m", str(_sct_model(work)), "-i", str(work / "in"), "-o", out, "--no-tta"], ["a", "b"]
+    if name == "register --pairs":
+        _register_pair(work)
+        pairs = [{"name": c, "fixed": "fixed.nii.gz", "moving": "moving.nii.gz"} for c in ("a", "b")]
+        (work / "pairs.json").write_text(json.dumps(pairs))
+        argv = ["register", "--pairs", str(work / "pairs.json"), "-o", out, "--preset", "rigid", "--no-preview"]
+        return argv, ["a", "b"]
+    if name == "generate":
+        (work / "prompts.txt").write_text("enlarged liver\nnormal abdomen\n")
+        argv = ["generate", "-m", str(_text2ct_model(work)), "--prompts", str(work / "prompts.txt"), "-o", out]
+        return [*argv, "--steps", "2", "--no-progress"], ["gen_0000_00", "gen_0001_00"]
+    if name == "motion":
+        argv = ["motion", "--method", "pca", "-i", str(_motion_phases(work, 3)), "-o", out, "--predict", "2"]
+        return [*argv, "--no-gif"], ["phases"]
+    raise ValueError(name)
+
+
+FOLDER_COMMANDS = ("segment", "segment --adapt", "sct", "register --pairs", "generate", "motion")
+_DOING = {"segment": "segmenting", "segment --adapt": "segmenting", "sct": "synthesising",
+          "register --pairs": "registering", "generate": "generating", "motion": "predicting"}  # fmt: skip
+
+
+def _killed_run(name: str) -> Callable[[Path, Path], list[str]]:
+    """A run killed with -9 left a temporary and its claim on the first case: the rerun removes
+    both and completes every case."""
+
+    def build(work: Path, model: Path) -> list[str]:
+        from medct.paths import TEMP_PREFIX
+        from medct.runner import CLAIM_PREFIX
+
+        argv, cases = _job(name, work, model)
+        (work / "out").mkdir(exist_ok=True)
+        pid = _dead_pid()
+        (work / "out" / f"{TEMP_PREFIX}{pid}-{cases[0]}.nii.gz.k9x.nii.gz").write_bytes(b"half")
+        (work / "out" / f"{CLAIM_PREFIX}{cases[0]}").write_text(str(pid))
+        return argv
+
+    return build
+
+
+def _live_claim(name: str) -> Callable[[Path, Path], list[str]]:
+    """Another live run on the same output folder holds the first case: this run leaves it to it."""
+
+    def build(work: Path, model: Path) -> list[str]:
+        from medct.runner import CLAIM_PREFIX
+
+        argv, cases = _job(name, work, model)
+        (work / "out").mkdir(exist_ok=True)
+        (work / "out" / f"{CLAIM_PREFIX}{cases[0]}").write_text(str(os.getpid()))
+        return argv
+
+    return build
+
+
+def _full_disk(name: str) -> Callable[[Path, Path], list[str]]:
+    """-o on a disk with no room (a 8 KiB tmpfs): each case fails in one sentence, nothing half-written."""
+
+    def build(work: Path, model: Path) -> list[str]:
+        return _job(name, work, model)[0]
+
+    return build
+
+
+def _output_inside_input(name: str) -> Callable[[Path, Path], list[str]]:
+    """-o inside the input folder, already holding an earlier run's outputs: they are not taken for
+    input cases (the rerun skips what is done)."""
+
+    def build(work: Path, model: Path) -> list[str]:
+        argv, _ = _job(name, work, model)
+        first = argv.index("-o") + 1
+        argv[first] = str(work / "in" / "out")
+        from medct.cli import main
+
+        with contextlib.redirect_stderr(io.StringIO()):
+            main(argv)  # the earlier run, whose outputs now sit inside the input folder
+        (work / "out").symlink_to(work / "in" / "out")  # the checks look at work/out
+        return argv
+
+    return build
+
+
+def _every_command_cases() -> list[Case]:
+    cases = []
+    for name in FOLDER_COMMANDS:
+        cases += [
+            Case(f"{name}: rerun after kill -9", G_EVERY, _killed_run(name), 0, "by a run that was killed"),
+            Case(f"{name}: a case claimed by a live run", G_EVERY, _live_claim(name), 0,
+                 f"another run is {_DOING[name]} it"),
+            Case(f"{name}: a full disk", G_EVERY, _full_disk(name), 1, "No space left", disk_kb=8),
+        ]  # fmt: skip
+    for name in ("segment", "sct"):
+        cases.append(Case(f"{name}: -o inside the input folder", G_EVERY, _output_inside_input(name), 0, "2 skipped"))
+    return cases
+
+
+G_EVERY = "every command"
 G_WRONG, G_DICOM, G_MISTAKE, G_LEFTOVER, G_BEFORE, G_PRETRAIN, G_FINETUNE, G_REGISTER, G_SCT, G_GENERATE, G_MOTION = (
     "wrong result",
     "hospital DICOM",
@@ -784,6 +906,7 @@ CASES: list[Case] = [
     Case("motion: phases on different grids", G_MOTION, b_motion_phase_grids_differ, 1, "different voxel grids"),
     Case("motion: no such input", G_MOTION, b_motion_no_such_input, 1, "does not exist"),
 ]  # fmt: skip
+CASES += _every_command_cases()
 
 
 # ----------------------------------------------------------------------------- running
@@ -800,12 +923,37 @@ def _stray_files(out: Path) -> list[str]:
 
 def run_case(case: Case, work: Path, model: Path) -> Outcome:
     """Build and run one case in `work` (an empty folder); check it as the corpus docstring says."""
+    work.mkdir(parents=True, exist_ok=True)
+    target = case.build(work, model)
+    if case.disk_kb:
+        if not _mount_tmpfs(work / "out", case.disk_kb):
+            return Outcome(case.name, case.group, 0, "", True, "a small tmpfs needs root", skipped=True)
+        try:
+            return _run_built(case, work, target)
+        finally:
+            subprocess.run(["umount", str(work / "out")], check=False, capture_output=True)
+    return _run_built(case, work, target)
+
+
+def _mount_tmpfs(folder: Path, kb: int) -> bool:
+    """Mount a tmpfs of `kb` KiB at `folder` (keeping what the build put there); False when not root."""
+    if os.geteuid() != 0:
+        return False
+    folder.mkdir(parents=True, exist_ok=True)
+    kept = {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={kb}k", "tmpfs", str(folder)], capture_output=True)
+    if done.returncode != 0:
+        return False
+    for name, data in kept.items():
+        (folder / name).write_bytes(data)
+    return True
+
+
+def _run_built(case: Case, work: Path, target: list[str] | Callable[[], object]) -> Outcome:
     from medct.cli import main
     from medct.errors import MedCTError
     from medct.io import read_volume
 
-    work.mkdir(parents=True, exist_ok=True)
-    target = case.build(work, model)
     err = io.StringIO()
     message = ""
     expected_exit = case.exit if case.exit >= 0 else (0 if _has_cuda() else 1)
