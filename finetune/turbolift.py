@@ -123,8 +123,14 @@ def read_chain(path: str | os.PathLike[str], output_dir: str | None = None) -> C
             Stage(str(s["name"]), dict(s.get("data") or {}), dict(s.get("model") or {}), dict(s.get("trainer") or {}))
         )
     names = [s.name for s in stages]
-    if len(set(names)) != len(names):
-        raise ConfigError(f"{src}: stage names must be unique, got {names}.")
+    from medct.runner import case_name_problem  # the one rule for names that become paths
+
+    for name in names:
+        problem = case_name_problem(name)
+        if problem is not None:  # a stage's name becomes its folder inside output_dir
+            raise ConfigError(f"{src}: stage name {name!r} is refused: {problem}.")
+    if len({n.casefold() for n in names}) != len(names):
+        raise ConfigError(f"{src}: stage names must be unique (also ignoring case), got {names}.")
     regularizer = str(opts.get("regularizer", "none"))
     if regularizer not in ("none", "l2", "ewc"):
         raise ConfigError(f"{src}: {CHAIN_KEY}.regularizer must be none, l2 or ewc, got '{regularizer}'.")

@@ -482,6 +482,26 @@ def b_turbolift_bad_regularizer(work: Path, model: Path) -> list[str]:
     return ["turbolift", "--config", str(work / "chain.yaml")]
 
 
+def b_turbolift_stage_name_escapes(work: Path, model: Path) -> list[str]:
+    import yaml
+
+    cfg = yaml.safe_load(Path(_recipe("finetune/turbolift_phantom.yaml")).read_text())
+    cfg["turbolift"].update(output_dir=str(work / "chain"))
+    cfg["turbolift"]["stages"][1]["name"] = "../escaped"
+    (work / "chain.yaml").write_text(yaml.safe_dump(cfg))
+    return ["turbolift", "--config", str(work / "chain.yaml")]
+
+
+def b_turbolift_stage_names_differ_in_case(work: Path, model: Path) -> list[str]:
+    import yaml
+
+    cfg = yaml.safe_load(Path(_recipe("finetune/turbolift_phantom.yaml")).read_text())
+    cfg["turbolift"].update(output_dir=str(work / "chain"))
+    cfg["turbolift"]["stages"][0]["name"], cfg["turbolift"]["stages"][1]["name"] = "CBCT", "cbct"
+    (work / "chain.yaml").write_text(yaml.safe_dump(cfg))
+    return ["turbolift", "--config", str(work / "chain.yaml")]
+
+
 def b_adapt_without_norm_affines(work: Path, model: Path) -> list[str]:
     _write(real_ct(), work / "in.nii.gz")  # the corpus model is a MONAI UNet: instance norm without affine
     return _segment(work, model, "in.nii.gz", "--adapt", "tent")
@@ -875,6 +895,9 @@ CASES: list[Case] = [
     Case("turbolift: chain file missing", G_FINETUNE, b_turbolift_missing, 1, "does not exist"),
     Case("turbolift: a plain recipe", G_FINETUNE, b_turbolift_plain_recipe, 1, "has no 'turbolift:' section"),
     Case("turbolift: unknown regularizer", G_FINETUNE, b_turbolift_bad_regularizer, 1, "must be none, l2 or ewc"),
+    Case("turbolift: a stage name that escapes", G_FINETUNE, b_turbolift_stage_name_escapes, 1, "is refused"),
+    Case("turbolift: stage names differing in case", G_FINETUNE, b_turbolift_stage_names_differ_in_case, 1,
+         "also ignoring case"),
     Case("segment --adapt tent, no norm affines", G_FINETUNE, b_adapt_without_norm_affines, 1, "normalisation layers"),
     Case("--adapt-steps 0", G_FINETUNE, _option_case("--adapt", "tent", "--adapt-steps", "0"), 2, "whole number >= 1"),
     Case("--adapt-reset sometimes", G_FINETUNE, _option_case("--adapt", "cotta", "--adapt-reset", "sometimes"), 2,
