@@ -16,6 +16,7 @@ Training state (optimizer, epochs) stays in Lightning checkpoints; this format i
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 from pathlib import Path
@@ -75,10 +76,24 @@ def save_model_folder(
     For an encoder card (task "encoder") only the encoder's tensors are written: a pretraining
     task's network has a decoder nobody trained (SparK and the contrastive methods use only the
     encoder), and shipping it would suggest otherwise."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save_file as _save_file
 
     from medct.nets import encoder_state_dict, unique_state_dict
 
+    def save_file(tensors: dict[str, torch.Tensor], path: str, metadata: dict[str, str]) -> None:
+        """safetensors' save_file; its I/O failures (a full disk, ...) as the OSError they are, not a
+        SafetensorError (which the CLI would not know for the system's refusal)."""
+        try:
+            _save_file(tensors, path, metadata=metadata)
+        except Exception as e:  # safetensors raises its own SafetensorError for every failure
+            if "os error 28" in str(e) or "No space left" in str(e):
+                raise OSError(errno.ENOSPC, "No space left on device", path) from None
+            if "I/O error" in str(e):
+                raise OSError(errno.EIO, str(e).split("I/O error:", 1)[-1].strip(), path) from None
+            raise
+
+    if Path(out_dir).exists() and not Path(out_dir).is_dir():
+        raise ModelFolderError(f"Output '{out_dir}' is a file; a model is written as a folder.")
     with atomic_folder(out_dir) as stage:
         # safetensors refuses shared/non-contiguous storage: one name per tensor, contiguous CPU copies.
         tensors = encoder_state_dict(net) if card.task == ENCODER_TASK else unique_state_dict(net)

@@ -234,6 +234,8 @@ def _mask_itk(mask: Volume, like: Volume, name: str) -> Any:
     from medct.io import check_same_grid
 
     check_same_grid(mask, like, f"{name} mask and {name} image")
+    if np.issubdtype(np.asarray(mask.array).dtype, np.floating) and not np.isfinite(mask.array).all():
+        raise RegistrationError(f"The {name} mask holds NaN or infinite values; a mask is 0 outside, non-zero inside.")
     m = np.asarray(mask.array) > 0
     if not m.any():
         raise RegistrationError(f"The {name} mask is empty; give a mask with at least one voxel set.")

@@ -571,6 +571,15 @@ def b_register_labels_not_class_indices(work: Path, model: Path) -> list[str]:
     return _register(work, fixed, moving, "--moving-labels", str(labels))
 
 
+def b_register_nan_mask(work: Path, model: Path) -> list[str]:
+    fixed, moving = _register_pair(work)
+    vol = real_ct((64, 56, 16))
+    arr = np.ones(vol.shape, np.float32)
+    arr[1, 1, 1] = np.nan
+    mask = _write(vol.with_array(arr), work / "mask.nii.gz")
+    return _register(work, fixed, moving, "--fixed-mask", str(mask))
+
+
 def b_register_params_elastix_rejects(work: Path, model: Path) -> list[str]:
     """A parameter file that reads fine but names a component elastix does not have: the message
     must give elastix's reason (from its log, which stays in the output folder), not 'see the log'."""
@@ -804,6 +813,39 @@ def _output_inside_input(name: str) -> Callable[[Path, Path], list[str]]:
     return build
 
 
+def _segmentation_checkpoint(work: Path) -> Path:
+    """A Lightning-style checkpoint of a tiny segmentation task (state dict, hyperparameters, card)."""
+    import torch
+
+    from medct.finetune.segmentation import SegmentationTask
+    from medct.nets import create_tiny_net
+
+    task = SegmentationTask(create_tiny_net("resenc_unet", out_channels=2), labels=["background", "body"])
+    ckpt: dict[str, object] = {"state_dict": task.state_dict(), "hyper_parameters": dict(task.hparams)}
+    task.on_save_checkpoint(ckpt)
+    path = work / "task.ckpt"
+    torch.save(ckpt, path)
+    return path
+
+
+def b_export_full_disk(work: Path, model: Path) -> list[str]:
+    return ["export", str(_segmentation_checkpoint(work)), "-o", str(work / "out" / "model")]
+
+
+def b_reduce_full_disk(work: Path, model: Path) -> list[str]:
+    for i in range(3):
+        _write(real_ct((64, 64, 16)), work / "scans" / f"s{i}.nii.gz")
+    (work / "out").mkdir()
+    (work / "out" / "earlier_results.bin").write_bytes(bytes(7000))  # the disk (8 KiB) is all but full
+    return ["reduce", str(work / "scans"), "-o", str(work / "out" / "reduced.json")]
+
+
+def b_export_output_inside_a_file(work: Path, model: Path) -> list[str]:
+    (work / "out").mkdir()
+    (work / "out" / "model").write_text("a file where the folder should go")
+    return ["export", str(_segmentation_checkpoint(work)), "-o", str(work / "out" / "model")]
+
+
 def _every_command_cases() -> list[Case]:
     cases = []
     for name in FOLDER_COMMANDS:
@@ -815,6 +857,11 @@ def _every_command_cases() -> list[Case]:
         ]  # fmt: skip
     for name in ("segment", "sct"):
         cases.append(Case(f"{name}: -o inside the input folder", G_EVERY, _output_inside_input(name), 0, "2 skipped"))
+    cases += [
+        Case("export: a full disk", G_EVERY, b_export_full_disk, 1, "No space left", disk_kb=8),
+        Case("export: -o is a file", G_EVERY, b_export_output_inside_a_file, 1, "is a file"),
+        Case("reduce: a full disk", G_EVERY, b_reduce_full_disk, 1, "No space left", disk_kb=8),
+    ]
     return cases
 
 
@@ -910,6 +957,7 @@ CASES: list[Case] = [
          {"good/warped.nii.gz": "fixed.nii.gz"}),
     Case("register: no -f/-m or --pairs", G_REGISTER, b_register_no_inputs, 1, "Give -f FIXED"),
     Case("register: a NaN point coordinate", G_REGISTER, b_register_nan_point, 1, "not a finite number"),
+    Case("register: a fixed mask with NaN", G_REGISTER, b_register_nan_mask, 1, "mask holds NaN or infinite"),
     Case("register: moving labels with NaN", G_REGISTER, b_register_labels_not_class_indices, 1,
          "holds NaN or infinite values"),
     Case("register: a parameter file elastix rejects", G_REGISTER, b_register_params_elastix_rejects, 1,
