@@ -22,13 +22,16 @@ Importing this module has no side effects; `run_lightning` does the work.
 
 from __future__ import annotations
 
+import io
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from jsonargparse import ArgumentError
-from lightning.pytorch import LightningDataModule, LightningModule
+from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from medct.errors import ConfigError, MedCTError
 
@@ -63,6 +66,26 @@ def condense_parser_error(message: str) -> str:
     return f"Invalid recipe value: {text}." if len(text) < 400 else f"Invalid recipe value: {text[:397]}..."
 
 
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's TorchCheckpointIO, but a checkpoint appears whole or not at all: it is written to
+    a temporary file beside its final name and renamed into place (`medct.paths.atomic_file`).
+
+    Written by hand because Lightning's own "atomic" save stages the file in the system temp folder
+    and moves it across file systems, which copies: a full disk leaves a half-written last.ckpt."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
+        import torch
+
+        from medct.paths import atomic_file
+
+        if storage_options is not None:
+            raise TypeError("medct's checkpoint writer takes no storage_options.")
+        buffer = io.BytesIO()  # serialised first (as Lightning does), so a full disk is an OSError
+        torch.save(checkpoint, buffer)
+        with atomic_file(path, suffix=".ckpt") as tmp:
+            tmp.write_bytes(buffer.getbuffer())
+
+
 class MedCTCLI(LightningCLI):
     """LightningCLI for medct recipes: any LightningModule/LightningDataModule by class_path."""
 
@@ -78,6 +101,13 @@ class MedCTCLI(LightningCLI):
             args=list(args) if args is not None else None,
             run=run,
         )
+
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        """The recipe's trainer, writing checkpoints atomically unless the recipe names its own plugins."""
+        trainer_config = self._get(self.config_init, "trainer", default={}) or {}
+        if not trainer_config.get("plugins") and "plugins" not in kwargs:
+            kwargs["plugins"] = [AtomicCheckpointIO()]
+        return super().instantiate_trainer(**kwargs)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         for source, target, when in DATA_LINKS:
@@ -106,6 +136,11 @@ def run_lightning(args: list[str]) -> MedCTCLI:
             cause = medct_cause(e)
             if cause is not None:
                 raise cause from e
+            from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+            if isinstance(e, MisconfigurationException):  # Lightning's own check of a recipe's settings
+                first = str(e).strip().splitlines()[0].rstrip(".") if str(e).strip() else type(e).__name__
+                raise ConfigError(f"The recipe's trainer settings do not fit together: {first}.") from e
             if isinstance(e, ValueError) and "Does not validate against any" in str(e):
                 # a network's or task's own argument check (e.g. "hidden_size must be divisible by 6")
                 raise ConfigError(condense_parser_error(str(e))) from e

@@ -832,6 +832,24 @@ def b_export_full_disk(work: Path, model: Path) -> list[str]:
     return ["export", str(_segmentation_checkpoint(work)), "-o", str(work / "out" / "model")]
 
 
+def b_fit_full_disk(work: Path, model: Path) -> list[str]:
+    """Training whose checkpoint folder is on a full disk: one sentence, and no half-written
+    last.ckpt (Lightning's own save moves a temp file across file systems, which copies)."""
+    over = [
+        "--trainer.max_epochs=1", "--trainer.max_steps=1", "--trainer.limit_val_batches=0",
+        f"--trainer.default_root_dir={work / 'out'}", "--trainer.enable_progress_bar=false",
+        "--trainer.accelerator=cpu", f"--data.init_args.data_dir={work / 'data'}", "--data.init_args.phantom.n=3",
+        "--data.init_args.phantom.shape=[32,32,32]", "--data.init_args.sampling.patch_size=[32,32,32]",
+        "--data.init_args.num_workers=0", "--data.init_args.cache_dir=null",
+    ]  # fmt: skip
+    return ["fit", "--config", _recipe("finetune/seg_phantom.yaml"), *over]
+
+
+def b_fit_no_logger_but_lr_monitor(work: Path, model: Path) -> list[str]:
+    """--trainer.logger=false on a recipe with a LearningRateMonitor: Lightning refuses it at fit start."""
+    return [*b_fit_full_disk(work, model), "--trainer.logger=false"]
+
+
 def b_reduce_full_disk(work: Path, model: Path) -> list[str]:
     for i in range(3):
         _write(real_ct((64, 64, 16)), work / "scans" / f"s{i}.nii.gz")
@@ -861,6 +879,14 @@ def _every_command_cases() -> list[Case]:
         Case("export: a full disk", G_EVERY, b_export_full_disk, 1, "No space left", disk_kb=8),
         Case("export: -o is a file", G_EVERY, b_export_output_inside_a_file, 1, "is a file"),
         Case("reduce: a full disk", G_EVERY, b_reduce_full_disk, 1, "No space left", disk_kb=8),
+        Case("fit: a full disk", G_EVERY, b_fit_full_disk, 1, "No space left", disk_kb=64),
+        Case(
+            "fit: no logger but a LearningRateMonitor",
+            G_EVERY,
+            b_fit_no_logger_but_lr_monitor,
+            1,
+            "Cannot use `LearningRateMonitor` callback with `Trainer` that has no logger",
+        ),
     ]
     return cases
 
