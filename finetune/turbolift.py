@@ -25,7 +25,8 @@ shares) plus a `turbolift:` section,
 writes `<output_dir>/<index>_<name>/`: the resolved datalist, the stage's own recipe
 (config.yaml), checkpoints/ (best and last) and, when done, done.json. Running the command again
 skips finished stages and resumes an interrupted one from its last.ckpt, so a killed chain loses at
-most the epoch in progress. After each stage the best weights are scored (Dice) on every stage's
+most the epoch in progress. One chain at a time writes to an output folder (a lock file holding its
+process id; a second run is refused in one sentence, a dead run's lock taken over). After each stage the best weights are scored (Dice) on every stage's
 validation set; `forgetting.csv` / `forgetting.png` hold the matrix R[i][j] (Dice on stage j's
 validation data after training stage i) and `summary.json` the continual-learning measures
 (Lopez-Paz & Ranzato, NeurIPS 2017; Chaudhry et al., ECCV 2018):
@@ -48,10 +49,11 @@ from typing import Any
 
 import yaml
 
-from medct.errors import ConfigError, InputPathError
-from medct.paths import write_text_atomic
+from medct.errors import ConfigError, InputPathError, MedCTError
+from medct.paths import claim, write_text_atomic
 
 CHAIN_KEY = "turbolift"
+CHAIN_LOCK = ".medct-claim-chain"  # in output_dir: the pid of the run writing there
 CHAIN_OPTIONS = (
     "output_dir",
     "rehearsal",
@@ -378,6 +380,21 @@ def run_chain(
 
     chain = read_chain(config, output_dir)
     chain.output_dir.mkdir(parents=True, exist_ok=True)
+    lock = chain.output_dir / CHAIN_LOCK
+    holder = claim(lock)
+    if holder:  # two chains in one folder would train into the same stage checkpoints
+        raise MedCTError(
+            f"Another medct turbolift run (process {holder}) is writing to {chain.output_dir}; "
+            "wait for it to finish or give another --output-dir."
+        )
+    try:
+        return _run_stages(chain, overrides, run_lightning)
+    finally:
+        lock.unlink(missing_ok=True)
+
+
+def _run_stages(chain: Chain, overrides: Sequence[str], run_lightning: Any) -> ChainResult:
+    """run_chain's work, under the output folder's lock."""
     seed = int(chain.base.get("seed_everything") or 0)
     datalists = [resolve_stage_data(chain, i) for i in range(len(chain.stages))]
     best_previous: Path | None = None

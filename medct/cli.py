@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 LIGHTNING_VERBS = ("fit", "validate", "test", "predict")
 EXIT_USER_ERROR = 1
@@ -49,6 +50,22 @@ def _run_plain(args: argparse.Namespace) -> int:
     from medct.commands import COMMANDS
 
     return int(importlib.import_module(COMMANDS[args.command]).run(args))
+
+
+def _os_error_sentence(e: OSError) -> str:
+    """The system's reason in one sentence; a full disk names the folder, not a temporary's name."""
+    import errno
+
+    from medct.paths import TEMP_PREFIX
+
+    if e.errno == errno.ENOSPC:
+        folder = Path(e.filename).parent if e.filename else None
+        while folder is not None and folder.name.startswith(TEMP_PREFIX):  # a staging folder: name its target's
+            folder = folder.parent
+        where = f" of {folder}" if folder is not None else ""
+        return f"No space left on the disk{where}; free space and run again (finished outputs are kept)."
+    where = f" ('{e.filename}')" if e.filename else ""
+    return f"{e.strerror or e}{where}."
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -90,8 +107,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as e:  # the system refused (disk full, permissions, ...): no traceback either
         if debug:
             raise
-        where = f" ('{e.filename}')" if e.filename else ""
-        print(f"medct: error: {e.strerror or e}{where}.", file=sys.stderr)
+        print(f"medct: error: {_os_error_sentence(e)}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print("medct: interrupted", file=sys.stderr)

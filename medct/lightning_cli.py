@@ -86,6 +86,45 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             tmp.write_bytes(buffer.getbuffer())
 
 
+def claim_log_version(logger: Any) -> None:
+    """Fix a CSV/TensorBoard logger's next `version_N` by creating its folder (mkdir is atomic).
+
+    Lightning picks the version lazily as max(existing) + 1, so two fits started together in one
+    default_root_dir both take version_0 and write the same checkpoints/last.ckpt. Claiming the
+    folder when the trainer is made gives each run its own. Only on rank zero (other ranks never
+    write logs); a version the recipe names is left as it is."""
+    from lightning.fabric.utilities.rank_zero import rank_zero_only
+    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+    if not isinstance(logger, CSVLogger | TensorBoardLogger) or logger._version is not None or rank_zero_only.rank:
+        return
+    root = Path(logger.root_dir)  # save_dir/name
+    version = logger._get_next_version()
+    while True:
+        try:
+            (root / f"version_{version}").mkdir(parents=True)
+        except FileExistsError:  # another run took it first
+            version += 1
+            continue
+        break
+    logger._version = version  # private: Lightning has no public setter, only the constructor argument
+
+
+def remove_stale_checkpoint_temps(trainer: Trainer) -> None:
+    """Remove the half-written checkpoints that killed runs (kill -9, power cut) left in the
+    checkpoint folders of this root: the named `dirpath`s and every version's checkpoints/."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from medct.paths import remove_stale_temps
+
+    folders = [Path(c.dirpath) for c in trainer.callbacks if isinstance(c, ModelCheckpoint) and c.dirpath]
+    for logger in trainer.loggers:
+        if getattr(logger, "root_dir", None):
+            folders += Path(logger.root_dir).glob("version_*/checkpoints")
+    for folder in folders:
+        remove_stale_temps(folder)
+
+
 class MedCTCLI(LightningCLI):
     """LightningCLI for medct recipes: any LightningModule/LightningDataModule by class_path."""
 
@@ -107,7 +146,11 @@ class MedCTCLI(LightningCLI):
         trainer_config = self._get(self.config_init, "trainer", default={}) or {}
         if not trainer_config.get("plugins") and "plugins" not in kwargs:
             kwargs["plugins"] = [AtomicCheckpointIO()]
-        return super().instantiate_trainer(**kwargs)
+        trainer = super().instantiate_trainer(**kwargs)
+        for logger in trainer.loggers:
+            claim_log_version(logger)
+        remove_stale_checkpoint_temps(trainer)
+        return trainer
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         for source, target, when in DATA_LINKS:

@@ -5,7 +5,9 @@ datalists) goes through `atomic_file` or `atomic_folder`: the content is written
 temporary name in the target's own folder and moved into place with `os.replace`, which is atomic
 on POSIX and Windows within one file system. A crash, a full disk or Ctrl-C leaves either the old
 file or the new one, never a half-written one, and no temporary file behind; what kill -9 leaves
-(`.medct-tmp-<pid>-...`) the next run removes (`remove_stale_temps`).
+(`.medct-tmp-<pid>-<name>...`) the next write of the same name removes, and folder runs remove
+every stale temporary of their output folder at the start (`remove_stale_temps`). `claim` is the one
+lock: an O_EXCL file holding the owner's pid, taken over when that process is gone.
 
 Importing this module imports nothing heavy (the CLI dispatcher reads the suffixes).
 """
@@ -71,9 +73,10 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
-def remove_stale_temps(folder: str | os.PathLike[str]) -> list[Path]:
+def remove_stale_temps(folder: str | os.PathLike[str], name: str | None = None) -> list[Path]:
     """Remove the temporary files/folders in `folder` that medct processes no longer running left
-    behind (kill -9, power cut, full disk); returns what was removed. Live runs' temporaries stay."""
+    behind (kill -9, power cut, full disk); returns what was removed. Live runs' temporaries stay.
+    `name`: only the temporaries of the file or folder of that name."""
     removed: list[Path] = []
     root = Path(folder)
     if not root.is_dir():
@@ -81,7 +84,9 @@ def remove_stale_temps(folder: str | os.PathLike[str]) -> list[Path]:
     for entry in root.iterdir():
         if not entry.name.startswith(TEMP_PREFIX):
             continue
-        pid = entry.name[len(TEMP_PREFIX) :].split("-", 1)[0]
+        pid, _, rest = entry.name[len(TEMP_PREFIX) :].partition("-")
+        if name is not None and not rest.startswith(f"{name}."):
+            continue
         if not pid.isdigit() or pid_alive(int(pid)):
             continue
         if entry.is_dir() and not entry.is_symlink():
@@ -90,6 +95,29 @@ def remove_stale_temps(folder: str | os.PathLike[str]) -> list[Path]:
             entry.unlink(missing_ok=True)
         removed.append(entry)
     return removed
+
+
+def claim(path: str | os.PathLike[str]) -> int:
+    """Take the lock file `path` for this process (created with O_EXCL, holding our pid): 0 when
+    taken, else the pid of the live process that holds it. A lock left by a
+    process that is gone (kill -9) is taken over. Release it with `Path(path).unlink()`."""
+    lock = Path(path)
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                pid = int(lock.read_text().strip() or 0)
+            except (OSError, ValueError):
+                pid = 0
+            if pid and pid_alive(pid):  # ours counts: one claim per holder
+                return pid
+            lock.unlink(missing_ok=True)  # its run died: take it over
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(str(os.getpid()))
+        return 0
+    return -1  # another process took it between our unlink and create
 
 
 @contextlib.contextmanager
@@ -104,6 +132,7 @@ def atomic_file(path: str | os.PathLike[str], suffix: str | None = None) -> Iter
     """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(target.parent, target.name)  # what a killed earlier write of this file left
     ext = suffix if suffix is not None else "".join(target.suffixes)
     fd, name = tempfile.mkstemp(prefix=_temp_prefix(target.name), suffix=ext, dir=target.parent)
     os.close(fd)
@@ -123,6 +152,7 @@ def atomic_folder(path: str | os.PathLike[str]) -> Iterator[Path]:
     must appear together."""
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(target.parent, target.name)
     stage = Path(tempfile.mkdtemp(prefix=_temp_prefix(target.name), dir=target.parent))
     try:
         yield stage
@@ -141,6 +171,7 @@ def atomic_files_in(folder: str | os.PathLike[str], final_name: str) -> Iterator
     the writer sees the final names, and a reader never finds a header before its data."""
     dest = Path(folder)
     dest.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(dest, final_name)
     stage = Path(tempfile.mkdtemp(prefix=_temp_prefix(final_name), dir=dest))
     try:
         yield stage

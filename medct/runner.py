@@ -39,7 +39,14 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from medct.errors import InputPathError, MedCTError, UnreadableVolumeError
-from medct.paths import TEMP_PREFIX, is_dicom_file, pid_alive, remove_stale_temps, volume_suffix, write_text_atomic
+from medct.paths import (
+    TEMP_PREFIX,
+    claim,
+    is_dicom_file,
+    remove_stale_temps,
+    volume_suffix,
+    write_text_atomic,
+)
 
 # Files a scan folder commonly holds next to the scans; they are not cases and not errors.
 IGNORED_SUFFIXES = (".json", ".csv", ".txt", ".md", ".png", ".jpg", ".raw", ".zraw", ".log", ".xlsx")
@@ -164,25 +171,8 @@ CLAIM_PREFIX = ".medct-claim-"  # + case name: the run (pid inside) segmenting t
 
 
 def _claim(out_dir: Path, case: str) -> bool:
-    """Take the case for this process (an O_EXCL claim file holding our pid); False when a live
-    process holds it. A claim left by a dead process (kill -9) is taken over."""
-    path = out_dir / f"{CLAIM_PREFIX}{case}"
-    for _ in range(2):
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            try:
-                pid = int(path.read_text().strip() or 0)
-            except (OSError, ValueError):
-                pid = 0
-            if pid and pid_alive(pid):
-                return False
-            path.unlink(missing_ok=True)  # its run died: take it over
-            continue
-        with os.fdopen(fd, "w") as f:
-            f.write(str(os.getpid()))
-        return True
-    return False
+    """Take the case for this process (`medct.paths.claim`); False when a live process holds it."""
+    return claim(out_dir / f"{CLAIM_PREFIX}{case}") == 0
 
 
 def _release(out_dir: Path, case: str) -> None:

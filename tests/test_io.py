@@ -283,6 +283,47 @@ def test_stale_temporaries_of_dead_runs_are_removed_and_live_ones_kept(tmp_path:
     assert (tmp_path / "summary.csv").stat().st_mode & 0o777 == 0o666 & ~umask
 
 
+def test_a_write_removes_what_a_killed_write_of_the_same_name_left(tmp_path: Path) -> None:
+    """Commands that write one file (export, reduce, a checkpoint) run no folder sweep: the next
+    atomic write of a name removes the dead writers' temporaries of that name, and only those."""
+    import subprocess
+
+    from medct.paths import TEMP_PREFIX, atomic_file, atomic_folder
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    of_ckpt = tmp_path / f"{TEMP_PREFIX}{dead.pid}-last.ckpt.k9.ckpt"
+    of_model = tmp_path / f"{TEMP_PREFIX}{dead.pid}-model.x1"
+    of_other = tmp_path / f"{TEMP_PREFIX}{dead.pid}-last.ckpt-v1.ckpt.k9.ckpt"  # another file's
+    live = tmp_path / f"{TEMP_PREFIX}{os.getpid()}-last.ckpt.live.ckpt"
+    for f in (of_ckpt, of_other, live):
+        f.write_bytes(b"half")
+    (of_model / "weights").mkdir(parents=True)
+    with atomic_file(tmp_path / "last.ckpt") as tmp:
+        tmp.write_bytes(b"whole")
+    with atomic_folder(tmp_path / "model") as stage:
+        (stage / "card.json").write_text("{}")
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == sorted(["last.ckpt", "model", of_other.name, live.name])
+
+
+def test_claim_is_one_holder_and_taken_over_from_a_dead_one(tmp_path: Path) -> None:
+    import subprocess
+
+    from medct.paths import claim
+
+    lock = tmp_path / ".medct-claim-chain"
+    sleeper = subprocess.Popen(["sleep", "30"])
+    try:
+        lock.write_text(str(sleeper.pid))
+        assert claim(lock) == sleeper.pid  # a live holder keeps it
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    assert claim(lock) == 0 and lock.read_text() == str(os.getpid())  # its holder died: ours now
+    assert claim(lock) == os.getpid()  # one claim per holder, ours included
+
+
 def test_nifti_headers_that_do_not_place_the_voxels_are_refused_or_noted(tmp_path: Path) -> None:
     """Zero pixdim under a qform, a zero sform column: one sentence; qform and sform that disagree:
     the sform is used and a note says so."""

@@ -143,3 +143,42 @@ data:
     message = str(info.value)
     assert "hidden_size must be divisible by 6" in message and "Given value" not in message
     assert message.count("\n") == 0
+
+
+def test_fits_started_together_in_one_root_take_their_own_version_and_clean_dead_temps(tmp_path: Path) -> None:
+    """Lightning picks version_N lazily, so two fits started at once in one default_root_dir would
+    write the same checkpoints/last.ckpt: each trainer claims its version folder when it is made.
+    A half-written checkpoint that a killed run left in a version's checkpoints/ is removed."""
+    import subprocess
+
+    from medct.lightning_cli import MedCTCLI
+    from medct.paths import TEMP_PREFIX
+
+    write_cohort(tmp_path / "scans", n=2, seed=0, shape=(24, 24, 24), spacing=(8.0, 8.0, 8.0))
+    cfg = tmp_path / "recipe.yaml"
+    cfg.write_text(
+        f"""
+trainer: {{accelerator: cpu, devices: 1, max_steps: 1, enable_progress_bar: false, default_root_dir: {tmp_path / "runs"}}}
+model:
+  class_path: tests.test_lightning_cli.ReconstructionTask
+  init_args:
+    net: {{class_path: tests.test_lightning_cli.TinyEncoder}}
+data:
+  class_path: medct.data.VolumeDataModule
+  init_args:
+    data_dir: {tmp_path / "scans" / "imagesTr"}
+    keys: [image]
+    num_workers: 0
+    sampling: {{patch_size: [16, 16, 16], batch_size: 1, num_samples: 1}}
+"""
+    )
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    killed = tmp_path / "runs" / "lightning_logs" / "version_7" / "checkpoints"
+    killed.mkdir(parents=True)
+    (killed / f"{TEMP_PREFIX}{dead.pid}-last.ckpt.k9.ckpt").write_bytes(b"half")
+    first = MedCTCLI(["--config", str(cfg)], run=False)  # made, not yet logging: the race window
+    second = MedCTCLI(["--config", str(cfg)], run=False)
+    assert (first.trainer.logger.version, second.trainer.logger.version) == (8, 9)
+    assert first.trainer.log_dir != second.trainer.log_dir
+    assert list(killed.iterdir()) == []
