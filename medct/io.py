@@ -20,6 +20,9 @@ import gzip
 import logging
 import os
 import re
+import sys
+import tempfile
+import threading
 import zlib
 from collections.abc import Sequence
 from pathlib import Path
@@ -168,13 +171,53 @@ def _nifti_affine(img: Any, path: Path, shape: tuple[int, int, int]) -> tuple[np
     return affine, notes
 
 
+# ITK's MetaIO/NRRD readers print why they fail ("data not read completely", "ElementType required")
+# to the C++ stderr and raise only "File cannot be read". medct reads with file descriptor 2 sent
+# to a temporary file, so the reason goes into the one sentence instead of above it. The lock
+# serialises ITK reads (fd 2 is one per process); a progress bar repaint in that moment is lost.
+_ITK_STDERR_LOCK = threading.Lock()
+
+
+def _itk_read_capturing_stderr(path: Path) -> tuple[Any, RuntimeError | None, str]:
+    """(SimpleITK image or None, SimpleITK's exception or None, what ITK printed while reading)."""
+    import SimpleITK as sitk
+
+    img, error = None, None
+    with _ITK_STDERR_LOCK, tempfile.TemporaryFile() as captured:
+        sys.stderr.flush()
+        saved = os.dup(2)
+        os.dup2(captured.fileno(), 2)
+        try:
+            img = sitk.ReadImage(str(path))
+        except RuntimeError as e:
+            error = e
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+        captured.seek(0)
+        text = captured.read().decode(errors="replace")
+    return img, error, text
+
+
+def _itk_reason(printed: str) -> str:
+    """ITK's own lines about a failed read, without tqdm repaints and MetaIO's generic follow-ups."""
+    generic = (
+        "MetaObject: Read: MET_Read Failed",
+        "MetaImage: Read: Cannot parse file",
+        "MetaImage: M_Read: Error parsing",
+    )
+    lines = [ln.strip() for ln in printed.replace("\r", "\n").splitlines()]
+    lines = [ln for ln in lines if ln and "|" not in ln and not ln.startswith(generic)]
+    return "; ".join(ln.rstrip(".") for ln in lines[:2])
+
+
 def _read_itk(path: Path, fmt: str) -> Volume:
     import SimpleITK as sitk
 
-    try:
-        img = sitk.ReadImage(str(path))
-    except RuntimeError as e:
-        raise UnreadableVolumeError(f"{path} is not a readable {fmt.upper()} image ({_one_line(e)}).") from e
+    img, error, printed = _itk_read_capturing_stderr(path)
+    if error is not None:
+        reason = _itk_reason(printed) or _one_line(error)
+        raise UnreadableVolumeError(f"{path} is not a readable {fmt.upper()} image ({reason}).") from None
     if img.GetNumberOfComponentsPerPixel() != 1:
         raise InvalidVolumeError(
             f"{path} has {img.GetNumberOfComponentsPerPixel()} components per voxel; medct needs a scalar 3D volume."

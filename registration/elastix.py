@@ -342,9 +342,10 @@ class ElastixTransform:
         else:
             fill = float(arr.min()) if default is None else float(default)
             over = {"ResampleInterpolator": ["FinalLinearInterpolator"], "DefaultPixelValue": [repr(fill)]}
-        t = self._transformix(to_itk(moving), over)
-        t.Update()
-        out = from_itk(t.GetOutput(), moving.meta)
+        with tempfile.TemporaryDirectory(prefix="medct-transformix-") as tmp:
+            t = self._transformix(to_itk(moving), over)
+            _update_transformix(t, tmp)
+            out = from_itk(t.GetOutput(), moving.meta)
         if kind == "labels":
             out.array = np.rint(out.array).astype(arr.dtype)
         elif np.issubdtype(arr.dtype, np.integer):
@@ -358,8 +359,7 @@ class ElastixTransform:
         with tempfile.TemporaryDirectory() as tmp:  # else transformix writes deformationField.* into the cwd
             t = self._transformix(self._fixed_placeholder(), _NEAREST)
             t.SetComputeDeformationField(True)
-            t.SetOutputDirectory(tmp)
-            t.Update()
+            _update_transformix(t, tmp)
             field = from_itk(t.GetOutputDeformationField())
         field.array = field.array.astype(np.float32) * _FLIP[None, None, None, :].astype(np.float32)
         return field
@@ -369,8 +369,7 @@ class ElastixTransform:
         B-splines): 1 keeps volume, < 1 compresses, <= 0 folds."""
         with tempfile.TemporaryDirectory() as tmp:
             t = self._transformix(self._fixed_placeholder(), _NEAREST)
-            t.SetOutputDirectory(tmp)
-            t.Update()  # transformix must have run before it can compute the Jacobian image
+            _update_transformix(t, tmp)  # transformix must have run before it can compute the Jacobian image
             det = from_itk(t.ComputeSpatialJacobianDeterminantImage())
         return Volume(np.asarray(det.array, dtype=np.float32), self.fixed_affine)
 
@@ -393,8 +392,7 @@ class ElastixTransform:
             write_points(src, pts)
             t = self._transformix(self._fixed_placeholder())
             t.SetFixedPointSetFileName(str(src))
-            t.SetOutputDirectory(tmp)
-            t.Update()
+            _update_transformix(t, tmp)
             text = (Path(tmp) / "outputpoints.txt").read_text()
         found = re.findall(r"OutputPoint\s*=\s*\[\s*([^\]]+)\]", text)
         out = np.array([[float(v) for v in f.split()] for f in found])
@@ -562,6 +560,21 @@ def register(
     for m in out:
         m["InitialTransformParameterFileName"] = ["NoInitialTransform"]
     return ElastixTransform(out)
+
+
+def _update_transformix(t: Any, folder: str) -> None:
+    """`t.Update()` with transformix logging into `folder`: a failure is a RegistrationError with
+    the reason transformix's log gives (its exception only says "see transformix log")."""
+    t.SetOutputDirectory(folder)
+    t.SetLogToFile(True)
+    t.SetLogFileName("transformix.log")
+    try:
+        t.Update()
+    except RuntimeError as e:
+        log = Path(folder) / "transformix.log"
+        text = log.read_text(errors="replace") if log.is_file() else ""
+        reason = elastix_reason(text) or " ".join(str(e).split())[-200:]
+        raise RegistrationError(f"Transformix failed: {reason[:200]}.") from None
 
 
 def elastix_reason(log: str) -> str:

@@ -48,7 +48,17 @@ def _read_prompts(args: argparse.Namespace) -> list[str]:
         path = Path(args.prompts)
         if not path.is_file():
             raise InputPathError(f"Prompts file {path} does not exist.")
-        lines = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines()]
+        raw = path.read_bytes()
+        try:
+            text = raw.decode("utf-8-sig")  # a BOM from Windows editors is fine
+        except UnicodeDecodeError as e:
+            line = raw[: e.start].count(b"\n") + 1
+            raise MedCTError(
+                f"Prompts file {path} is not UTF-8 text (line {line}, byte {e.start}); save it as UTF-8."
+            ) from None
+        if "\0" in text:
+            raise MedCTError(f"Prompts file {path} holds NUL bytes: it is not a text file.")
+        lines = [ln.strip() for ln in text.splitlines()]
         prompts += [ln for ln in lines if ln and not ln.startswith("#")]
     if not prompts:
         raise MedCTError("No prompt given: pass the report text as an argument or a file with --prompts.")

@@ -177,6 +177,20 @@ def test_save_load_round_trip_and_point_files(tmp_path: Path) -> None:
     np.testing.assert_allclose(elastix.read_points(tmp_path / "p.txt"), pts, atol=1e-5)
 
 
+def test_a_transform_transformix_rejects_says_why(tmp_path: Path) -> None:
+    """A saved transform edited by hand (one of its 6 rigid parameters deleted): transformix's own
+    reason, read from its log, not "See transformix log"."""
+    fixed, moving = _pair(lambda y: y)
+    elastix.register(fixed, moving, preset="rigid").save(tmp_path / "tf")
+    f = tmp_path / "tf" / "TransformParameters.0.txt"
+    text = f.read_text()
+    start = text.index("(TransformParameters ")
+    end = text.index(")", start)
+    f.write_text(text[:start] + " ".join(text[start:end].split()[:-1]) + text[end:])
+    with pytest.raises(elastix.RegistrationError, match=r"^Transformix failed: .*TransformParameters"):
+        elastix.ElastixTransform.load(tmp_path / "tf").warp(moving)
+
+
 def test_inverse_composes_to_identity() -> None:
     rot, shift = _rotation(4.0, 2), np.array([2.0, -1.0, 1.0])
     fixed, moving = _pair(lambda y: (y - shift) @ rot)
