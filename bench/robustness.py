@@ -4,11 +4,13 @@ Question (reliability issue): no wrong result with exit 0, no traceback for a us
 file left half-written. Runs every case of tests/robustness/corpus.py (built small from the real
 scans in ../shared/data) against a tiny untrained CT model folder and checks, per case: the exit
 code, one error sentence naming the problem (no traceback), no temporary or partial file in the
-output folder, and the exact geometry of every accepted output. Prints case, outcome, message.
+output folder, and the exact geometry of every accepted output; the "killed for real" cases start
+each command as a process of its own, SIGKILL it mid-write and check that the rerun leaves every
+output whole. Prints case, outcome, message.
 
 Goal: 100 % of the corpus handled.
 
-Usage: python bench/robustness.py [--quick]   (--quick is the same run: the corpus takes a minute)
+Usage: python bench/robustness.py [--quick]   (--quick is the same run: the corpus takes two minutes)
 """
 
 from __future__ import annotations

@@ -8,8 +8,13 @@ partial file in the output folder, and for accepted inputs the exact geometry of
 The group "every command" runs the same scenarios for each command on the folder runner (segment,
 segment --adapt, sct, register --pairs, generate, motion): the rerun after a kill -9 (its temporary
 and claim left behind), a case claimed by a live run on the same -o, a full disk (-o on an 8 KiB
-tmpfs; needs root, skipped otherwise) and -o inside the input folder.
-tests/robustness/test_corpus.py runs every case; bench/robustness.py prints the table.
+tmpfs; needs root, skipped otherwise) and -o inside the input folder; and for reduce, export, fit
+and turbolift: another run on the same output, a full disk and the output inside the input.
+"killed for real" starts each command (the folder commands, reduce, export, fit, turbolift) as a
+process of its own, SIGKILLs it the instant an output is complete but not renamed into place
+(killed_child.py), then runs it again: every output must be whole and nothing left over.
+"tool's reason": ITK's own words for an unreadable file. tests/robustness/test_corpus.py runs
+every case (those starting a process of their own are `slow`); bench/robustness.py prints the table.
 """
 
 from __future__ import annotations
@@ -44,6 +49,8 @@ class Case:
     expect: str = ""
     outputs: dict[str, str] = field(default_factory=dict)
     disk_kb: int = 0  # > 0: work/out is a tmpfs of this size (a full disk; needs root, skipped otherwise)
+    check: Callable[[Path], str] | None = None  # after the run: "" or what is wrong (given `work`)
+    slow: bool = False  # starts a medct process of its own (seconds of imports): `slow` in pytest
 
 
 @dataclass
@@ -671,6 +678,39 @@ def b_generate_missing_part(work: Path, model: Path) -> list[str]:
     return ["generate", "-m", str(folder), "liver", "-o", str(work / "out" / "g.nii.gz")]
 
 
+def b_generate_prompts_not_utf8(work: Path, model: Path) -> list[str]:
+    (work / "prompts.txt").write_bytes("enlarged liver\nl\u00e9sion h\u00e9patique\n".encode("latin-1"))
+    return [
+        "generate",
+        "-m",
+        str(_text2ct_model(work)),
+        "--prompts",
+        str(work / "prompts.txt"),
+        "-o",
+        str(work / "out"),
+    ]
+
+
+def b_generate_prompts_binary(work: Path, model: Path) -> list[str]:
+    """A volume given as the prompts file by mistake."""
+    path = _write(real_ct((16, 16, 4)), work / "ct.nii")
+    return ["generate", "-m", str(_text2ct_model(work)), "--prompts", str(path), "-o", str(work / "out")]
+
+
+def b_truncated_mha(work: Path, model: Path) -> list[str]:
+    raw = _write(real_ct((64, 56, 16)), work / "full.mha").read_bytes()
+    (work / "in").mkdir()
+    (work / "in" / "cut.mha").write_bytes(raw[: len(raw) // 2])
+    return _segment(work, model, "in/cut.mha")
+
+
+def b_mhd_without_raw(work: Path, model: Path) -> list[str]:
+    _write(real_ct((64, 56, 16)), work / "in" / "scan.mhd")
+    for f in (work / "in").glob("*.raw"):
+        f.unlink()
+    return _segment(work, model, "in/scan.mhd")
+
+
 def _has_cuda() -> bool:
     import torch
 
@@ -683,7 +723,7 @@ def _motion_phases(work: Path, n: int, shift_last: bool = False) -> Path:
     from medct.phantom import make_phantom
     from medct.phantom.spec import GridSpec
 
-    img = make_phantom(0, GridSpec(shape=(24, 24, 16), spacing=(16.0, 16.0, 16.0))).image
+    img = make_phantom(0, GridSpec(shape=(24, 24, 16), spacing=(8.0, 8.0, 8.0))).image
     folder = work / "phases"
     folder.mkdir(parents=True, exist_ok=True)
     for t in range(n):
@@ -752,6 +792,17 @@ def _job(name: str, work: Path, model: Path) -> tuple[list[str], list[str]]:
 FOLDER_COMMANDS = ("segment", "segment --adapt", "sct", "register --pairs", "generate", "motion")
 _DOING = {"segment": "segmenting", "segment --adapt": "segmenting", "sct": "synthesising",
           "register --pairs": "registering", "generate": "generating", "motion": "predicting"}  # fmt: skip
+
+
+# (command, the suffix of its first case's output, what a finished run has): the kill-9 cases
+KILLED_JOBS = (
+    ("segment", f"{os.sep}a.nii.gz", ("a.nii.gz", "b.nii.gz", "summary.csv")),
+    ("segment --adapt", f"{os.sep}a.nii.gz", ("a.nii.gz", "b.nii.gz", "summary.csv")),
+    ("sct", f"{os.sep}a.nii.gz", ("a.nii.gz", "b.nii.gz", "summary.csv")),
+    ("register --pairs", f"{os.sep}a", ("a/warped.nii.gz", "b/warped.nii.gz", "summary.csv")),
+    ("generate", "gen_0000_00.nii.gz", ("gen_0000_00.nii.gz", "gen_0001_00.nii.gz", "summary.csv")),
+    ("motion", "predicted_phase_03.nii.gz", ("predicted_phase_03.nii.gz", "predicted_phase_04.nii.gz", "summary.csv")),
+)
 
 
 def _killed_run(name: str) -> Callable[[Path, Path], list[str]]:
@@ -864,6 +915,280 @@ def b_export_output_inside_a_file(work: Path, model: Path) -> list[str]:
     return ["export", str(_segmentation_checkpoint(work)), "-o", str(work / "out" / "model")]
 
 
+# ----------------------------------------------------------------------------- killed for real
+# A medct process killed with SIGKILL at the instant one of its outputs is complete but not yet
+# renamed into place (tests/robustness/killed_child.py chooses that moment), then the same command
+# run again: it must finish every output, and no temporary, claim or half-written file may remain.
+
+
+class CaseSetupError(RuntimeError):
+    """A case could not set up its scenario (the run it was to kill finished, ...): the case fails."""
+
+
+KILLED_CHILD = Path(__file__).with_name("killed_child.py")
+_LIVE: list[subprocess.Popen[bytes]] = []  # stand-ins for other live runs, ended after each case
+
+
+def _other_live_run() -> int:
+    """The pid of a live process that is not this one: another run on the same output folder."""
+    proc = subprocess.Popen(["sleep", "600"])
+    _LIVE.append(proc)
+    return proc.pid
+
+
+def _end_other_runs() -> None:
+    while _LIVE:
+        proc = _LIVE.pop()
+        proc.kill()
+        proc.wait()
+
+
+def _kill_at(argv: list[str], work: Path, at: int, match: str) -> None:
+    """Run `medct argv` in a process of its own, SIGKILLed at its `at`-th rename onto a name ending with `match`."""
+    import signal
+    import sys
+
+    env = {**os.environ, "MEDCT_KILL_AT": str(at), "MEDCT_KILL_MATCH": match}
+    done = subprocess.run(
+        [sys.executable, str(KILLED_CHILD), *argv], env=env, cwd=work, capture_output=True, timeout=900
+    )
+    if done.returncode != -signal.SIGKILL:
+        tail = done.stderr.decode(errors="replace").strip().splitlines()[-1:] or [""]
+        raise CaseSetupError(f"the run to kill at write {at} of *{match} exited {done.returncode} ({tail[0][:200]})")
+
+
+def _leftovers(out: Path) -> list[str]:
+    """Temporaries and claims anywhere under `out`, except those of other live processes."""
+    from medct.paths import TEMP_PREFIX, pid_alive
+    from medct.runner import CLAIM_PREFIX
+
+    found = []
+    for p in out.rglob("*") if out.is_dir() else []:
+        if p.name.startswith(TEMP_PREFIX):
+            pid = p.name[len(TEMP_PREFIX) :].split("-", 1)[0]
+            if not (pid.isdigit() and int(pid) != os.getpid() and pid_alive(int(pid))):
+                found.append(str(p.relative_to(out)))
+        elif p.name.startswith(CLAIM_PREFIX):
+            found.append(str(p.relative_to(out)))
+    return found
+
+
+def _complete(*names: str) -> Callable[[Path], str]:
+    """A check: each work/out/<name> exists and reads whole (volume, JSON, model folder, checkpoint),
+    and nothing is left over under work/out."""
+
+    def check(work: Path) -> str:
+        import torch
+
+        from medct.io import read_volume
+
+        out = work / "out"
+        for name in names:
+            path = out / name
+            if not path.exists():
+                return f"no {name} after the rerun"
+            try:
+                if path.is_dir():
+                    from medct.api import load_model
+
+                    load_model(path)
+                elif path.suffix == ".json":
+                    json.loads(path.read_text())
+                elif path.suffix == ".ckpt":
+                    torch.load(path, map_location="cpu", weights_only=True)
+                elif path.suffix == ".csv":
+                    path.read_text()
+                else:
+                    read_volume(path)
+            except Exception as e:  # noqa: BLE001 - a half-written output is what this looks for
+                return f"{name} is not whole ({type(e).__name__}: {str(e)[:120]})"
+        left = _leftovers(out)
+        return f"left behind: {left}" if left else ""
+
+    return check
+
+
+def _tiny_chain(work: Path, epochs: int) -> Path:
+    """A two-stage Turbolift chain of tiny phantoms writing into work/out."""
+    import yaml
+
+    from tests.finetune.test_turbolift import _chain_yaml
+
+    path = _chain_yaml(work)
+    cfg = yaml.safe_load(path.read_text())
+    cfg["turbolift"]["output_dir"] = str(work / "out")
+    cfg["trainer"]["max_epochs"] = epochs
+    for stage in cfg["turbolift"]["stages"]:
+        stage["data"]["phantom"]["n"] = 3
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+CPU_FIT = ["--trainer.accelerator=cpu", "--trainer.precision=32-true", "--trainer.enable_progress_bar=false"]
+
+
+def _fit_args(work: Path, epochs: int) -> list[str]:
+    """`medct fit` of the phantom segmentation recipe, tiny, `epochs` one-batch epochs, into work/out."""
+    over = [
+        f"--trainer.max_epochs={epochs}", "--trainer.limit_train_batches=1", "--trainer.limit_val_batches=1",
+        "--trainer.check_val_every_n_epoch=1",
+        f"--trainer.default_root_dir={work / 'out'}", f"--data.init_args.data_dir={work / 'data'}",
+        "--data.init_args.phantom.n=3", "--data.init_args.phantom.shape=[32,32,32]",
+        "--data.init_args.sampling.patch_size=[32,32,32]", "--data.init_args.num_workers=0",
+        "--data.init_args.cache_dir=null", *CPU_FIT,
+    ]  # fmt: skip
+    return ["fit", "--config", _recipe("finetune/seg_phantom.yaml"), *over]
+
+
+def _killed_job(name: str, at: int, match: str) -> Callable[[Path, Path], list[str]]:
+    """A folder command killed at the rename of its first case's output, then run again."""
+
+    def build(work: Path, model: Path) -> list[str]:
+        argv, _ = _job(name, work, model)
+        _kill_at(argv, work, at, match)
+        return argv
+
+    return build
+
+
+def b_killed_reduce(work: Path, model: Path) -> list[str]:
+    for i in range(3):
+        _write(real_ct((64, 64, 16)), work / "scans" / f"s{i}.nii.gz")
+    argv = ["reduce", str(work / "scans"), "-o", str(work / "out" / "reduced.json")]
+    _kill_at(argv, work, 1, "reduced.json")
+    return argv
+
+
+def b_killed_export(work: Path, model: Path) -> list[str]:
+    argv = ["export", str(_segmentation_checkpoint(work)), "-o", str(work / "out" / "model")]
+    _kill_at(argv, work, 1, f"{os.sep}model")
+    return argv
+
+
+def b_killed_fit(work: Path, model: Path) -> list[str]:
+    """Killed while writing the second epoch's last.ckpt; resumed from the first's with --ckpt_path."""
+    _kill_at(_fit_args(work, 2), work, 2, "last.ckpt")
+    last = work / "out" / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
+    if not last.is_file():
+        raise CaseSetupError("the killed fit wrote no last.ckpt before its kill")
+    return [*_fit_args(work, 3), "--ckpt_path", str(last)]
+
+
+def b_killed_turbolift(work: Path, model: Path) -> list[str]:
+    """Killed while writing the second last.ckpt of the chain (stage 2's first, as Lightning writes
+    last.ckpt once per stage here): the rerun skips the finished stage 1 and trains stage 2 again,
+    removing the dead run's lock and half-written checkpoint (resuming from a last.ckpt:
+    tests/finetune/test_turbolift.py)."""
+    argv = ["turbolift", "--config", str(_tiny_chain(work, 2)), "--", *CPU_FIT]
+    _kill_at(argv, work, 2, "last.ckpt")
+    return argv
+
+
+def _live_temp_of(target: Path) -> Path:
+    """The temporary of another live run writing `target` at this moment."""
+    from medct.paths import TEMP_PREFIX
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / f"{TEMP_PREFIX}{_other_live_run()}-{target.name}.live"
+    tmp.write_bytes(b"being written")
+    return tmp
+
+
+def _keeps_live(then: Callable[[Path], str]) -> Callable[[Path], str]:
+    """A check: `then` holds, and the other live run's temporary (`_live_temp_of`) is still there."""
+
+    def check(work: Path) -> str:
+        kept = any(p.name.endswith(".live") for p in (work / "out").iterdir())
+        return then(work) or ("" if kept else "removed a live run's temporary")
+
+    return check
+
+
+def b_two_reduce_runs(work: Path, model: Path) -> list[str]:
+    for i in range(3):
+        _write(real_ct((64, 64, 16)), work / "scans" / f"s{i}.nii.gz")
+    argv = ["reduce", str(work / "scans"), "-o", str(work / "out" / "reduced.json")]
+    _live_temp_of(work / "out" / "reduced.json")
+    return argv
+
+
+def b_two_export_runs(work: Path, model: Path) -> list[str]:
+    _live_temp_of(work / "out" / "model")
+    return ["export", str(_segmentation_checkpoint(work)), "-o", str(work / "out" / "model")]
+
+
+def b_two_fit_runs(work: Path, model: Path) -> list[str]:
+    """Another fit in the same default_root_dir was started a moment ago and has not logged yet."""
+    from medct.lightning_cli import MedCTCLI
+
+    with contextlib.redirect_stderr(io.StringIO()):
+        MedCTCLI(_fit_args(work, 1)[1:], run=False)
+    return _fit_args(work, 1)
+
+
+def _own_version(work: Path) -> str:
+    logs = work / "out" / "lightning_logs"
+    if any((logs / "version_0").rglob("*.ckpt")):
+        return "wrote into the other run's version_0"
+    return _complete("lightning_logs/version_1/checkpoints/last.ckpt")(work)
+
+
+def b_two_turbolift_runs(work: Path, model: Path) -> list[str]:
+    from medct.finetune.turbolift import CHAIN_LOCK
+
+    (work / "out").mkdir(parents=True)
+    (work / "out" / CHAIN_LOCK).write_text(str(_other_live_run()))
+    return ["turbolift", "--config", str(_tiny_chain(work, 1)), "--", *CPU_FIT]
+
+
+def b_turbolift_full_disk(work: Path, model: Path) -> list[str]:
+    return ["turbolift", "--config", str(_tiny_chain(work, 1)), "--", *CPU_FIT]
+
+
+def _run_once_then(argv: list[str]) -> list[str]:
+    from medct.cli import main
+
+    with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
+        code = main(argv)
+    if code != 0:
+        raise CaseSetupError(f"the first run exited {code}")
+    return argv
+
+
+def b_reduce_output_inside_input(work: Path, model: Path) -> list[str]:
+    """reduced.json written into the scan folder: the rerun does not take it (or its temporary) for a scan."""
+    for i in range(3):
+        _write(real_ct((64, 64, 16)), work / "scans" / f"s{i}.nii.gz")
+    (work / "out").symlink_to(work / "scans")
+    return _run_once_then(["reduce", str(work / "scans"), "-o", str(work / "scans" / "reduced.json")])
+
+
+def b_motion_output_inside_input(work: Path, model: Path) -> list[str]:
+    phases = _motion_phases(work, 3)
+    argv = ["motion", "--method", "pca", "-i", str(phases), "-o", str(phases / "out"), "--predict", "2", "--no-gif"]
+    (work / "out").symlink_to(phases / "out")
+    return _run_once_then(argv)
+
+
+def b_fit_output_inside_data(work: Path, model: Path) -> list[str]:
+    """default_root_dir inside the data folder, run twice: checkpoints are not taken for scans."""
+    argv = _fit_args(work, 1)
+    argv = [a.replace(f"default_root_dir={work / 'out'}", f"default_root_dir={work / 'data' / 'runs'}") for a in argv]
+    (work / "out").symlink_to(work / "data" / "runs", target_is_directory=True)
+    return _run_once_then(argv)
+
+
+def b_turbolift_output_inside_data(work: Path, model: Path) -> list[str]:
+    import yaml
+
+    path = _tiny_chain(work, 1)
+    cfg = yaml.safe_load(path.read_text())
+    cfg["turbolift"]["output_dir"] = str(work / "ct" / "chain")  # inside the first stage's data_dir
+    path.write_text(yaml.safe_dump(cfg))
+    (work / "out").symlink_to(work / "ct" / "chain", target_is_directory=True)
+    return _run_once_then(["turbolift", "--config", str(path), "--", *CPU_FIT])
+
+
 def _every_command_cases() -> list[Case]:
     cases = []
     for name in FOLDER_COMMANDS:
@@ -875,6 +1200,32 @@ def _every_command_cases() -> list[Case]:
         ]  # fmt: skip
     for name in ("segment", "sct"):
         cases.append(Case(f"{name}: -o inside the input folder", G_EVERY, _output_inside_input(name), 0, "2 skipped"))
+    for name, match, outputs in KILLED_JOBS:
+        cases.append(Case(f"{name}: killed for real, then rerun", G_KILLED, _killed_job(name, 1, match), 0,
+                          check=_complete(*outputs), slow=name != "segment"))  # fmt: skip
+    cases += [
+        Case("reduce: killed for real, then rerun", G_KILLED, b_killed_reduce, 0, check=_complete("reduced.json"),
+             slow=True),
+        Case("export: killed for real, then rerun", G_KILLED, b_killed_export, 0, check=_complete("model"), slow=True),
+        Case("fit: killed for real, resumed with --ckpt_path", G_KILLED, b_killed_fit, 0,
+             check=_complete("lightning_logs/version_1/checkpoints/last.ckpt"), slow=True),
+        Case("turbolift: killed for real, then rerun", G_KILLED, b_killed_turbolift, 0, "done before, skipped",
+             check=_complete("summary.json", "forgetting.csv", "00_ct/done.json", "01_cbct/done.json"), slow=True),
+        Case("reduce: another run writing the same file", G_EVERY, b_two_reduce_runs, 0,
+             check=_keeps_live(_complete("reduced.json"))),
+        Case("export: another run writing the same folder", G_EVERY, b_two_export_runs, 0,
+             check=_keeps_live(_complete("model"))),
+        Case("fit: another fit started in the same root", G_EVERY, b_two_fit_runs, 0, check=_own_version),
+        Case("turbolift: another chain running in the folder", G_EVERY, b_two_turbolift_runs, 1,
+             "Another medct turbolift run"),
+        Case("turbolift: a full disk", G_EVERY, b_turbolift_full_disk, 1, "No space left", disk_kb=64),
+        Case("reduce: -o inside the scan folder", G_EVERY, b_reduce_output_inside_input, 0, "kept 12 of 48",
+             check=_complete("reduced.json")),
+        Case("motion: -o inside the phase folder", G_EVERY, b_motion_output_inside_input, 0, "1 skipped"),
+        Case("fit: default_root_dir inside the data folder", G_EVERY, b_fit_output_inside_data, 0),
+        Case("turbolift: output_dir inside a stage's data", G_EVERY, b_turbolift_output_inside_data, 0,
+             "done before, skipped", check=_complete("summary.json")),
+    ]  # fmt: skip
     cases += [
         Case("export: a full disk", G_EVERY, b_export_full_disk, 1, "No space left", disk_kb=8),
         Case("export: -o is a file", G_EVERY, b_export_output_inside_a_file, 1, "is a file"),
@@ -892,6 +1243,8 @@ def _every_command_cases() -> list[Case]:
 
 
 G_EVERY = "every command"
+G_KILLED = "killed for real"
+G_TOOLS = "tool's reason"
 G_WRONG, G_DICOM, G_MISTAKE, G_LEFTOVER, G_BEFORE, G_PRETRAIN, G_FINETUNE, G_REGISTER, G_SCT, G_GENERATE, G_MOTION = (
     "wrong result",
     "hospital DICOM",
@@ -998,6 +1351,10 @@ CASES: list[Case] = [
     Case("generate: an empty prompt", G_GENERATE, b_generate_empty_prompt, 1, "prompt is empty"),
     Case("generate: a size the VAE cannot code", G_GENERATE, b_generate_bad_size, 1, "multiple of 8"),
     Case("generate: a model without its CLIP part", G_GENERATE, b_generate_missing_part, 1, "lacks its 'clip' part"),
+    Case("generate: a prompts file not in UTF-8", G_GENERATE, b_generate_prompts_not_utf8, 1, "is not UTF-8 text (line 2"),
+    Case("generate: a volume as the prompts file", G_GENERATE, b_generate_prompts_binary, 1, "is not"),
+    Case("truncated MHA: ITK's reason", G_TOOLS, b_truncated_mha, 1, "data not read completely"),
+    Case("MHD whose .raw is missing: ITK's reason", G_TOOLS, b_mhd_without_raw, 1, "Cannot open data file"),
     Case("motion: a segmentation model", G_MOTION, b_motion_segmentation_model, 1, "not a motion model"),
     Case("motion: only two phases", G_MOTION, b_motion_two_phases, 1, "at least 3 phases"),
     Case("motion: phases on different grids", G_MOTION, b_motion_phase_grids_differ, 1, "different voxel grids"),
@@ -1010,26 +1367,38 @@ CASES += _every_command_cases()
 
 
 def _stray_files(out: Path) -> list[str]:
-    """Temporaries or claims this run should not have left (the claim of another live run is not ours)."""
-    from medct.paths import TEMP_PREFIX
+    """Temporaries this run should not have left (another live run's, and claims, are not ours)."""
+    from medct.paths import TEMP_PREFIX, pid_alive
+
+    def others(name: str) -> bool:
+        pid = name[len(TEMP_PREFIX) :].split("-", 1)[0]
+        return pid.isdigit() and int(pid) != os.getpid() and pid_alive(int(pid))
 
     if not out.is_dir():
         return []
-    return [p.name for p in out.iterdir() if p.name.startswith(TEMP_PREFIX) or ".tmp" in p.name]
+    return [
+        p.name for p in out.iterdir() if (p.name.startswith(TEMP_PREFIX) or ".tmp" in p.name) and not others(p.name)
+    ]
 
 
 def run_case(case: Case, work: Path, model: Path) -> Outcome:
     """Build and run one case in `work` (an empty folder); check it as the corpus docstring says."""
     work.mkdir(parents=True, exist_ok=True)
-    target = case.build(work, model)
-    if case.disk_kb:
-        if not _mount_tmpfs(work / "out", case.disk_kb):
-            return Outcome(case.name, case.group, 0, "", True, "a small tmpfs needs root", skipped=True)
+    try:
         try:
-            return _run_built(case, work, target)
-        finally:
-            subprocess.run(["umount", str(work / "out")], check=False, capture_output=True)
-    return _run_built(case, work, target)
+            target = case.build(work, model)
+        except CaseSetupError as e:
+            return Outcome(case.name, case.group, 0, "", False, f"set-up failed: {e}")
+        if case.disk_kb:
+            if not _mount_tmpfs(work / "out", case.disk_kb):
+                return Outcome(case.name, case.group, 0, "", True, "a small tmpfs needs root", skipped=True)
+            try:
+                return _run_built(case, work, target)
+            finally:
+                subprocess.run(["umount", str(work / "out")], check=False, capture_output=True)
+        return _run_built(case, work, target)
+    finally:
+        _end_other_runs()
 
 
 def _mount_tmpfs(folder: Path, kb: int) -> bool:
@@ -1051,10 +1420,10 @@ def _run_built(case: Case, work: Path, target: list[str] | Callable[[], object])
     from medct.errors import MedCTError
     from medct.io import read_volume
 
-    err = io.StringIO()
+    err, said = io.StringIO(), io.StringIO()
     message = ""
     expected_exit = case.exit if case.exit >= 0 else (0 if _has_cuda() else 1)
-    with contextlib.redirect_stderr(err):
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(said):
         if callable(target):  # an API case
             try:
                 target()
@@ -1083,7 +1452,7 @@ def _run_built(case: Case, work: Path, target: list[str] | Callable[[], object])
     if code != expected_exit:
         return fail(f"exit {code}, expected {expected_exit}")
     summary = work / "out" / "summary.csv"
-    haystack = text + (summary.read_text() if summary.is_file() else "") + message
+    haystack = text + said.getvalue() + (summary.read_text() if summary.is_file() else "") + message
     phrase = case.expect if case.exit >= 0 or expected_exit == 1 else ""
     if phrase and phrase not in haystack:
         return fail(f"the message does not say '{phrase}'")
@@ -1092,6 +1461,10 @@ def _run_built(case: Case, work: Path, target: list[str] | Callable[[], object])
     stray = _stray_files(work / "out")
     if stray:
         return fail(f"left behind: {stray}")
+    if case.check is not None:
+        wrong = case.check(work)
+        if wrong:
+            return fail(wrong)
     for out_name, src in case.outputs.items():
         out_path = work / "out" / out_name
         if not out_path.is_file():
