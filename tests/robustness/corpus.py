@@ -1472,4 +1472,8 @@ def _run_built(case: Case, work: Path, target: list[str] | Callable[[], object])
         a, b = read_volume(out_path), read_volume(work / src)
         if a.shape != b.shape or not np.allclose(a.affine, b.affine, atol=1e-4):
             return fail(f"{out_name} is not on its input's grid")
-    return Outcome(case.name, case.group, code, message or (text.strip().splitlines() or [""])[-1][:200], True)
+    if not message:  # what the user read last: medct's own line, else the command's printout
+        own = [ln for ln in text.splitlines() if ln.startswith("medct")]
+        printed = [ln for ln in said.getvalue().splitlines() if ln.strip()]
+        message = (own or printed or text.strip().splitlines() or [""])[-1][:200]
+    return Outcome(case.name, case.group, code, message, True)
