@@ -313,14 +313,19 @@ def read_phases(source: str | os.PathLike[str] | Sequence[str | os.PathLike[str]
     return vols
 
 
-def validate_for_inference(vol: Volume) -> None:
-    """Raise InvalidVolumeError when `vol` holds NaN/inf voxels or is constant (nothing to segment)."""
-    where = vol.meta.get("path", "the volume")
-    arr = vol.array
+def check_finite(arr: np.ndarray, where: str) -> None:
+    """Raise InvalidVolumeError when a float array holds NaN or infinite voxels (inference and training)."""
     if np.issubdtype(arr.dtype, np.inexact):
         bad = int(arr.size - np.count_nonzero(np.isfinite(arr)))
         if bad:
             raise InvalidVolumeError(f"{where} contains {bad} NaN or infinite voxels; fix or mask them first.")
+
+
+def validate_for_inference(vol: Volume) -> None:
+    """Raise InvalidVolumeError when `vol` holds NaN/inf voxels or is constant (nothing to segment)."""
+    where = vol.meta.get("path", "the volume")
+    arr = vol.array
+    check_finite(arr, where)
     lo, hi = arr.min(), arr.max()
     if lo == hi:
         raise InvalidVolumeError(f"{where} is constant (every voxel is {lo}); it holds no image to process.")

@@ -23,6 +23,7 @@ Importing this module has no side effects; `run_lightning` does the work.
 from __future__ import annotations
 
 import io
+import re
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -214,12 +215,23 @@ def check_ckpt_path(args: list[str]) -> None:
             )
 
 
+# How a DataLoader worker's exception reaches the main process: its type and its formatted
+# traceback as text ("Caught RuntimeError in DataLoader worker process 0. Original Traceback ...").
+_WORKER_MEDCT_ERROR = re.compile(r"^medct(?:\.\w+)*\.\w*Error: (.+)$", re.MULTILINE)
+
+
 def medct_cause(e: BaseException) -> MedCTError | None:
+    """The MedCTError behind `e`: in its chain of causes, or named in the text of an exception a
+    DataLoader worker raised (which carries only the worker's traceback as text)."""
     seen: set[int] = set()
     cur: BaseException | None = e
     while cur is not None and id(cur) not in seen:
         if isinstance(cur, MedCTError):
             return cur
+        if "DataLoader worker" in str(cur):
+            found = _WORKER_MEDCT_ERROR.findall(str(cur))
+            if found:
+                return MedCTError(found[-1].strip())
         seen.add(id(cur))
         cur = cur.__cause__ or cur.__context__
     return None

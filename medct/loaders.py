@@ -64,7 +64,7 @@ class LoadVolumed(MapTransform):
         self.label_keys = tuple(label_keys)
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
-        from medct.io import Volume, check_same_grid, read_volume
+        from medct.io import Volume, check_finite, check_same_grid, read_volume
 
         d = dict(data)
         ref: tuple[Hashable, Volume] | None = None
@@ -79,6 +79,7 @@ class LoadVolumed(MapTransform):
                 _check_label_values(vol.array, str(vol.meta.get("path", key)))
                 d[key] = volume_to_metatensor(vol, np.uint8)
             else:
+                check_finite(vol.array, str(vol.meta.get("path", key)))  # NaN would train silently
                 d[key] = volume_to_metatensor(vol, np.float32)
         return d
 
@@ -92,11 +93,13 @@ class LoadPhasesd(MapTransform):
         super().__init__(keys)
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
-        from medct.io import read_phases
+        from medct.io import check_finite, read_phases
 
         d = dict(data)
         for key in self.key_iterator(d):
             vols = read_phases(d[key])
+            for v in vols:
+                check_finite(np.asarray(v.array), str(v.meta.get("path", key)))
             first = volume_to_metatensor(vols[0], np.float32)  # (1, X, Y, Z) with the grid's meta
             stacked = torch.stack([torch.from_numpy(np.asarray(v.array, dtype=np.float32)) for v in vols])
             d[key] = _with_meta(stacked, first)

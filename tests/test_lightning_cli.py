@@ -182,3 +182,20 @@ data:
     assert (first.trainer.logger.version, second.trainer.logger.version) == (8, 9)
     assert first.trainer.log_dir != second.trainer.log_dir
     assert list(killed.iterdir()) == []
+
+
+def test_a_medct_error_raised_in_a_dataloader_worker_is_its_one_sentence() -> None:
+    """A worker's exception reaches the main process as its traceback text only."""
+    from medct.errors import MedCTError
+    from medct.lightning_cli import medct_cause
+
+    text = (
+        "Caught RuntimeError in DataLoader worker process 0.\nOriginal Traceback (most recent call last):\n"
+        '  File "x.py", line 1, in f\nmedct.errors.InvalidVolumeError: /d/a.nii.gz contains 3 NaN or infinite voxels; '
+        "fix or mask them first.\n\nThe above exception was the direct cause of the following exception:\n"
+        "RuntimeError: applying transform <medct.loaders.LoadVolumed object at 0x7f>\n"
+    )
+    found = medct_cause(RuntimeError(text))
+    assert isinstance(found, MedCTError)
+    assert str(found) == "/d/a.nii.gz contains 3 NaN or infinite voxels; fix or mask them first."
+    assert medct_cause(RuntimeError("medct.errors.InvalidVolumeError: not from a worker")) is None

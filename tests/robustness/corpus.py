@@ -509,6 +509,46 @@ def b_turbolift_stage_names_differ_in_case(work: Path, model: Path) -> list[str]
     return ["turbolift", "--config", str(work / "chain.yaml")]
 
 
+def _fit_on_datalist(work: Path, items: object, workers: int = 0) -> list[str]:
+    """`medct fit` of the phantom recipe on work/list.json (the phantom and data_dir switched off)."""
+    (work / "list.json").write_text(items if isinstance(items, str) else json.dumps(items))
+    over = ["--data.init_args.data_dir=null", "--data.init_args.phantom=null", f"--data.init_args.datalist={work / 'list.json'}",
+            "--data.init_args.labels=[background,body]", f"--data.init_args.num_workers={workers}"]  # fmt: skip
+    return [*_fit_args(work, 1), *over]
+
+
+def _nan_cases(work: Path) -> list[dict[str, str]]:
+    vol = real_ct((32, 32, 16))
+    arr = vol.array.astype(np.float32)
+    arr[::7, ::5, ::3] = np.nan
+    _write(vol.with_array((vol.array > -300).astype(np.uint8)), work / "label.nii.gz")
+    _write(vol.with_array(arr), work / "nan.nii.gz")
+    return [{"image": str(work / "nan.nii.gz"), "label": str(work / "label.nii.gz")}] * 3
+
+
+def b_fit_datalist_nan(work: Path, model: Path) -> list[str]:
+    return _fit_on_datalist(work, {"training": _nan_cases(work)})
+
+
+def b_fit_datalist_nan_in_a_worker(work: Path, model: Path) -> list[str]:
+    """The same, read in a DataLoader worker: its error reaches the main process as traceback text."""
+    return _fit_on_datalist(work, {"training": _nan_cases(work)}, workers=1)
+
+
+def b_fit_datalist_not_json(work: Path, model: Path) -> list[str]:
+    return _fit_on_datalist(work, '{"training": [{"image": "a.nii.gz",}]}')
+
+
+def b_fit_datalist_missing_file(work: Path, model: Path) -> list[str]:
+    items = [{"image": str(work / "gone.nii.gz"), "label": str(work / "gone_label.nii.gz")}] * 3
+    return _fit_on_datalist(work, {"training": items})
+
+
+def b_fit_recipe_not_yaml(work: Path, model: Path) -> list[str]:
+    (work / "recipe.yaml").write_text("trainer: {max_epochs: 1\nmodel: [\n")
+    return ["fit", "--config", str(work / "recipe.yaml")]
+
+
 def b_adapt_without_norm_affines(work: Path, model: Path) -> list[str]:
     _write(real_ct(), work / "in.nii.gz")  # the corpus model is a MONAI UNet: instance norm without affine
     return _segment(work, model, "in.nii.gz", "--adapt", "tent")
@@ -1324,6 +1364,11 @@ CASES: list[Case] = [
     Case("turbolift: a stage name that escapes", G_FINETUNE, b_turbolift_stage_name_escapes, 1, "is refused"),
     Case("turbolift: stage names differing in case", G_FINETUNE, b_turbolift_stage_names_differ_in_case, 1,
          "also ignoring case"),
+    Case("fit: a NaN volume in the datalist", G_FINETUNE, b_fit_datalist_nan, 1, "NaN or infinite voxels"),
+    Case("fit: a NaN volume read by a worker", G_FINETUNE, b_fit_datalist_nan_in_a_worker, 1, "NaN or infinite voxels"),
+    Case("fit: a datalist that is not JSON", G_FINETUNE, b_fit_datalist_not_json, 1, "is not a readable JSON file"),
+    Case("fit: a datalist naming a missing file", G_FINETUNE, b_fit_datalist_missing_file, 1, "does not exist"),
+    Case("fit: a recipe that is not YAML", G_FINETUNE, b_fit_recipe_not_yaml, 1, "Problems parsing config"),
     Case("segment --adapt tent, no norm affines", G_FINETUNE, b_adapt_without_norm_affines, 1, "normalisation layers"),
     Case("--adapt-steps 0", G_FINETUNE, _option_case("--adapt", "tent", "--adapt-steps", "0"), 2, "whole number >= 1"),
     Case("--adapt-reset sometimes", G_FINETUNE, _option_case("--adapt", "cotta", "--adapt-reset", "sometimes"), 2,
