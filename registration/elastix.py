@@ -344,7 +344,7 @@ class ElastixTransform:
             over = {"ResampleInterpolator": ["FinalLinearInterpolator"], "DefaultPixelValue": [repr(fill)]}
         with tempfile.TemporaryDirectory(prefix="medct-transformix-") as tmp:
             t = self._transformix(to_itk(moving), over)
-            _update_transformix(t, tmp)
+            _update_logged(t, tmp)
             out = from_itk(t.GetOutput(), moving.meta)
         if kind == "labels":
             out.array = np.rint(out.array).astype(arr.dtype)
@@ -359,7 +359,7 @@ class ElastixTransform:
         with tempfile.TemporaryDirectory() as tmp:  # else transformix writes deformationField.* into the cwd
             t = self._transformix(self._fixed_placeholder(), _NEAREST)
             t.SetComputeDeformationField(True)
-            _update_transformix(t, tmp)
+            _update_logged(t, tmp)
             field = from_itk(t.GetOutputDeformationField())
         field.array = field.array.astype(np.float32) * _FLIP[None, None, None, :].astype(np.float32)
         return field
@@ -369,7 +369,7 @@ class ElastixTransform:
         B-splines): 1 keeps volume, < 1 compresses, <= 0 folds."""
         with tempfile.TemporaryDirectory() as tmp:
             t = self._transformix(self._fixed_placeholder(), _NEAREST)
-            _update_transformix(t, tmp)  # transformix must have run before it can compute the Jacobian image
+            _update_logged(t, tmp)  # transformix must have run before it can compute the Jacobian image
             det = from_itk(t.ComputeSpatialJacobianDeterminantImage())
         return Volume(np.asarray(det.array, dtype=np.float32), self.fixed_affine)
 
@@ -392,7 +392,7 @@ class ElastixTransform:
             write_points(src, pts)
             t = self._transformix(self._fixed_placeholder())
             t.SetFixedPointSetFileName(str(src))
-            _update_transformix(t, tmp)
+            _update_logged(t, tmp)
             text = (Path(tmp) / "outputpoints.txt").read_text()
         found = re.findall(r"OutputPoint\s*=\s*\[\s*([^\]]+)\]", text)
         out = np.array([[float(v) for v in f.split()] for f in found])
@@ -537,24 +537,7 @@ def register(
         reg.SetNumberOfThreads(int(number_of_threads))
     reg.SetLogToConsole(log_to_console)
     with tempfile.TemporaryDirectory(prefix="medct-elastix-") as log_dir:
-        reg.SetLogToFile(True)
-        reg.SetOutputDirectory(log_dir)
-        reg.SetLogFileName("elastix.log")
-        try:
-            reg.Update()
-        except RuntimeError as e:
-            log = Path(log_dir) / "elastix.log"
-            text = log.read_text(errors="replace") if log.is_file() else ""
-            lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-            hint = next((ln for ln in lines if "Description" in ln or "too many samples" in ln.lower()), lines[-1])
-            reason = elastix_reason(text) or hint
-            kept = ""
-            if keep_log is not None and text:
-                from medct.paths import write_text_atomic
-
-                write_text_atomic(Path(keep_log), text)
-                kept = f" (elastix's log: {keep_log})"
-            raise RegistrationError(f"Elastix failed: {reason[:200]}{kept}.") from None
+        _update_logged(reg, log_dir, "elastix", None if keep_log is None else Path(keep_log))
     result = reg.GetTransformParameterObject()
     out = [{k: list(v) for k, v in result.GetParameterMap(i).items()} for i in range(result.GetNumberOfParameterMaps())]
     for m in out:
@@ -562,19 +545,28 @@ def register(
     return ElastixTransform(out)
 
 
-def _update_transformix(t: Any, folder: str) -> None:
-    """`t.Update()` with transformix logging into `folder`: a failure is a RegistrationError with
-    the reason transformix's log gives (its exception only says "see transformix log")."""
-    t.SetOutputDirectory(folder)
-    t.SetLogToFile(True)
-    t.SetLogFileName("transformix.log")
+def _update_logged(f: Any, folder: str, tool: str = "transformix", keep_log: Path | None = None) -> None:
+    """`f.Update()` for an elastix or transformix filter logging into `folder`: a failure is a
+    RegistrationError with the reason the tool's log gives (its exception says only "see the log");
+    with `keep_log`, the whole log is kept at that path."""
+    f.SetOutputDirectory(folder)
+    f.SetLogToFile(True)
+    f.SetLogFileName(f"{tool}.log")
     try:
-        t.Update()
+        f.Update()
     except RuntimeError as e:
-        log = Path(folder) / "transformix.log"
+        log = Path(folder) / f"{tool}.log"
         text = log.read_text(errors="replace") if log.is_file() else ""
-        reason = elastix_reason(text) or " ".join(str(e).split())[-200:]
-        raise RegistrationError(f"Transformix failed: {reason[:200]}.") from None
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()] or [tool]
+        hint = next((ln for ln in lines if "Description" in ln or "too many samples" in ln.lower()), lines[-1])
+        reason = elastix_reason(text) or hint
+        kept = ""
+        if keep_log is not None and text:
+            from medct.paths import write_text_atomic
+
+            write_text_atomic(keep_log, text)
+            kept = f" ({tool}'s log: {keep_log})"
+        raise RegistrationError(f"{tool.capitalize()} failed: {reason[:200]}{kept}.") from None
 
 
 def elastix_reason(log: str) -> str:
