@@ -53,6 +53,8 @@ class SegmentationTask(MedCTTask):
     `sw_overlap` / `sw_batch_size` as the model's default inference settings, and `keep_largest`:
     labels of which inference keeps only the largest connected component (nnU-Net's "remove all
     but the largest component" post-processing; for organs that are one piece, e.g. each lung).
+    `body_only` (default true): inference writes no label outside the patient's body (CT/CBCT);
+    set it false for label sets that lie outside the body (couch, immobilisation devices).
     `pretrained_encoder`: an encoder folder (`medct export` of a pretraining run) loaded into the
     network's encoder before training; the decoder and head start fresh (as nnssl does). Any
     missing, unexpected or shape-mismatched encoder tensor is an error unless `encoder_strict`
@@ -80,6 +82,7 @@ class SegmentationTask(MedCTTask):
         sw_batch_size: int = 2,
         sw_overlap: float = DEFAULT_OVERLAP,
         keep_largest: Sequence[str] = (),
+        body_only: bool = True,
         pretrained_encoder: str | None = None,
         encoder_strict: bool = True,
         input_key: str = "image",
@@ -154,6 +157,7 @@ class SegmentationTask(MedCTTask):
                 "overlap": float(hp.sw_overlap),
                 "sw_batch_size": int(hp.sw_batch_size),
                 "keep_largest": list(hp.get("keep_largest", [])),
+                "body_only": bool(hp.get("body_only", True)),
             },
         )
 

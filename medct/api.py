@@ -129,6 +129,7 @@ def segment(
     overlap: float | None = None,
     tta: bool = False,
     device: str | None = None,
+    body_only: bool | None = None,
 ) -> Volume:
     """Segment one volume; returns a uint8 label map `Volume` on the input's exact grid.
 
@@ -137,13 +138,15 @@ def segment(
              voxel -> RAS mm; without it 1 mm RAS is assumed, with a warning).
     overlap: sliding-window overlap (None: the model's default); tta: flip test-time augmentation.
     device:  only used when `model` is a folder.
+    body_only: CT/CBCT: no label outside the patient's body (None: the model card's
+             `inference.body_only`, default true); the removed volume is `meta["outside_body_ml"]`.
     """
     tta = check_flag("tta", tta)
     if overlap is not None:
         overlap = check_overlap(overlap)
     predictor = model if isinstance(model, Predictor) else Predictor.from_folder(model, device=device)
-    if overlap is not None or tta != predictor.tta:
-        predictor = predictor.with_options(overlap=overlap, tta=tta)
+    if overlap is not None or tta != predictor.tta or (body_only is not None and body_only != predictor.body_only):
+        predictor = predictor.with_options(overlap=overlap, tta=tta, body_only=body_only)
     return predictor.predict(_as_volume(data, affine))  # predict() runs validate_for_inference
 
 

@@ -2,7 +2,8 @@
 
 CT/CBCT voxels above BODY_HU (-500 HU) are tissue, below it air. Used by the training pipelines
 (crop to the body, negatives sampled inside it: `body_threshold`) and by the Predictor (sliding-
-window tiles that touch no body voxel are not run: `body_mask`, which also drops the couch).
+window tiles that touch no body voxel are not run, and no label is written outside the body:
+`body_mask`, which also drops the couch).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from medct.intensity import BODY_HU, body_threshold  # noqa: F401  (re-exported: the body's intensity rule)
+from medct.intensity import BODY_HU, TISSUE_HU, body_threshold  # noqa: F401  (re-exported: the body's intensity rules)
 
 BODY_COARSE_MM = 3.0  # voxel size of the coarse copy the body mask is found on
 BODY_OPEN_MM = 10.0  # opening radius: removes couch plates/rails thinner than ~2 cm
@@ -23,8 +24,14 @@ BODY_MIN_ML = 10.0  # pieces of the opened mask kept as body (arms, ...); couch 
 class BodyMask:
     """Coarse mask of the patient's body on a grid: `mask[c]` stands for voxels c * stride ... (c + 1) * stride - 1."""
 
-    mask: np.ndarray  # (x, y, z) bool on the coarse grid
+    mask: np.ndarray  # (x, y, z) bool on the coarse grid, one coarse voxel wider than the body
     stride: np.ndarray  # (3,) grid voxels per coarse voxel
+    tight: np.ndarray | None = None  # (x, y, z) the body itself, not widened (labels are kept inside it)
+
+    @property
+    def inside(self) -> np.ndarray:
+        """The body without the one-voxel margin `mask` adds (where labels may be written)."""
+        return self.mask if self.tight is None else self.tight
 
     @property
     def empty(self) -> bool:
@@ -39,17 +46,20 @@ class BodyMask:
         return bool(self.mask[c_lo[0] : c_hi[0] + 1, c_lo[1] : c_hi[1] + 1, c_lo[2] : c_hi[2] + 1].any())
 
 
-def body_mask(image: np.ndarray, spacing: Sequence[float], threshold: float) -> BodyMask:
+def body_mask(image: np.ndarray, spacing: Sequence[float], threshold: float, tissue: float | None = None) -> BodyMask:
     """Where the patient's body is in a RAS-ordered image (axis 2 is the head-foot axis), on a ~3 mm
     coarse grid; empty (`.empty`) when no voxel is above `threshold` (an all-air volume).
+    `tissue` (default `threshold`): the value a voxel taken back after the opening must exceed
+    (TISSUE_HU on the image's scale keeps the couch top out, see medct.intensity).
 
     Voxels above `threshold`; a grey opening with a box of ~BODY_OPEN_MM radius (cuts off the
     couch plate and rails, which are thinner than the body); its pieces of >= BODY_MIN_ML (the
     opening can part arms from the trunk); plus every above-threshold voxel within three opening
     radii of them (what the opening thinned
-    away: skin, thin chest walls); holes filled in every axial slice (lungs, airways and bowel gas
-    belong to the body); dilated by one coarse voxel (a coarse sample stands for `stride` voxels,
-    so the body's edge can lie up to one coarse voxel beyond it). Falls back to the plain
+    away: skin, thin chest walls) above `tissue`; holes filled in every axial slice (lungs, airways
+    and bowel gas belong to the body) - that is `.inside`; `.mask` is it dilated by one coarse voxel
+    (a coarse sample stands for `stride` voxels, so the body's edge can lie up to one coarse voxel
+    beyond it: a tile that touches it must run). Falls back to the plain
     threshold when the opening removes everything (tiny phantoms).
     """
     from scipy import ndimage
@@ -71,7 +81,8 @@ def body_mask(image: np.ndarray, spacing: Sequence[float], threshold: float) -> 
     # The opening also thins the body: take back every above-threshold voxel within 3 opening radii
     # of the body core (thin chest walls, skin), then fill what they enclose in each axial slice.
     near = ndimage.maximum_filter(mask.view(np.uint8), size=3 * size - 2) > 0
-    mask |= coarse & near
+    dense = coarse if tissue is None else np.asarray(image[:: stride[0], :: stride[1], :: stride[2]]) > tissue
+    mask |= dense & near
     for k in range(mask.shape[2]):
         mask[:, :, k] = ndimage.binary_fill_holes(mask[:, :, k])
-    return BodyMask(ndimage.binary_dilation(mask, np.ones((3, 3, 3), bool)), stride)
+    return BodyMask(ndimage.binary_dilation(mask, np.ones((3, 3, 3), bool)), stride, mask)

@@ -37,6 +37,8 @@ class ModelCard:
     inference:     default inference settings, e.g. {"overlap": 0.5, "sw_batch_size": 4}.
     outputs:       for tasks without labels: what the network returns (channels, units, ...).
     extra:         provenance (source checkpoint, epoch, ...); never read by inference.
+    intended_use:  what the model was made for, in a sentence (a model card's "intended use",
+                   Mitchell et al., FAT* 2019); `medct segment` prints it. "" when unstated.
     """
 
     net_name: str
@@ -50,6 +52,7 @@ class ModelCard:
     extra: dict[str, Any] = field(default_factory=dict)
     inference: dict[str, Any] = field(default_factory=dict)
     outputs: dict[str, Any] = field(default_factory=dict)
+    intended_use: str = ""
 
     @property
     def modality(self) -> str:
@@ -69,6 +72,7 @@ class ModelCard:
             "patch_size": list(self.patch_size),
             "inference": self.inference,
             "licence": self.licence,
+            "intended_use": self.intended_use,
             "medct_version": self.medct_version or __version__,
             "extra": self.extra,
         }
@@ -97,6 +101,7 @@ class ModelCard:
             extra=extra,
             inference=inference,
             outputs=dict(d.get("outputs", {})),
+            intended_use=str(d.get("intended_use", "")),
         )
         card.validate()
         return card
@@ -131,6 +136,8 @@ class ModelCard:
         batch = self.inference.get("sw_batch_size")
         if batch is not None and int(batch) < 1:
             raise ValueError(f"inference.sw_batch_size must be at least 1, got {batch}")
+        if not isinstance(self.inference.get("body_only", True), bool):
+            raise ValueError(f"inference.body_only must be true or false, got {self.inference['body_only']!r}")
         unknown = [n for n in self.inference.get("keep_largest", []) if n not in self.labels.values()]
         if unknown:
             raise ValueError(f"inference.keep_largest names {unknown}, which are not labels of this model")

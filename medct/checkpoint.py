@@ -161,13 +161,17 @@ def _read_lightning_checkpoint(src: Path) -> dict[str, Any]:
 
 
 def export_lightning_checkpoint(
-    ckpt_path: str | os.PathLike[str], out_dir: str | os.PathLike[str], licence: str | None = None
+    ckpt_path: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
+    licence: str | None = None,
+    intended_use: str | None = None,
 ) -> Path:
     """Turn a Lightning checkpoint of a medct task into a model folder (safetensors + medct.json).
 
     The checkpoint is read with `torch.load(weights_only=True)`. The task wrote its model card and
     the state-dict prefix of its network into checkpoint["medct"] (`store_card`); the card is
-    copied as it is (plus the source checkpoint, epoch and step, and `licence` when given), the
+    copied as it is (plus the source checkpoint, epoch and step, and `licence` / `intended_use`
+    when given), the
     tensors under the prefix are the network's. Nothing here knows a task's argument names.
     """
     from medct.nets import create_net
@@ -193,6 +197,8 @@ def export_lightning_checkpoint(
         raise ModelFolderError(f"{src}: cannot rebuild network '{card.net_name}' from its weights ({first}).") from e
     if licence is not None:
         card.licence = licence
+    if intended_use is not None:
+        card.intended_use = intended_use
     card.extra = {
         **card.extra,
         "source_checkpoint": src.name,

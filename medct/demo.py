@@ -21,6 +21,13 @@ import numpy as np
 from medct.settings import Sampling, Split
 from medct.transforms import Preprocessing
 
+# What the demo's model is for, in its card and its closing line: a newcomer's first real scan must
+# not be mistaken for a result (issue 39: the demo model labels air and couch of real CT).
+DEMO_INTENDED_USE = (
+    "This model was trained for a few minutes on synthetic phantoms, to try medct; it is not for real "
+    "scans (it has never seen real air, couches or noise). Train on your own labelled scans for that."
+)
+
 
 def run_demo(output_dir: str | os.PathLike[str], epochs: int | None = None, quick: bool = False) -> dict[str, float]:
     """Run the demo into `output_dir`; returns the mean Dice of each organ on the held-out cases."""
@@ -90,7 +97,9 @@ def run_demo(output_dir: str | os.PathLike[str], epochs: int | None = None, quic
 
     print("[3/5] exporting the last checkpoint")
     ckpt = Path(trainer.checkpoint_callback.last_model_path)  # type: ignore[union-attr]
-    model_dir = export_lightning_checkpoint(ckpt, out / "model", licence="demo weights, no licence restrictions")
+    model_dir = export_lightning_checkpoint(
+        ckpt, out / "model", licence="demo weights, no licence restrictions", intended_use=DEMO_INTENDED_USE
+    )
 
     print("[4/5] segmenting the held-out cases (previews in predictions/)")
     pred_dir = out / "predictions"
@@ -115,4 +124,5 @@ def run_demo(output_dir: str | os.PathLike[str], epochs: int | None = None, quic
         json.dumps({"dice": mean, "mean": overall, "epochs": max_epochs, "minutes": minutes}, indent=2) + "\n"
     )
     print(f"demo finished in {minutes:.1f} min: model in {model_dir}, predictions and PNG previews in {pred_dir}")
+    print(f"note: {DEMO_INTENDED_USE}")
     return mean

@@ -18,6 +18,10 @@ Pipeline of `Predictor.predict(volume)` = `finish(run(prepare(volume)))` (a fold
    probabilities with TTA) then argmax, chunked along the last axis. Only points whose 8
    neighbouring network voxels disagree on the class are interpolated over all C channels:
    elsewhere the answer is provably that shared class (see `argmax_resample_chunks`).
+   CT/CBCT: no label is written outside the patient's body (the same body mask, mapped to each
+   input voxel); the labelled volume this removes is the label map's `meta["outside_body_ml"]`
+   (summary.csv `outside_body_ml`). Off with `body_only=False` or the card's
+   `inference["body_only"]: false`, for label sets that lie outside the body.
    Labels the card lists in `inference["keep_largest"]` keep only their largest connected
    component (nnU-Net's post-processing).
    Output: uint8 labels with the input's exact shape and affine (LPS, oblique, anisotropic, ...).
@@ -45,7 +49,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from medct.body import BODY_HU, BodyMask, body_mask, body_threshold
+from medct.body import BODY_HU, TISSUE_HU, BodyMask, body_mask, body_threshold
 from medct.card import ModelCard
 from medct.errors import ConfigError, InvalidVolumeError, ModelFolderError
 from medct.geometry import (
@@ -118,6 +122,33 @@ def _channels_last(x: torch.Tensor) -> torch.Tensor:
     return x.contiguous(memory_format=torch.channels_last_3d)
 
 
+def outside_body(mask: BodyMask, index_map: np.ndarray, lo: np.ndarray, idx: np.ndarray) -> np.ndarray:
+    """(N,) bool: which input voxels `idx` (N, 3) lie outside the body `mask` (on the network grid;
+    `index_map` takes an input index relative to `lo` to a network index, as `Scores` holds it)."""
+    net = (idx - np.asarray(lo)) @ index_map[:3, :3].T + index_map[:3, 3]  # (N, 3) network voxel index
+    coarse = np.rint(net).astype(np.int64) // mask.stride
+    coarse = np.clip(coarse, 0, np.asarray(mask.inside.shape) - 1)
+    return ~mask.inside[coarse[:, 0], coarse[:, 1], coarse[:, 2]]
+
+
+def clear_outside_body(box: np.ndarray, mask: BodyMask, index_map: np.ndarray, slab: int = 16) -> int:
+    """Set the labels of `box` (the input voxels Scores covers, edited in place) outside the body to
+    background; returns how many labelled voxels that cleared. Only labelled voxels are looked up,
+    `slab` axial slices at a time (memory stays bounded on large scans)."""
+    removed = 0
+    for z0 in range(0, box.shape[2], slab):
+        part = box[:, :, z0 : z0 + slab]  # a view
+        idx = np.argwhere(part != 0)  # (N, 3) labelled voxels of the slab
+        if len(idx) == 0:
+            continue
+        idx[:, 2] += z0
+        out = outside_body(mask, index_map, np.zeros(3, np.int64), idx)
+        hit = idx[out]
+        box[hit[:, 0], hit[:, 1], hit[:, 2]] = 0
+        removed += len(hit)
+    return removed
+
+
 def keep_largest_components(labels: np.ndarray, label_ids: Sequence[int]) -> None:
     """In place: for each of `label_ids`, only its largest 26-connected component keeps the label;
     the other components become background (0).
@@ -145,6 +176,7 @@ class Prepared:
     x: torch.Tensor
     body: BodyMask | None
     notes: tuple[str, ...] = ()  # what a user should know about this case (summary.csv "note")
+    mask: BodyMask | None = None  # body_only: where labels may be written (None: everywhere)
 
 
 @dataclass(frozen=True)
@@ -160,6 +192,7 @@ class Scores:
     lo: np.ndarray
     hi: np.ndarray
     notes: tuple[str, ...] = ()
+    mask: BodyMask | None = None  # body_only: where labels may be written, on the network grid
 
 
 # ----------------------------------------------------------------------------- predictor
@@ -185,6 +218,9 @@ class Predictor:
                    a full run uses, blended with the same weights up to a positive factor per voxel,
                    which leaves the argmax unchanged. Voxels that only skipped tiles cover (air,
                    couch) are background. `predict_proba` always runs every tile.
+    body_only:     CT/CBCT only: no label outside the patient's body (`body_mask`: couch removed,
+                   holes filled); None -> card.inference["body_only"] or True. A model trained on
+                   clean phantom air otherwise labels the air and couch of real scans (issue 39).
     """
 
     def __init__(
@@ -199,6 +235,7 @@ class Predictor:
         amp: bool | None = None,
         keep_largest: Sequence[str] | None = None,
         skip_air: bool = True,
+        body_only: bool | None = None,
     ) -> None:
         self.device = resolve_device(device)
         self.net = fold_batch_norm(net.to(self.device).eval())
@@ -221,6 +258,9 @@ class Predictor:
         self.tta_axes = tuple(int(a) for a in tta_axes)
         self.amp = use_bf16(self.device) if amp is None else bool(amp)
         self.skip_air = bool(skip_air)
+        self.body_only = check_flag(
+            "body_only", card.inference.get("body_only", True) if body_only is None else body_only
+        )
         names = card.inference.get("keep_largest", []) if keep_largest is None else keep_largest
         ids = {name: i for i, name in card.labels.items() if i != 0}
         unknown = [n for n in names if n not in ids]
@@ -241,14 +281,21 @@ class Predictor:
         sw_batch_size: int | None = None,
         tta: bool = False,
         amp: bool | None = None,
+        body_only: bool | None = None,
     ) -> Predictor:
         """A Predictor for an exported model folder (model.safetensors + medct.json)."""
         net, card, dev = load_for_task(model_dir, "segmentation", "segmentation", device)
-        return cls(net, card, device=dev, overlap=overlap, sw_batch_size=sw_batch_size, tta=tta, amp=amp)
+        return cls(
+            net, card, device=dev, overlap=overlap, sw_batch_size=sw_batch_size, tta=tta, amp=amp, body_only=body_only
+        )
 
-    def with_options(self, overlap: float | None = None, tta: bool | None = None) -> Predictor:
-        """A shallow copy (same network) with another overlap and/or TTA setting."""
+    def with_options(
+        self, overlap: float | None = None, tta: bool | None = None, body_only: bool | None = None
+    ) -> Predictor:
+        """A shallow copy (same network) with another overlap, TTA or body constraint setting."""
         other = copy.copy(self)
+        if body_only is not None:
+            other.body_only = check_flag("body_only", body_only)
         if overlap is not None:
             other.overlap = check_overlap(overlap)
         if tta is not None:
@@ -295,6 +342,14 @@ class Predictor:
                 proba[lo[0] : hi[0] + 1, lo[1] : hi[1] + 1, lo[2] + zs.start : lo[2] + zs.stop] = (
                     p.permute(1, 2, 3, 0).float().cpu().numpy()
                 )
+        if prepared.mask is not None:  # outside the body: certainly background
+            for z0 in range(0, volume.shape[2], 8):
+                part = proba[:, :, z0 : z0 + 8]  # a view
+                idx = np.argwhere(np.ones(part.shape[:3], bool))  # (N, 3) every voxel of the slab
+                idx[:, 2] += z0
+                out = outside_body(prepared.mask, scores.index_map, scores.lo, idx).reshape(part.shape[:3])
+                part[out] = 0.0
+                part[out, 0] = 1.0
         return volume.with_array(proba)
 
     # -- the three steps of predict: a folder run overlaps prepare and finish with the network --
@@ -306,10 +361,12 @@ class Predictor:
         grid = network_grid(volume.affine, volume.shape, pre.spacing)
         with torch.inference_mode():
             x = self._network_input(volume, grid)  # (1, 1, D, H, W)
-        body, notes = None, tuple(str(n) for n in volume.meta.get("notes", ()))  # e.g. the reader's
+        body, mask, notes = None, None, tuple(str(n) for n in volume.meta.get("notes", ()))  # e.g. the reader's
         if pre.modality.upper() in ("CT", "CBCT"):
             threshold = body_threshold(pre.hu_min, pre.hu_max)  # BODY_HU on the network's [0, 1] scale
-            body = body_mask(x[0, 0].cpu().numpy(), pre.spacing, threshold)
+            tissue = body_threshold(pre.hu_min, pre.hu_max, TISSUE_HU)
+            body = body_mask(x[0, 0].cpu().numpy(), pre.spacing, threshold, tissue)
+            mask = body if self.body_only and not body.empty else None
             if body.empty:  # nothing but air: no organ can be there, whatever a network would say
                 notes += (f"no body found (no voxel above {BODY_HU:g} HU): empty label map",)
             elif not (self.skip_air if skip_air is None else skip_air):
@@ -320,7 +377,7 @@ class Predictor:
             and any(g < p for g, p in zip(grid.shape, self.card.patch_size, strict=True))
         ):
             body = None  # MONAI pads volumes smaller than a patch into one tile: always run it
-        return Prepared(volume, grid, x, body, notes)
+        return Prepared(volume, grid, x, body, notes, mask)
 
     def run(self, prepared: Prepared) -> Scores:
         """The network over the tiles that touch the body: class scores on the network grid."""
@@ -347,7 +404,7 @@ class Predictor:
             lo, hi = np.zeros(3, int), np.zeros(3, int)
         shift = np.eye(4)
         shift[:3, 3] = lo
-        return Scores(volume, scores, np.linalg.inv(grid_to_in) @ shift, lo, hi, prepared.notes)
+        return Scores(volume, scores, np.linalg.inv(grid_to_in) @ shift, lo, hi, prepared.notes, prepared.mask)
 
     def finish(self, scores: Scores) -> Volume:
         """Class scores -> uint8 label map on the input's exact grid (trilinear scores, argmax)."""
@@ -356,10 +413,16 @@ class Predictor:
         with torch.inference_mode():
             for zs, lab in argmax_resample_chunks(scores.scores, scores.index_map, hi - lo + 1):
                 labels[lo[0] : hi[0] + 1, lo[1] : hi[1] + 1, lo[2] + zs.start : lo[2] + zs.stop] = lab.cpu().numpy()
+        box = labels[lo[0] : hi[0] + 1, lo[1] : hi[1] + 1, lo[2] : hi[2] + 1]  # a view: edited in place
+        removed = 0
+        if scores.mask is not None:
+            removed = clear_outside_body(box, scores.mask, scores.index_map)
         if self.keep_largest:
-            box = labels[lo[0] : hi[0] + 1, lo[1] : hi[1] + 1, lo[2] : hi[2] + 1]  # a view: edited in place
             keep_largest_components(box, self.keep_largest)
-        return volume.with_array(labels)
+        out = volume.with_array(labels)
+        if scores.mask is not None:
+            out.meta["outside_body_ml"] = removed * abs(float(np.linalg.det(volume.affine[:3, :3]))) / 1000.0
+        return out
 
     # -- helpers -----------------------------------------------------------------------------
 

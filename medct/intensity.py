@@ -7,7 +7,9 @@ MR normalisations, and where the body is in intensity terms.
   ~3 s on the CPU inference path).
 - `BODY_HU` and `body_threshold`: the one body threshold: CT/CBCT voxels above -500 HU are tissue,
   below it air; `body_threshold` is that value on the [0, 1] scale of a window (the training
-  crops' foreground, the sampler's negatives, the Predictor's skipped tiles all use it).
+  crops' foreground, the sampler's negatives, the Predictor's skipped tiles and label constraint
+  all use it). `TISSUE_HU` (-250 HU): what the body mask takes back at its edge must exceed it, so
+  that the couch top does not join the body.
 - Synthetic CT (`synthesis/sct.py`): the CT target in SynthRAD2025's range [CT_MIN, CT_MAX] mapped
   to [-1, 1] (`ct_to_unit` / `unit_to_ct`); the source normalised by its modality
   (`normalise_source`: CBCT [min, p99.5] -> [-1, 1], MR z-scored inside its support, CT as the
@@ -26,6 +28,10 @@ from medct.errors import ConfigError, InvalidVolumeError
 TensorOrArray = TypeVar("TensorOrArray")  # a torch Tensor or a numpy array (no torch import here)
 
 BODY_HU = -500.0  # air < -500 HU < every tissue
+# What the body mask takes back at its edge (skin, thin chest walls) must be tissue (fat is about
+# -100 HU): a couch top, a foam/carbon sandwich panel, lies at -300 to -500 HU under the patient
+# (the shared planning CT) and would otherwise join the body where it touches the back.
+TISSUE_HU = -250.0
 CT_MIN, CT_MAX = -1024.0, 3071.0  # SynthRAD2025's CT range
 SOURCE_PERCENTILE = 99.5  # CBCT: [min, p99.5] -> [-1, 1]
 SUPPORT_FRACTION = {"CT": 0.25, "CBCT": 0.25, "MR": 0.1}  # source support: above this fraction of [min, p99.5]
@@ -99,7 +105,7 @@ def scale_window(hu: np.ndarray, hu_min: float, hu_max: float) -> np.ndarray:
     return np.clip(out, 0.0, 1.0)
 
 
-def body_threshold(hu_min: float, hu_max: float) -> float:
-    """BODY_HU on the [0, 1] scale of the HU window [hu_min, hu_max]; never below a hair above 0
-    (the value clipped air takes when the window starts above -500 HU)."""
-    return max((BODY_HU - hu_min) / (hu_max - hu_min), 1e-3)
+def body_threshold(hu_min: float, hu_max: float, hu: float = BODY_HU) -> float:
+    """`hu` (default BODY_HU) on the [0, 1] scale of the HU window [hu_min, hu_max]; never below a
+    hair above 0 (the value clipped air takes when the window starts above it)."""
+    return max((hu - hu_min) / (hu_max - hu_min), 1e-3)

@@ -6,12 +6,15 @@ reader thread, runs the network (optionally after test-time adaptation through
 the input's own grid (`Predictor.finish`) and writes them: NIfTI/MHA/NRRD inputs keep their format,
 DICOM series are written as NIfTI, or with `output_format` "dicom-seg" / "rtstruct" as a DICOM-SEG
 or RTSTRUCT file referencing the source series (`medct.dicom_out`; DICOM inputs only). Its
-summary.csv columns are the volume of each label in mL (and the adaptation's, when it adapts).
+summary.csv columns are the volume of each label in mL, the labelled volume that the body
+constraint removed (`outside_body_ml`: a model that labels air shows here) and, when it adapts,
+the adaptation's.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -55,8 +58,10 @@ class SegmentJob:
         self.predictor, self.output_format, self.preview = predictor, output_format, preview
         self.series_uid, self.adapter = series_uid, adapter
         self.names = {i: n for i, n in predictor.card.labels.items() if i != 0}
-        self.columns: Sequence[str] = [f"{n}_ml" for n in self.names.values()] + (
-            list(ADAPT_COLUMNS) if adapter is not None else []
+        self.columns: Sequence[str] = (
+            [f"{n}_ml" for n in self.names.values()]
+            + ["outside_body_ml"]  # labelled volume the body constraint removed (empty when off / MR)
+            + (list(ADAPT_COLUMNS) if adapter is not None else [])
         )
 
     def output_path(self, case: Case, out_dir: Path) -> Path:
@@ -98,6 +103,8 @@ class SegmentJob:
 
             save_preview(image, labels, out_path.parent / f"{case.name}.png")
         self._volumes(labels, row)
+        if "outside_body_ml" in labels.meta:
+            row["outside_body_ml"] = f"{labels.meta['outside_body_ml']:.2f}"
 
     def summarise_existing(self, case: Case, out_path: Path, row: dict[str, object]) -> None:
         self._volumes(_read_output(out_path, self.output_format, case, self.series_uid), row)
@@ -115,6 +122,7 @@ def segment_paths(
     overlap: float | None = None,
     sw_batch_size: int | None = None,
     tta: bool = False,
+    body_only: bool | None = None,
     overwrite: bool = False,
     preview: bool = False,
     series_uid: str | None = None,
@@ -129,7 +137,8 @@ def segment_paths(
     """Segment every case under `input_path` into `output_dir` (`medct segment`).
 
     pipeline: read the next case and write the previous one on two threads while the network runs
-    (False: one step after the other, as bench/segment_folder.py compares).
+    (False: one step after the other, as bench/segment_folder.py compares). body_only: no label
+    outside the patient's body (None: the model card's `inference.body_only`, default true).
     adapt: a test-time adaptation method of `medct.adaptation`'s table (tent, cotta, psmt once
     `medct.finetune.tta` is imported) run on a copy of the model before each case, `adapt_steps`
     steps, reset to the source weights per case or never (continual along the folder, in the
@@ -141,7 +150,9 @@ def segment_paths(
         raise ConfigError(f"--output-format must be one of {', '.join(OUTPUT_FORMATS)}, got '{output_format}'.")
     ignored: list[tuple[Path, str]] = []
     cases = discover_cases(input_path, ignored)  # path errors surface before the model loads
-    predictor = Predictor.from_folder(model_dir, device=device, overlap=overlap, sw_batch_size=sw_batch_size, tta=tta)
+    predictor = Predictor.from_folder(
+        model_dir, device=device, overlap=overlap, sw_batch_size=sw_batch_size, tta=tta, body_only=body_only
+    )
     adapter = None
     if adapt is not None:  # a method from medct.adaptation's table (the command imports the methods)
         from medct.adaptation import AdaptOptions, make_adapter
@@ -154,6 +165,8 @@ def segment_paths(
         source, _ = load_model_folder(model_dir, device="cpu")  # unfolded batch norm: what adaptation trains
         adapter = make_adapter(source, options)
     out_dir = prepare_output_folder(output_dir)
+    if predictor.card.intended_use:
+        print(f"medct segment: the model's intended use: {predictor.card.intended_use}", file=sys.stderr)
     job = SegmentJob(predictor, output_format, preview, series_uid, adapter)
     return run_folder(cases, out_dir, job, overwrite=overwrite, pipeline=pipeline, debug=debug, ignored=ignored)
 

@@ -498,3 +498,19 @@ def test_two_runs_on_one_output_folder_do_not_both_segment_a_case(
     assert rows == {"a": "skipped (another run is segmenting it)", "b": "done"}
     assert not (out / "a.nii.gz").exists() and (out / "b.nii.gz").is_file()
     assert sorted(p.name for p in out.iterdir()) == [f"{CLAIM_PREFIX}a", "b.nii.gz", "summary.csv"]
+
+
+def test_demo_says_its_model_is_for_trying_medct(tmp_path: Path, capsys) -> None:
+    """The demo's model card and closing line state that it was trained on phantoms, not for real
+    scans; `medct segment` with it prints that intended use."""
+    from medct.card import read_model_card
+    from medct.demo import DEMO_INTENDED_USE
+
+    assert main(["demo", "--quick", "-o", str(tmp_path / "demo")]) == 0
+    assert f"note: {DEMO_INTENDED_USE}" in capsys.readouterr().out
+    card = read_model_card(tmp_path / "demo" / "model")
+    assert card.intended_use == DEMO_INTENDED_USE and "not for real scans" in card.intended_use
+    scans = tmp_path / "demo" / "cohort_heldout" / "imagesTr"
+    one = sorted(scans.glob("*.nii.gz"))[0]
+    assert main(["segment", "-m", str(tmp_path / "demo" / "model"), "-i", str(one), "-o", str(tmp_path / "seg")]) == 0
+    assert "the model's intended use: This model was trained" in capsys.readouterr().err

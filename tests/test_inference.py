@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import itertools
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from scipy import ndimage
 from scipy.spatial.transform import Rotation
 from torch import nn
 
@@ -384,3 +386,56 @@ def test_all_air_volume_gives_an_empty_label_map_and_says_so() -> None:
     body = Volume(np.full((40, 40, 30), -1000, np.int16), np.diag([2.0, 2.0, 3.0, 1.0]))
     body.array[10:30, 10:30, 5:25] = 40
     assert Predictor(always_one, card(num_classes=2), device="cpu").predict(body).array.any()  # control
+
+
+def test_no_label_is_written_outside_the_body_unless_asked() -> None:
+    """A 'network' that calls air class 1 (as a phantom-trained model does on real air): by default
+    the label map holds class 1 only inside the body and says how much it removed; body_only=False
+    (or the card's inference.body_only false) keeps it; probabilities are background outside too."""
+    vol, _ = phantom("wide_lps_aniso", air_outside=True)
+    labels_air = IntensityClassifier([[0.5], [0.0], [0.8]])  # -1000 HU -> class 1
+    body = vol.array > -500
+    near = ndimage.binary_dilation(body, iterations=4)  # the mask is coarse (3 mm) and one voxel wide
+    kept = Predictor(labels_air, card(), device="cpu").predict(vol)
+    assert kept.array[~near].max() == 0
+    assert (kept.array[body] == 0).mean() > 0.9  # the body itself is background for this net
+    free = Predictor(labels_air, card(), device="cpu", body_only=False).predict(vol)
+    assert "outside_body_ml" not in free.meta
+    assert (free.array[~near] == 1).mean() > 0.5  # the air of every tile that ran (the rest is skipped)
+    voxel_ml = abs(float(np.linalg.det(vol.affine[:3, :3]))) / 1000.0
+    cleared = float(((free.array > 0) & (kept.array == 0)).sum()) * voxel_ml
+    assert kept.meta["outside_body_ml"] == pytest.approx(cleared) and cleared > 100.0
+    off_card = card()
+    off_card.inference["body_only"] = False
+    assert np.array_equal(Predictor(labels_air, off_card, device="cpu").predict(vol).array, free.array)
+    proba = Predictor(labels_air, card(), device="cpu").predict_proba(vol).array
+    assert np.all(proba[~near, 0] == 1.0)
+    mr = Predictor(labels_air, card(modality="MR"), device="cpu").predict(vol)  # no HU body rule for MR
+    assert "outside_body_ml" not in mr.meta
+
+
+def test_the_untrained_model_labels_nothing_outside_the_real_planning_ct_body(
+    shared_data: Path, tmp_path: Path
+) -> None:
+    """The shared planning CT (LPS, 1.07 x 1.07 x 3 mm, couch) and a model that says 'class 1' on
+    every tile it runs: no label outside the body outline of issue 39 (HU > -500, opened, largest
+    component, holes filled; the mask's coarse edge allowed) but under 1 % of what it labels (the
+    couch top's dense parts within 3 cm of the back, in the upper slices), where without the
+    constraint it labels over a litre of air and couch."""
+    from medct.io import read_volume
+    from tests.conftest import make_model_folder
+
+    vol = read_volume(shared_data / "pancreas_ct_cbct" / "planct.nii.gz")
+    model = make_model_folder(tmp_path / "m", constant_class=1)
+    seg = Predictor.from_folder(model, device="cpu").predict(vol)
+    outline = ndimage.binary_opening(vol.array > -500, iterations=3)
+    lab, n = ndimage.label(outline)
+    outline = lab == 1 + int(np.argmax(np.bincount(lab.ravel())[1:]))
+    for k in range(outline.shape[2]):
+        outline[:, :, k] = ndimage.binary_fill_holes(outline[:, :, k])
+    edge = ndimage.binary_dilation(outline, np.ones((5, 5, 3), bool))  # ~4 mm in-plane, 3 mm in z
+    labelled = seg.array > 0
+    assert float((labelled & ~edge).sum()) < 0.01 * float(labelled.sum())
+    assert seg.meta["outside_body_ml"] > 1000.0  # the air and couch this model labelled: over a litre
+    free = Predictor.from_folder(model, device="cpu", body_only=False).predict(vol)
+    assert float(((free.array > 0) & ~edge).sum()) * float(np.prod(vol.spacing)) / 1000.0 > 1000.0

@@ -85,11 +85,12 @@ def test_overfits_one_case_then_exports_identical_model(cohort, tmp_path):
     assert raw["medct"]["card"]["net"]["name"] == "resenc_unet" and raw["medct"]["net_prefix"] == "net."
     assert raw["hyper_parameters"]["labels"] == dm.labels
 
-    out = export_lightning_checkpoint(ckpt, tmp_path / "model", licence="CC0-1.0")
+    out = export_lightning_checkpoint(ckpt, tmp_path / "model", licence="CC0-1.0", intended_use="for testing")
     net, card = load_model_folder(out)
     assert card.net_name == "resenc_unet" and card.labels == dict(enumerate(dm.labels))
     assert card.preprocessing.spacing == SPACING and card.patch_size == (16, 16, 16)
-    assert card.licence == "CC0-1.0"
+    assert card.licence == "CC0-1.0" and card.intended_use == "for testing"
+    assert card.inference["body_only"] is True  # labels stay inside the body unless the task says otherwise
     x = torch.rand(1, 1, 32, 32, 32)
     task.net.eval()
     with torch.no_grad():
@@ -207,7 +208,12 @@ data:
     net, card = load_model_folder(export_lightning_checkpoint(resumed_ckpt, tmp_path / "model"))
     assert card.preprocessing.hu_min == -200.0 and len(card.labels) == 12
     # the recipe's sliding-window settings and the data's modality reach the exported card
-    assert card.inference == {"overlap": 0.5, "sw_batch_size": 3, "keep_largest": ["lung_left", "lung_right"]}
+    assert card.inference == {
+        "overlap": 0.5,
+        "sw_batch_size": 3,
+        "keep_largest": ["lung_left", "lung_right"],
+        "body_only": True,
+    }
     assert card.modality == "CBCT"
     assert card.task == "segmentation" and card.extra["global_step"] == 4
     assert net(torch.rand(1, 1, 16, 16, 16)).shape == (1, 12, 16, 16, 16)

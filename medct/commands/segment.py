@@ -20,6 +20,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sw-batch-size", type=types.positive_int, default=None, help="patches per forward pass")
     p.add_argument("--tta", action="store_true", help="flip test-time augmentation (slower, smoother)")
     p.add_argument(
+        "--keep-outside-body",
+        action="store_true",
+        help="CT/CBCT: also write labels outside the patient's body (for label sets that lie there; "
+        "default: the model card's inference.body_only, true unless it says otherwise)",
+    )
+    p.add_argument(
         "--adapt",
         default=None,
         metavar="METHOD",
@@ -58,6 +64,7 @@ def run(args: argparse.Namespace) -> int:
         overlap=args.overlap,
         sw_batch_size=args.sw_batch_size,
         tta=args.tta,
+        body_only=False if args.keep_outside_body else None,
         overwrite=args.overwrite,
         preview=args.preview,
         series_uid=args.series_uid,
