@@ -46,6 +46,21 @@ class BodyMask:
         return bool(self.mask[c_lo[0] : c_hi[0] + 1, c_lo[1] : c_hi[1] + 1, c_lo[2] : c_hi[2] + 1].any())
 
 
+def fill_truncated_slice(body: np.ndarray) -> np.ndarray:
+    """An axial slice's body with its holes filled, also where the field of view cuts the body:
+    along each image edge, the stretch between the first and the last body pixel on it is closed
+    first, so lungs or bowel gas that reach a cut edge still count as enclosed (scipy's hole
+    filling alone takes them for outside air, since they touch the border)."""
+    from scipy import ndimage
+
+    closed = body.copy()
+    for edge in (closed[0, :], closed[-1, :], closed[:, 0], closed[:, -1]):  # views into `closed`
+        on = np.flatnonzero(edge)
+        if len(on) >= 2:
+            edge[on[0] : on[-1] + 1] = True
+    return ndimage.binary_fill_holes(closed)
+
+
 def body_mask(image: np.ndarray, spacing: Sequence[float], threshold: float, tissue: float | None = None) -> BodyMask:
     """Where the patient's body is in a RAS-ordered image (axis 2 is the head-foot axis), on a ~3 mm
     coarse grid; empty (`.empty`) when no voxel is above `threshold` (an all-air volume).
@@ -57,7 +72,8 @@ def body_mask(image: np.ndarray, spacing: Sequence[float], threshold: float, tis
     opening can part arms from the trunk); plus every above-threshold voxel within three opening
     radii of them (what the opening thinned
     away: skin, thin chest walls) above `tissue`; holes filled in every axial slice (lungs, airways
-    and bowel gas belong to the body) - that is `.inside`; `.mask` is it dilated by one coarse voxel
+    and bowel gas belong to the body; also where the field of view cuts the body,
+    `fill_truncated_slice`) - that is `.inside`; `.mask` is it dilated by one coarse voxel
     (a coarse sample stands for `stride` voxels, so the body's edge can lie up to one coarse voxel
     beyond it: a tile that touches it must run). Falls back to the plain
     threshold when the opening removes everything (tiny phantoms).
@@ -70,19 +86,23 @@ def body_mask(image: np.ndarray, spacing: Sequence[float], threshold: float, tis
     if not coarse.any():
         return BodyMask(coarse, stride)
     size = 2 * np.ceil(BODY_OPEN_MM / (sp * stride)).astype(int) + 1
-    # minimum then maximum filter = binary opening with a box; separable in scipy, so fast.
-    opened = ndimage.maximum_filter(ndimage.minimum_filter(coarse.view(np.uint8), size=size), size=size) > 0
-    mask = opened if opened.any() else coarse
+    # Holes filled first (lungs, bowel gas: also where the field of view cuts the body), so that
+    # the body is one solid piece whose chest wall the opening cannot break.
+    filled = np.stack([fill_truncated_slice(coarse[:, :, k]) for k in range(coarse.shape[2])], axis=2)
+    # minimum then maximum filter = binary opening with a box; separable in scipy, so fast. It cuts
+    # off what is thinner than the box: the couch plate and rails, a mattress.
+    opened = ndimage.maximum_filter(ndimage.minimum_filter(filled.view(np.uint8), size=size), size=size) > 0
+    mask = opened if opened.any() else filled
     labels, n = ndimage.label(mask)
-    if n > 1:  # keep every sizeable piece: the opening may split trunk and arms, or thin-walled chests
+    if n > 1:  # keep every sizeable piece: the opening may part arms from the trunk
         sizes_ml = np.bincount(labels.ravel())[1:] * float(np.prod(sp * stride)) / 1000.0
         keep = np.flatnonzero((sizes_ml >= BODY_MIN_ML) | (sizes_ml == sizes_ml.max())) + 1
         mask = np.isin(labels, keep)
-    # The opening also thins the body: take back every above-threshold voxel within 3 opening radii
-    # of the body core (thin chest walls, skin), then fill what they enclose in each axial slice.
-    near = ndimage.maximum_filter(mask.view(np.uint8), size=3 * size - 2) > 0
+    # The opening rounds the body's corners off (at most one box radius deep): take back the tissue
+    # within one radius of what it kept, then fill what that encloses in each axial slice.
+    near = ndimage.maximum_filter(mask.view(np.uint8), size=size) > 0
     dense = coarse if tissue is None else np.asarray(image[:: stride[0], :: stride[1], :: stride[2]]) > tissue
-    mask |= dense & near
+    mask |= dense & near & filled
     for k in range(mask.shape[2]):
-        mask[:, :, k] = ndimage.binary_fill_holes(mask[:, :, k])
+        mask[:, :, k] = fill_truncated_slice(mask[:, :, k])
     return BodyMask(ndimage.binary_dilation(mask, np.ones((3, 3, 3), bool)), stride, mask)

@@ -439,3 +439,20 @@ def test_the_untrained_model_labels_nothing_outside_the_real_planning_ct_body(
     assert seg.meta["outside_body_ml"] > 1000.0  # the air and couch this model labelled: over a litre
     free = Predictor.from_folder(model, device="cpu", body_only=False).predict(vol)
     assert float(((free.array > 0) & ~edge).sum()) * float(np.prod(vol.spacing)) / 1000.0 > 1000.0
+
+
+def test_body_mask_keeps_lungs_where_the_field_of_view_cuts_the_body() -> None:
+    """A chest wider than the image (its sides cut by the field of view) with lungs reaching the cut
+    edges, and a thin chest wall: the lungs are body (a phantom's demo model lost them otherwise)."""
+    from medct.body import body_mask
+
+    shape = (60, 60, 10)  # RAS, 4 mm voxels
+    img = np.full(shape, -1000, np.int16)
+    ii, jj = np.meshgrid(np.arange(60), np.arange(60), indexing="ij")
+    img[((ii - 30) / 40) ** 2 + ((jj - 30) / 22) ** 2 <= 1] = 40  # wider than the image: cut at i = 0, 59
+    img[((ii - 30) / 40) ** 2 + ((jj - 30) / 19) ** 2 <= 1] = -850  # lungs, 3 voxels (12 mm) of wall
+    img[24:36, 10:50] = 40  # mediastinum
+    body = body_mask(img, (4.0, 4.0, 4.0), threshold=-500, tissue=-250)
+    lungs = (img == -850)[:, :, 5]
+    assert body.inside[:, :, 5][lungs].mean() == 1.0
+    assert not body.inside[:, :, 5][30, 55]  # the air above the chest is not
