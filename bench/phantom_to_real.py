@@ -17,7 +17,8 @@ largest connected component as well (`Predictor(keep_largest=...)`, nnU-Net's po
 model card sets it with `inference.keep_largest`). For every arm and scan (also the TotalSegmentator
 example CT, which has no manual labels here) the share of the labelled volume that lies outside the
 patient's body (`outside_body`: an outline found independently of medct's body mask, as issue 39
-defines it: HU > -500, opened, the largest piece, holes filled per slice). Baseline (no learning): a plain HU-threshold lung mask: air (< -400 HU) inside the filled body,
+defines it: HU > -500, opened, the largest piece, holes filled per slice; here filled before
+the opening as well, see `body_outline`). Baseline (no learning): a plain HU-threshold lung mask: air (< -400 HU) inside the filled body,
 components over 200 mL, split into left and right at the body's centre line.
 
 Goal (core-seams issue): Dice >= 0.90 for each lung on the real planning CT and above the
@@ -109,12 +110,18 @@ def threshold_lungs(image: np.ndarray, affine: np.ndarray, spacing: tuple[float,
 
 
 def body_outline(image: np.ndarray) -> np.ndarray:
-    """The patient's body, found without medct.body (issue 39's yardstick): HU > -500, a binary
-    opening (3 iterations, cuts thin couch parts off), the largest connected piece, holes filled
-    in every axial slice."""
+    """The patient's body, found without medct.body (issue 39's yardstick): HU > -500 with holes
+    filled in every axial slice (lungs, bowel gas), a binary opening (3 iterations: cuts thin couch
+    parts off), the largest connected piece, holes filled again. Filling before the opening keeps
+    thin chest walls, which an opening alone breaks (the lungs then count as outside). Gas that
+    reaches the edge of a CBCT's circular field of view still counts as outside: a limit of this
+    yardstick, not of the model."""
     from scipy import ndimage
 
-    body = ndimage.binary_opening(image > -500, iterations=3)
+    body = image > -500
+    for k in range(body.shape[2]):
+        body[:, :, k] = ndimage.binary_fill_holes(body[:, :, k])
+    body = ndimage.binary_opening(body, iterations=3)
     lab, n = ndimage.label(body)
     if n > 1:
         body = lab == (np.argmax(np.bincount(lab.ravel())[1:]) + 1)
