@@ -425,7 +425,10 @@ def test_the_untrained_model_labels_nothing_outside_the_real_planning_ct_body(
     from medct.io import read_volume
     from tests.conftest import make_model_folder
 
-    vol = read_volume(shared_data / "pancreas_ct_cbct" / "planct.nii.gz")
+    full = read_volume(shared_data / "pancreas_ct_cbct" / "planct.nii.gz")
+    shift = np.eye(4)
+    shift[2, 3] = 94  # its upper 40 slices (chest): where the couch top comes closest to the back
+    vol = Volume(np.ascontiguousarray(full.array[:, :, 94:]), full.affine @ shift, {})
     model = make_model_folder(tmp_path / "m", constant_class=1)
     seg = Predictor.from_folder(model, device="cpu").predict(vol)
     outline = ndimage.binary_opening(vol.array > -500, iterations=3)
