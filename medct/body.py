@@ -67,15 +67,14 @@ def body_mask(image: np.ndarray, spacing: Sequence[float], threshold: float, tis
     `tissue` (default `threshold`): the value a voxel taken back after the opening must exceed
     (TISSUE_HU on the image's scale keeps the couch top out, see medct.intensity).
 
-    Voxels above `threshold`; a grey opening with a box of ~BODY_OPEN_MM radius (cuts off the
-    couch plate and rails, which are thinner than the body); its pieces of >= BODY_MIN_ML (the
-    opening can part arms from the trunk); plus every above-threshold voxel within three opening
-    radii of them (what the opening thinned
-    away: skin, thin chest walls) above `tissue`; holes filled in every axial slice (lungs, airways
-    and bowel gas belong to the body; also where the field of view cuts the body,
-    `fill_truncated_slice`) - that is `.inside`; `.mask` is it dilated by one coarse voxel
-    (a coarse sample stands for `stride` voxels, so the body's edge can lie up to one coarse voxel
-    beyond it: a tile that touches it must run). Falls back to the plain
+    Voxels above `threshold`, holes filled in every axial slice (lungs, airways and bowel gas belong
+    to the body; also where the field of view cuts the body, `fill_truncated_slice`), so the body is
+    one solid piece; a binary opening with a box of ~BODY_OPEN_MM radius (cuts off what is thinner:
+    the couch plate and rails, a mattress); its pieces of >= BODY_MIN_ML (the opening can part arms
+    from the trunk); plus the voxels above `tissue` within one opening radius of them (the corners
+    the opening rounded off), holes filled again - that is `.inside`; `.mask` is it dilated by one
+    coarse voxel (a coarse sample stands for `stride` voxels, so the body's edge can lie up to one
+    coarse voxel beyond it: a tile that touches it must run). Falls back to the filled
     threshold when the opening removes everything (tiny phantoms).
     """
     from scipy import ndimage
