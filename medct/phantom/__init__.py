@@ -1,6 +1,6 @@
 """Synthetic labelled CT phantoms: seeded, fast, in physical millimetres.
 
-A phantom is a torso (skin, subcutaneous fat, muscle wall, ribs, spine, sternum, table) holding
+A phantom is a torso (skin, subcutaneous fat, muscle wall, ribs, spine, sternum) on a couch, holding
 lungs with vessel and airway trees, heart, aorta, IVC, liver with portal/hepatic veins and
 gallbladder, spleen, stomach with an air-fluid level, kidneys (cortex, medulla, sinus), bowel and
 optional liver/kidney lesions. Every structure is an implicit function of world RAS millimetres
@@ -8,7 +8,11 @@ optional liver/kidney lesions. Every structure is an implicit function of world 
 one patient at any size, spacing, axis order (RAS, LPS, ...) or oblique rotation. Per-case anatomy
 varies through seeded parameters (organ sizes, positions, rotations, body habitus) and a smooth
 random deformation of the coordinates. The image is a table lookup of tissue class -> intensity
-(per variant and contrast phase), then partial-volume blur and correlated noise.
+(per variant and contrast phase), then partial-volume blur and correlated noise. Around the body,
+what real scans have there, fitted to the scans in shared/data (tests/test_phantom_surroundings.py):
+a carbon-and-foam couch (flat sandwich plate or curved cradle on a base) with an optional mattress,
+arms up or down, and for CT a scanner: streaks from dense bone, air clipped to the scanner's floor
+(or not), and the vendor's padding value outside the circular reconstruction field.
 
 Variants (parameters, not copies): "ct" (HU), "cbct" / "cbct_tst" (scatter-like contrast loss and
 cupping, streaks, rings, more noise, truncated circular field of view set to -1000, uncalibrated

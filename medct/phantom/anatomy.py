@@ -1,5 +1,5 @@
 """Anatomy as implicit functions of world RAS mm, rasterised on any grid (`_render`): torso,
-lungs with vessel/airway trees, heart, vessels, abdominal organs, spine, ribs, table."""
+lungs with vessel/airway trees, heart, vessels, abdominal organs, spine, ribs, mattress and couch."""
 
 from __future__ import annotations
 
@@ -199,7 +199,7 @@ class _Canvas:
         margin_s, margin_i = p.deform_mm + 1.0, p.deform_mm + abs(shift_mm) + 1.0
         self.params, self.deform, self.shift_mm = p, deform, shift_mm
         self.spacing = np.linalg.norm(affine[:3, :3], axis=0)
-        self.shape, self.inv = shape, np.linalg.inv(affine)
+        self.shape, self.affine, self.inv = shape, affine, np.linalg.inv(affine)
         self.qs, self.qi, self.margin_s, self.margin_i = qs, qi, margin_s, margin_i
         self.tissue = np.zeros(shape, np.uint8)  # (X, Y, Z) all air
         self.label = np.zeros(shape, np.uint8)
@@ -347,7 +347,7 @@ def _render(p: PhantomParams, affine: np.ndarray, shape: tuple[int, int, int], s
     extra = np.zeros(shape, np.float32)
 
     # --- couch under the back, arms beside the trunk, body wall: static
-    _table(cv, p)
+    _mattress(cv, p)
     if p.arms == "down":
         _arms(cv, p)
     x, y, z = qs
@@ -545,31 +545,92 @@ def _render(p: PhantomParams, affine: np.ndarray, shape: tuple[int, int, int], s
     )
     _spine(cv, p)
     _ribs(cv, p)
+    couch = _couch(cv, p, affine)
+    if couch is not None:  # where nothing else was painted
+        sl, hu = couch
+        extra[sl] += np.where(cv.tissue[sl] == _T["air"], hu, np.float32(0.0))
     return cv, tex, bias, extra, vz
 
 
-def _table(cv: _Canvas, p: PhantomParams) -> None:
-    """The couch: a flat plate (10 mm) just under the back, or a curved carbon cradle (8 mm shell
-    following the back, `table_gap_mm` below it) over a flat base with side rails, as on most CT
-    scanners. Static, label 0."""
+def _mattress(cv: _Canvas, p: PhantomParams) -> None:
+    """Foam from the couch top up to the skin, where the patient lies on a mattress (painted first:
+    the body covers it). Static, label 0."""
+    if not p.mattress:
+        return
     back = -p.body_posterior - p.table_gap_mm
-    blk = cv.block((-280, back - 120, -400), (280, -p.body_posterior + 30, 400), False)
+    blk = cv.block((-280, back - 10, -400), (280, -p.body_posterior + 30, 400), False)
     if blk is None:
         return
     sl, (x, y, _z) = blk
-    if p.mattress:  # foam from the couch top up to the skin (painted first: the body covers it)
-        curve = x * x / (4000.0 if p.table == "plate" else 1600.0)
-        cv.paint(sl, (y >= back + curve - 1.0) & (y < -p.body_posterior + 25.0) & (np.abs(x) < 200), "foam", 0)
-    if p.table == "plate":
-        top = back - 6.0 + x * x / 4000.0
-        cv.paint(sl, (y < top) & (y > top - 10.0) & (np.abs(x) < 230), "table", 0)
-        return
-    top = back + x * x / 1600.0  # the cradle curves up around the flanks
-    cv.paint(sl, (y < top) & (y > top - 8.0) & (np.abs(x) < 210), "table", 0)
-    base = back - 75.0
-    cv.paint(sl, (y < base) & (y > base - 6.0) & (np.abs(x) < 250), "table", 0)
-    rails = (np.abs(np.abs(x) - 200.0) < 6.0) & (y <= top) & (y >= base)
-    cv.paint(sl, rails, "table", 0)
+    curve = 0.0 if p.table == "plate" else x * x / CRADLE_CURVE_MM
+    half_voxel = 0.5 * float(np.abs(cv.affine[1, :3]).sum())  # voxels holding couch stay air (_couch)
+    cv.paint(sl, (y >= back + curve + half_voxel) & (y < -p.body_posterior + 25.0) & (np.abs(x) < 200), "foam", 0)
+
+
+# The couch, layer by layer from its top surface down: (thickness mm, HU). Carbon-fibre skins around
+# foam cores, fitted to the couch of the shared planning CT (pancreas_ct_cbct/planct.nii.gz, median
+# AP profile under the back: skin peaks near -330 HU at 1.07 mm voxels, an upper core near -700, a
+# denser middle layer near -380, a lower core near -900; about 33 mm in all).
+CARBON_HU = 450.0
+
+
+def _plate_layers(total_mm: float) -> list[tuple[float, float]]:
+    core = max(total_mm - 8.0, 4.0)
+    return [(1.0, CARBON_HU), (0.3 * core, -720.0), (5.0, -360.0), (0.7 * core, -880.0), (1.0, CARBON_HU)]
+
+
+CRADLE_CURVE_MM = 1600.0  # the cradle's top at x mm from the midline rises x^2 / this (mm)
+_CRADLE_SHELL = [(1.0, CARBON_HU), (6.0, -850.0), (1.0, CARBON_HU)]
+_CRADLE_BASE = [(2.0, CARBON_HU)]
+
+
+def _layers_hu(t: np.ndarray, h: np.ndarray | float, layers: list[tuple[float, float]]) -> np.ndarray:
+    """HU above air of flat layers at depth t (mm below the top surface), each voxel averaged over its
+    extent h (mm) along the layers' normal: partial volume that is right at any spacing (painting
+    voxel centres would lose a 1 mm skin on a 4 mm grid)."""
+    out = np.zeros(t.shape, np.float32)
+    a = 0.0
+    for thick, hu in layers:
+        b = a + thick
+        overlap = np.clip(np.minimum(t + h / 2, b) - np.maximum(t - h / 2, a), 0.0, None)
+        out += np.float32(hu + 1000.0) * overlap / h
+        a = b
+    return out
+
+
+def _couch(cv: _Canvas, p: PhantomParams, affine: np.ndarray) -> tuple[tuple[slice, ...], np.ndarray] | None:
+    """The couch under the back as HU above air on an index block: a flat sandwich plate (`couch_mm`),
+    or a curved carbon cradle (8 mm shell) over a flat base with side rails, `table_gap_mm` below the
+    back. In scanner coordinates (not deformed with the patient). Static, label 0, no MR signal."""
+    back = -p.body_posterior - p.table_gap_mm
+    deep = p.couch_mm + 5.0 if p.table == "plate" else 90.0
+    blk = cv.block((-260, back - deep, -400), (260, back + 70, 400), False)
+    if blk is None:
+        return None
+    sl = blk[0]
+    x, y, _z = _world(affine, [np.arange(s.start, s.stop, dtype=np.float64) for s in sl])
+    cols = affine[:3, :3]  # voxel axes (mm) in world
+
+    def extent(nx, ny):  # a voxel's extent (mm) along the unit normal (nx, ny, 0)
+        return sum(np.abs(nx * cols[0, i] + ny * cols[1, i]) for i in range(3)) + np.float32(1e-3)
+
+    def edge(half):  # soft left-right ends of a part |x| < half
+        return np.clip((half - np.abs(x)) / extent(1.0, 0.0) + 0.5, 0.0, 1.0)
+
+    if p.table == "plate":  # flat, as the shared planning CT's
+        hu = _layers_hu(back - y, extent(0.0, 1.0), _plate_layers(p.couch_mm)) * edge(235.0)
+        return sl, hu.astype(np.float32)
+    k = CRADLE_CURVE_MM
+    slope = 2.0 * x / k
+    cos = 1.0 / np.sqrt(1.0 + slope * slope)
+    t = (back + x * x / k - y) * cos  # mm below the top surface, along its normal
+    h = extent(-slope * cos, cos)
+    hu = _layers_hu(t, h, _CRADLE_SHELL) * edge(210.0)
+    hu += _layers_hu(back - 75.0 - y, extent(0.0, 1.0), _CRADLE_BASE) * edge(250.0)
+    top = back + x * x / k
+    rails = _layers_hu(np.abs(x) - 198.5, extent(1.0, 0.0), [(3.0, CARBON_HU)])  # 3 mm walls at |x| = 200
+    hu += rails * ((y <= top) & (y >= back - 75.0))
+    return sl, hu.astype(np.float32)
 
 
 def _arms(cv: _Canvas, p: PhantomParams) -> None:

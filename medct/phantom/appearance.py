@@ -1,5 +1,7 @@
 """Tissue classes -> intensities per variant (CT HU, CBCT artefacts, MR T1-like) and contrast
-phase, then partial-volume blur and correlated noise (see the package docstring for sources)."""
+phase, then partial-volume blur and correlated noise, then the scanner around the patient (CT:
+streaks, air floor, reconstruction circle; CBCT: its artefacts and truncated field). See the package
+docstring for sources."""
 
 from __future__ import annotations
 
@@ -40,6 +42,54 @@ def _blur_with_noise(
     return ndimage.gaussian_filter(img, sigma, truncate=3.0)
 
 
+def _streaks(
+    x, y, z, p: PhantomParams, n: int, amp: float, spacing: np.ndarray, rng: np.random.Generator
+) -> np.ndarray:
+    """n straight streaks through the spine region (beam hardening and photon starvation behind dense
+    bone), each of +-0.5..1 x `amp` HU, fading in and out along z. (X, Y, Z) float32."""
+    out = np.zeros(x.shape, np.float32)
+    for _ in range(n):
+        px, py = rng.normal(0, 25), p.spine_y + rng.normal(0, 25)
+        th = rng.uniform(0, math.pi)
+        d = np.abs((x - px) * math.sin(th) - (y - py) * math.cos(th))
+        width = max(1.5, 0.6 * float(spacing.min()))
+        mod = np.cos(z * np.float32(2 * math.pi / rng.uniform(40, 120)) + rng.uniform(0, 2 * math.pi))
+        out += (
+            np.float32(rng.choice([-1, 1]) * amp * rng.uniform(0.5, 1.0))
+            * np.exp(-0.5 * (d / width) ** 2)
+            * (0.5 + 0.5 * mod)
+        )
+    return out
+
+
+def _grid_xy(affine: np.ndarray, shape: tuple[int, ...]) -> tuple[list[np.ndarray], float, float]:
+    """World coordinates of every voxel and the world (x, y) of the grid centre."""
+    pos = [np.arange(n, dtype=np.float64) for n in shape]
+    centre = affine[:3, :3] @ ((np.asarray(shape) - 1) / 2) + affine[:3, 3]
+    return _world(affine, pos), float(centre[0]), float(centre[1])
+
+
+# CT streak amplitude (HU): the shared planning CT's air beside the body reads sd ~28 HU within
+# 100-200 mm of the grid centre against ~4 HU further out, mostly such streaks.
+CT_STREAK_HU = 30.0
+
+
+def _ct_scanner(img: np.ndarray, p: PhantomParams, affine: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """What a CT scanner does around the patient: streaks from dense bone, air clipped to the
+    scanner's floor (the shared planning CT clips at -1000 HU, the TotalSegmentator example does
+    not), and the value outside the circular reconstruction field (-1000/-1024/-2048/-3024 by
+    vendor), where the grid reaches beyond it."""
+    spacing = np.linalg.norm(affine[:3, :3], axis=0)
+    (x, y, z), cx, cy = _grid_xy(affine, img.shape)
+    if p.ct_streaks:
+        img = img + _streaks(x, y, z, p, p.ct_streaks, CT_STREAK_HU, spacing, rng)
+    if p.air_floor_hu is not None:
+        img = np.maximum(img, np.float32(p.air_floor_hu))
+    outside = (x - cx) ** 2 + (y - cy) ** 2 > np.float32((p.recon_fov_mm / 2) ** 2)
+    img[outside] = np.float32(p.padding_hu)
+    return img
+
+
 # scatter fraction, cupping depth, number of streaks, streak amplitude (HU), field-of-view radius (mm)
 _CBCT_MILD = (0.3, 0.08, 6, 45.0, 150.0)
 _CBCT_STRONG = (0.45, 0.18, 12, 90.0, 125.0)
@@ -61,27 +111,11 @@ def _cbct(img: np.ndarray, p: PhantomParams, affine: np.ndarray, strong: bool, r
     )
     low = _upsample(low[None], cpos, shape)[0]
     mu = (1.0 - s_frac) * mu + s_frac * low
-    pos = [np.arange(n, dtype=np.float64) for n in shape]
-    x, y, z = _world(affine, pos)
-    cx, cy = (
-        float(affine[0, :3] @ ((np.asarray(shape) - 1) / 2) + affine[0, 3]),
-        float(affine[1, :3] @ ((np.asarray(shape) - 1) / 2) + affine[1, 3]),
-    )
+    (x, y, z), cx, cy = _grid_xy(affine, shape)
     r2 = ((x - cx) ** 2 + (y - cy) ** 2) * np.float32(1.0 / fov_r**2)
     mu *= 1.0 - cup * np.clip(1.0 - r2, 0.0, 1.0)  # cupping: darker centre
     out = mu * 1000.0 - 1000.0
-    # streaks through the spine region, varying along z
-    for _ in range(n_streak):
-        px, py = rng.normal(0, 25), p.spine_y + rng.normal(0, 25)
-        th = rng.uniform(0, math.pi)
-        d = np.abs((x - px) * math.sin(th) - (y - py) * math.cos(th))
-        width = max(1.5, 0.6 * float(spacing.min()))
-        mod = np.cos(z * np.float32(2 * math.pi / rng.uniform(40, 120)) + rng.uniform(0, 2 * math.pi))
-        out += (
-            np.float32(rng.choice([-1, 1]) * streak_amp * rng.uniform(0.5, 1.0))
-            * np.exp(-0.5 * (d / width) ** 2)
-            * (0.5 + 0.5 * mod)
-        )
+    out += _streaks(x, y, z, p, n_streak, streak_amp, spacing, rng)
     rr = np.sqrt(r2) * fov_r
     for _ in range(3 if strong else 1):  # ring artefacts around the rotation axis
         out += np.float32(rng.normal(0, 25 if strong else 10)) * np.exp(
@@ -117,7 +151,7 @@ def _image(
         clean += extra
     spacing = np.linalg.norm(affine[:3, :3], axis=0)
     if variant == "ct":
-        img = _blur_with_noise(clean, spacing, 0.0, noise_hu, rng)
+        img = _ct_scanner(_blur_with_noise(clean, spacing, 0.0, noise_hu, rng), p, affine, rng)
     elif variant in ("cbct", "cbct_tst"):
         # 2.5x / 4x the CT noise after the scatter mix (which scales the noise by 1 - scatter fraction)
         strong = variant == "cbct_tst"

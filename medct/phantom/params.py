@@ -69,6 +69,12 @@ def sample_params(seed: int, lesions: bool | int | None = None) -> PhantomParams
         arm_gap_mm=float(surroundings.uniform(5.0, 40.0)),
         lung_density_hu=float(surroundings.uniform(0.0, 130.0)),
         mattress=bool(surroundings.random() < 0.6),
+        # drawn after the above, so adding them kept every seed's couch, arms and lungs
+        couch_mm=float(surroundings.uniform(25.0, 45.0)),
+        recon_fov_mm=float(surroundings.uniform(360.0, 520.0)),
+        padding_hu=float(surroundings.choice([-1000.0, -1024.0, -2048.0, -3024.0], p=[0.3, 0.4, 0.15, 0.15])),
+        air_floor_hu=[-1000.0, -1024.0, None][int(surroundings.choice(3, p=[0.35, 0.35, 0.3]))],
+        ct_streaks=int(surroundings.integers(0, 5)),
     )
     return replace(params, lesions=_sample_lesions(params, lesions))
 

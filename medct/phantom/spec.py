@@ -61,7 +61,6 @@ _TISSUES: tuple[tuple[str, float, float, float, float, float], ...] = (
     ("gi_wall", 40, 80, 95, 280, 6),
     ("fluid", 8, 8, 8, 60, 3),
     ("bowel", 30, 70, 85, 250, 15),
-    ("table", 150, 150, 150, 0, 0),
     ("lesion_hypo", 35, 50, 55, 260, 6),
     ("lesion_hyper", 55, 190, 150, 380, 6),
     ("cyst", 5, 5, 5, 50, 2),
@@ -135,6 +134,13 @@ class PhantomParams:
     arms: Literal["up", "down"] = "up"  # raised out of the field, or down beside the trunk
     arm_gap_mm: float = 15.0  # air between trunk and arm when the arms are down
     lung_density_hu: float = 0.0  # added to the lung parenchyma (real lungs: about -870 to -700 HU)
+    # The scanner (CT variant; see medct.phantom.appearance): the circular reconstruction field,
+    # the value written outside it, the floor some scanners clip air to, streaks from dense bone.
+    couch_mm: float = 33.0  # thickness of the flat couch top (carbon skins around foam cores)
+    recon_fov_mm: float = 500.0  # diameter of the reconstructed circle, centred on the grid
+    padding_hu: float = -1024.0  # outside the circle: -1000, -1024, -2048 or -3024 by vendor
+    air_floor_hu: float | None = -1024.0  # values below are clipped to it (None: not clipped)
+    ct_streaks: int = 2  # beam-hardening / photon-starvation streaks through the spine
 
     def to_dict(self) -> dict:
         """JSON-ready dictionary of all parameters."""
