@@ -1,9 +1,9 @@
 """Where the patient's body is: the one body-mask helper of medct.
 
 CT/CBCT voxels above BODY_HU (-500 HU) are tissue, below it air. Used by the training pipelines
-(crop to the body, negatives sampled inside it: `body_threshold`) and by the Predictor (sliding-
-window tiles that touch no body voxel are not run, and no label is written outside the body:
-`body_mask`, which also drops the couch).
+(crop to the body, negatives sampled inside it: `body_threshold`) and by the Predictor (the
+network runs on the body's box plus the training crop's margin, tiles in it that touch no body voxel
+are not run, and no label is written outside the body: `body_mask`, which also drops the couch).
 """
 
 from __future__ import annotations
@@ -27,6 +27,9 @@ class BodyMask:
     mask: np.ndarray  # (x, y, z) bool on the coarse grid, one coarse voxel wider than the body
     stride: np.ndarray  # (3,) grid voxels per coarse voxel
     tight: np.ndarray | None = None  # (x, y, z) the body itself, not widened (labels are kept inside it)
+    # (x, y, z) cells of `tight` that may hold both body and not (its outline's layer, and what no
+    # tissue encloses): there a voxel is body only if it is tissue itself (medct.inference)
+    fringe: np.ndarray | None = None
 
     @property
     def inside(self) -> np.ndarray:
@@ -36,6 +39,28 @@ class BodyMask:
     @property
     def empty(self) -> bool:
         return not bool(self.mask.any())
+
+    def crop_box(self, shape: Sequence[int], margin: int, min_size: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+        """The grid index box [lo, hi) holding the body plus `margin` voxels (the margin training
+        crops keep, medct.transforms.BODY_MARGIN_VOXELS), widened to at least `min_size` (a patch)
+        and clipped to the grid `shape`; lo is a multiple of `stride`, so `shifted(lo)` is exact."""
+        grid, size = np.asarray(shape, int), np.minimum(np.asarray(min_size, int), np.asarray(shape, int))
+        idx = np.argwhere(self.mask)
+        lo = idx.min(axis=0) * self.stride - margin
+        hi = (idx.max(axis=0) + 1) * self.stride + margin
+        short = np.maximum(size - (hi - lo), 0)  # widen about the body's centre to a whole patch
+        lo, hi = lo - short // 2, hi + (short - short // 2)
+        lo = np.clip(np.minimum(lo, grid - size), 0, None)  # inside the grid, still a whole patch
+        hi = np.minimum(np.maximum(hi, lo + size), grid)
+        lo = (lo // self.stride) * self.stride
+        return lo, hi
+
+    def shifted(self, lo: np.ndarray) -> BodyMask:
+        """The same mask for the grid cropped to start at index `lo` (a multiple of `stride`)."""
+        c = np.asarray(lo) // self.stride
+        sl = tuple(slice(int(v), None) for v in c)
+        tight, fringe = (None if a is None else a[sl] for a in (self.tight, self.fringe))
+        return BodyMask(self.mask[sl], self.stride, tight, fringe)
 
     def touches(self, lo: np.ndarray, hi: np.ndarray) -> bool:
         """Whether the inclusive index box lo..hi of the grid contains any body voxel."""
@@ -101,7 +126,16 @@ def body_mask(image: np.ndarray, spacing: Sequence[float], threshold: float, tis
     # within one radius of what it kept, then fill what that encloses in each axial slice.
     near = ndimage.maximum_filter(mask.view(np.uint8), size=size) > 0
     dense = coarse if tissue is None else np.asarray(image[:: stride[0], :: stride[1], :: stride[2]]) > tissue
-    mask |= dense & near & filled
+    # only tissue that touches the kept body through tissue: a couch top's carbon skin within a
+    # radius of the back, parted from it by a pad or air, stays out
+    pieces, _ = ndimage.label(mask | (dense & near & filled))
+    mask = np.isin(pieces, np.unique(pieces[mask]))
     for k in range(mask.shape[2]):
         mask[:, :, k] = fill_truncated_slice(mask[:, :, k])
-    return BodyMask(ndimage.binary_dilation(mask, np.ones((3, 3, 3), bool)), stride, mask)
+    # Where a cell may hold both body and not: the outline's layer, and what tissue does not enclose
+    # (a couch pad and core filled in between the back and a couch top, which at a coarse grid reads
+    # above `threshold` and which no opening can cut off a flat back); lungs and gas are enclosed.
+    inner = ndimage.binary_erosion(mask, np.ones((3, 3, 3), bool), border_value=1)
+    enclosed = np.stack([fill_truncated_slice(dense[:, :, k]) for k in range(dense.shape[2])], axis=2)
+    fringe = mask & (~inner | ~enclosed)
+    return BodyMask(ndimage.binary_dilation(mask, np.ones((3, 3, 3), bool)), stride, mask, fringe)

@@ -10,9 +10,10 @@ Pipeline of `Predictor.predict(volume)` = `finish(run(prepare(volume)))` (a fold
    with the composed index->index affine, then HU clip/scale (as `medct.transforms`).
 3. Sliding window (run): MONAI's tiles and Gaussian weights (`medct.sliding_window`) under
    `torch.inference_mode`; bf16 autocast on CUDA, fp32 + channels_last_3d on CPU; optional flip
-   TTA (softmax averaged, each flip undone before averaging). CT: tiles that do not touch the
-   patient's body (a coarse HU > -500 mask without the couch, see `body_mask`, made in prepare)
-   are neither run nor blended, which is exact inside the body (see `Predictor`). Stitching moves
+   TTA (softmax averaged, each flip undone before averaging). CT/CBCT: the network runs on the box
+   of the patient's body (a coarse HU > -500 mask without the couch, see `body_mask`, made in
+   prepare) plus the margin training crops keep (as TotalSegmentator's --body_seg crops), and tiles
+   in it that do not touch the body are neither run nor blended (see `Predictor`). Stitching moves
    to the CPU when the output would not fit on the GPU, and after a CUDA out-of-memory error.
 4. Back to the input's own voxels (finish): trilinear interpolation of the class scores (logits; mean
    probabilities with TTA) then argmax, chunked along the last axis. Only points whose 8
@@ -63,6 +64,7 @@ from medct.geometry import (
 )
 from medct.io import check_hu, validate_for_inference
 from medct.predictor import auto_device, load_for_task, resolve_device, use_bf16
+from medct.transforms import BODY_MARGIN_VOXELS
 
 __all__ = [
     "DEFAULT_OVERLAP",
@@ -122,19 +124,33 @@ def _channels_last(x: torch.Tensor) -> torch.Tensor:
     return x.contiguous(memory_format=torch.channels_last_3d)
 
 
-def outside_body(mask: BodyMask, index_map: np.ndarray, lo: np.ndarray, idx: np.ndarray) -> np.ndarray:
+def outside_body(
+    mask: BodyMask, index_map: np.ndarray, lo: np.ndarray, idx: np.ndarray, values: np.ndarray | None = None
+) -> np.ndarray:
     """(N,) bool: which input voxels `idx` (N, 3) lie outside the body `mask` (on the network grid;
-    `index_map` takes an input index relative to `lo` to a network index, as `Scores` holds it)."""
+    `index_map` takes an input index relative to `lo` to a network index, as `Scores` holds it).
+    With `values` (N,), the voxels' own input values: on the mask's fringe (its outline's layer, whose
+    cells are as coarse as the network grid, 4 mm for a 4 mm model, and what no tissue encloses, such
+    as a couch pad), a voxel must itself be tissue (> TISSUE_HU,
+    -250 HU: skin and fat are, air, a couch pad and the couch's carbon skin are not) to count as
+    inside, so no label rim is left on what lies against the skin."""
     net = (idx - np.asarray(lo)) @ index_map[:3, :3].T + index_map[:3, 3]  # (N, 3) network voxel index
     coarse = np.rint(net).astype(np.int64) // mask.stride
     coarse = np.clip(coarse, 0, np.asarray(mask.inside.shape) - 1)
-    return ~mask.inside[coarse[:, 0], coarse[:, 1], coarse[:, 2]]
+    c = (coarse[:, 0], coarse[:, 1], coarse[:, 2])
+    out = ~mask.inside[c]
+    if values is not None and mask.fringe is not None:
+        out |= mask.fringe[c] & (values <= TISSUE_HU)
+    return out
 
 
-def clear_outside_body(box: np.ndarray, mask: BodyMask, index_map: np.ndarray, slab: int = 16) -> int:
+def clear_outside_body(
+    box: np.ndarray, mask: BodyMask, index_map: np.ndarray, values: np.ndarray | None = None, slab: int = 16
+) -> int:
     """Set the labels of `box` (the input voxels Scores covers, edited in place) outside the body to
-    background; returns how many labelled voxels that cleared. Only labelled voxels are looked up,
-    `slab` axial slices at a time (memory stays bounded on large scans)."""
+    background; returns how many labelled voxels that cleared. `values`: the input's values on the
+    same box (see `outside_body`). Only labelled voxels are looked up, `slab` axial slices at a
+    time (memory stays bounded on large scans)."""
     removed = 0
     for z0 in range(0, box.shape[2], slab):
         part = box[:, :, z0 : z0 + slab]  # a view
@@ -142,7 +158,8 @@ def clear_outside_body(box: np.ndarray, mask: BodyMask, index_map: np.ndarray, s
         if len(idx) == 0:
             continue
         idx[:, 2] += z0
-        out = outside_body(mask, index_map, np.zeros(3, np.int64), idx)
+        own = None if values is None else np.asarray(values[idx[:, 0], idx[:, 1], idx[:, 2]], dtype=np.float32)
+        out = outside_body(mask, index_map, np.zeros(3, np.int64), idx, own)
         hit = idx[out]
         box[hit[:, 0], hit[:, 1], hit[:, 2]] = 0
         removed += len(hit)
@@ -213,11 +230,13 @@ class Predictor:
     keep_largest:  label names of which only the largest connected component (26-connected) is
                    kept, the rest set to background (nnU-Net's post-processing); None ->
                    card.inference["keep_largest"] or none.
-    skip_air:      CT only: sliding-window tiles that do not touch the patient's body (see `body_mask`)
-                   are not run. Exact inside the body: every body voxel is covered by the very tiles
-                   a full run uses, blended with the same weights up to a positive factor per voxel,
-                   which leaves the argmax unchanged. Voxels that only skipped tiles cover (air,
-                   couch) are background. `predict_proba` always runs every tile.
+    skip_air:      CT/CBCT: the network runs on the box of the patient's body (see `body_mask`) plus
+                   the margin training crops keep (`BODY_MARGIN_VOXELS`), and only on the tiles in
+                   it that touch the body; what only skipped tiles cover (air, couch) is background.
+                   So the network sees no more air around the body than in training (a model trained
+                   on body crops labels air it never saw), and a wide field of view costs nothing.
+                   The tiles start at the box, so scores differ from a whole-grid run (False) by the
+                   blending of other tile positions. `predict_proba` always runs the whole grid.
     body_only:     CT/CBCT only: no label outside the patient's body (`body_mask`: couch removed,
                    holes filled); None -> card.inference["body_only"] or True. A model trained on
                    clean phantom air otherwise labels the air and couch of real scans (issue 39).
@@ -347,7 +366,8 @@ class Predictor:
                 part = proba[:, :, z0 : z0 + 8]  # a view
                 idx = np.argwhere(np.ones(part.shape[:3], bool))  # (N, 3) every voxel of the slab
                 idx[:, 2] += z0
-                out = outside_body(prepared.mask, scores.index_map, scores.lo, idx).reshape(part.shape[:3])
+                own = np.asarray(volume.array[:, :, z0 : z0 + 8], dtype=np.float32).reshape(-1)
+                out = outside_body(prepared.mask, scores.index_map, scores.lo, idx, own).reshape(part.shape[:3])
                 part[out] = 0.0
                 part[out, 0] = 1.0
         return volume.with_array(proba)
@@ -387,6 +407,15 @@ class Predictor:
             zeros[0] = 1.0
             return Scores(volume, zeros, np.eye(4), np.zeros(3, int), np.zeros(3, int), prepared.notes)
         grid_to_in = np.linalg.inv(volume.affine) @ grid.affine  # network index -> input index
+        x, mask = prepared.x, prepared.mask
+        if body is not None:  # the body's box plus the margin training crops keep (TotalSegmentator's
+            # --body_seg crop): the network never sees more air than it was trained with, and less runs
+            lo_g, hi_g = body.crop_box(grid.shape, BODY_MARGIN_VOXELS, self.card.patch_size)
+            x = x[:, :, lo_g[0] : hi_g[0], lo_g[1] : hi_g[1], lo_g[2] : hi_g[2]].contiguous()
+            body, mask = body.shifted(lo_g), None if mask is None else mask.shifted(lo_g)
+            to_grid = np.eye(4)
+            to_grid[:3, 3] = lo_g
+            grid_to_in = grid_to_in @ to_grid  # from here on "network index" is an index of the crop
         ran: list[tuple[np.ndarray, np.ndarray]] = []  # network-index boxes of the tiles that ran
 
         def keep(tile: tuple[slice, ...]) -> bool:
@@ -397,14 +426,14 @@ class Predictor:
             return False
 
         with torch.inference_mode():
-            scores = self._sliding_window(prepared.x, keep)[0]  # (C, D, H, W)
+            scores = self._sliding_window(x, keep)[0]  # (C, D, H, W)
         if ran:  # only the input voxels some computed tile covers can be other than background
             lo, hi = map_box(grid_to_in, np.min([b[0] for b in ran], 0), np.max([b[1] for b in ran], 0), volume.shape)
         else:
             lo, hi = np.zeros(3, int), np.zeros(3, int)
         shift = np.eye(4)
         shift[:3, 3] = lo
-        return Scores(volume, scores, np.linalg.inv(grid_to_in) @ shift, lo, hi, prepared.notes, prepared.mask)
+        return Scores(volume, scores, np.linalg.inv(grid_to_in) @ shift, lo, hi, prepared.notes, mask)
 
     def finish(self, scores: Scores) -> Volume:
         """Class scores -> uint8 label map on the input's exact grid (trilinear scores, argmax)."""
@@ -416,7 +445,8 @@ class Predictor:
         box = labels[lo[0] : hi[0] + 1, lo[1] : hi[1] + 1, lo[2] : hi[2] + 1]  # a view: edited in place
         removed = 0
         if scores.mask is not None:
-            removed = clear_outside_body(box, scores.mask, scores.index_map)
+            values = volume.array[lo[0] : hi[0] + 1, lo[1] : hi[1] + 1, lo[2] : hi[2] + 1]
+            removed = clear_outside_body(box, scores.mask, scores.index_map, values)
         if self.keep_largest:
             keep_largest_components(box, self.keep_largest)
         out = volume.with_array(labels)

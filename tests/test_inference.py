@@ -115,27 +115,44 @@ def test_geometry_path_lands_on_input_grid(name: str) -> None:
 
 
 @pytest.mark.parametrize("name", ["wide_lps_aniso", "lps_oblique_aniso"])
-def test_skipping_air_tiles_is_exact_inside_the_body(name: str) -> None:
+def test_the_network_runs_on_the_body_box_and_agrees_with_a_whole_grid_run(name: str) -> None:
     vol, truth = phantom(name, air_outside=True)
-    calls: list[int] = []
+    voxels: list[int] = []
 
     class Counting(TinyNet):
         def forward(self, x: torch.Tensor) -> torch.Tensor:
-            calls.append(x.shape[0])
+            voxels.append(x[:, 0].numel())
             return super().forward(x)
 
     skip = Predictor(Counting(), card(), device="cpu", overlap=0.25, sw_batch_size=1).predict(vol)
-    n_skip = sum(calls)
-    calls.clear()
+    n_skip = sum(voxels)
+    voxels.clear()
     full = Predictor(Counting(), card(), device="cpu", overlap=0.25, sw_batch_size=1, skip_air=False).predict(vol)
     if name == "wide_lps_aniso":  # (in the small oblique grid every tile touches the body)
-        assert n_skip < sum(calls)  # some tiles of air were not run
+        assert n_skip < sum(voxels)  # the air beyond the body's box was not run
     body = vol.array > -500
     assert np.array_equal(skip.affine, vol.affine)
-    assert np.array_equal(skip.array[body], full.array[body])  # the same labels everywhere in the body
+    # a random conv net sees other tile borders (zero padding) in the box: almost the same labels
+    assert np.mean(skip.array[body] == full.array[body]) > 0.98
     # and with a geometry-exact 'network': the phantom comes back
     exact = Predictor(classifier(), card(), device="cpu").predict(vol)
     assert dice_per_label(exact.array, truth, labels=[1])[1] > 0.95
+
+
+def test_body_crop_box_holds_the_body_its_margin_and_a_patch() -> None:
+    img = np.full((100, 90, 40), -1000, np.int16)
+    img[30:50, 40:60, 10:14] = 40  # a small body, off centre
+    mask = body_mask(img, (2.0, 2.0, 2.0), threshold=-500)
+    lo, hi = mask.crop_box(img.shape, margin=4, min_size=(16, 16, 16))
+    assert np.all(lo % mask.stride == 0) and np.all(lo >= 0) and np.all(hi <= img.shape)
+    assert np.all(lo <= [30 - 4, 40 - 4, 10 - 4]) and np.all(hi >= [50 + 4, 60 + 4, 14 + 1])
+    assert np.all(hi - lo >= 16) and (hi - lo)[0] < 40 and (hi - lo)[1] < 40  # not the whole grid
+    shifted = mask.shifted(lo)
+    assert shifted.touches(np.array([35, 45, 11]) - lo, np.array([35, 45, 11]) - lo)
+    assert not shifted.touches(np.zeros(3, int), np.zeros(3, int))
+    # a patch larger than the grid: the whole grid
+    lo, hi = mask.crop_box(img.shape, margin=4, min_size=(128, 128, 128))
+    assert np.array_equal(lo, [0, 0, 0]) and np.array_equal(hi, img.shape)
 
 
 def test_body_mask_drops_the_couch_and_keeps_the_lungs() -> None:
@@ -401,7 +418,7 @@ def test_no_label_is_written_outside_the_body_unless_asked() -> None:
     assert (kept.array[body] == 0).mean() > 0.9  # the body itself is background for this net
     free = Predictor(labels_air, card(), device="cpu", body_only=False).predict(vol)
     assert "outside_body_ml" not in free.meta
-    assert (free.array[~near] == 1).mean() > 0.5  # the air of every tile that ran (the rest is skipped)
+    assert (free.array[~near] == 1).mean() > 0.3  # the air in the body's box (beyond it nothing runs)
     voxel_ml = abs(float(np.linalg.det(vol.affine[:3, :3]))) / 1000.0
     cleared = float(((free.array > 0) & (kept.array == 0)).sum()) * voxel_ml
     assert kept.meta["outside_body_ml"] == pytest.approx(cleared) and cleared > 100.0
@@ -418,10 +435,10 @@ def test_the_untrained_model_labels_nothing_outside_the_real_planning_ct_body(
     shared_data: Path, tmp_path: Path
 ) -> None:
     """The shared planning CT (LPS, 1.07 x 1.07 x 3 mm, couch) and a model that says 'class 1' on
-    every tile it runs: no label outside the body outline of issue 39 (HU > -500, opened, largest
-    component, holes filled; the mask's coarse edge allowed) but under 1 % of what it labels (the
-    couch top's dense parts within 3 cm of the back, in the upper slices), where without the
-    constraint it labels over a litre of air and couch."""
+    every tile it runs: no label outside the body outline of issue 39 (HU > -500, opened in-plane,
+    largest component, holes filled) but under 0.5 % of what it labels (the couch top's skin
+    against the back, in the upper slices), where without the constraint it labels over a litre of
+    air and couch."""
     from medct.io import read_volume
     from tests.conftest import make_model_folder
 
@@ -431,17 +448,20 @@ def test_the_untrained_model_labels_nothing_outside_the_real_planning_ct_body(
     vol = Volume(np.ascontiguousarray(full.array[:, :, 94:]), full.affine @ shift, {})
     model = make_model_folder(tmp_path / "m", constant_class=1)
     seg = Predictor.from_folder(model, device="cpu").predict(vol)
-    outline = ndimage.binary_opening(vol.array > -500, iterations=3)
+    in_plane = ndimage.generate_binary_structure(2, 1)[:, :, None]  # (a scan's border is not the body's)
+    outline = ndimage.binary_opening(vol.array > -500, structure=in_plane, iterations=3, border_value=1)
     lab, n = ndimage.label(outline)
     outline = lab == 1 + int(np.argmax(np.bincount(lab.ravel())[1:]))
     for k in range(outline.shape[2]):
         outline[:, :, k] = ndimage.binary_fill_holes(outline[:, :, k])
-    edge = ndimage.binary_dilation(outline, np.ones((5, 5, 3), bool))  # ~4 mm in-plane, 3 mm in z
     labelled = seg.array > 0
-    assert float((labelled & ~edge).sum()) < 0.01 * float(labelled.sum())
+    # what is left (0.3 %; 0.6 % when only the outline's layer was checked) is the couch top's carbon skin, which
+    # reads as tissue and lies within one 4 mm cell of the back; a trained model does not label it
+    # (bench/phantom_to_real.py: 0.0 % on this scan with the demo model)
+    assert float((labelled & ~outline).sum()) < 0.005 * float(labelled.sum())
     assert seg.meta["outside_body_ml"] > 1000.0  # the air and couch this model labelled: over a litre
     free = Predictor.from_folder(model, device="cpu", body_only=False).predict(vol)
-    assert float(((free.array > 0) & ~edge).sum()) * float(np.prod(vol.spacing)) / 1000.0 > 1000.0
+    assert float(((free.array > 0) & ~outline).sum()) * float(np.prod(vol.spacing)) / 1000.0 > 1000.0
 
 
 def test_body_mask_keeps_lungs_where_the_field_of_view_cuts_the_body() -> None:
