@@ -111,8 +111,8 @@ def threshold_lungs(image: np.ndarray, affine: np.ndarray, spacing: tuple[float,
 
 def body_outline(image: np.ndarray) -> np.ndarray:
     """The patient's body, found without medct.body (issue 39's yardstick): HU > -500 with holes
-    filled in every axial slice (lungs, bowel gas), a binary opening (3 iterations: cuts thin couch
-    parts off), the largest connected piece, holes filled again. Filling before the opening keeps
+    filled in every axial slice (lungs, bowel gas), an in-plane binary opening (3 iterations: cuts
+    thin couch parts off), the largest connected piece, holes filled again. Filling before the opening keeps
     thin chest walls, which an opening alone breaks (the lungs then count as outside). Gas that
     reaches the edge of a CBCT's circular field of view still counts as outside: a limit of this
     yardstick, not of the model."""
@@ -121,7 +121,10 @@ def body_outline(image: np.ndarray) -> np.ndarray:
     body = image > -500
     for k in range(body.shape[2]):
         body[:, :, k] = ndimage.binary_fill_holes(body[:, :, k])
-    body = ndimage.binary_opening(body, iterations=3)
+    # in-plane (the couch is cut off within each slice), and a scan's own border is not the body's
+    # edge (a 3D opening with air beyond the border ate the first and last slices' bodies)
+    in_plane = ndimage.generate_binary_structure(2, 1)[:, :, None]
+    body = ndimage.binary_opening(body, structure=in_plane, iterations=3, border_value=1)
     lab, n = ndimage.label(body)
     if n > 1:
         body = lab == (np.argmax(np.bincount(lab.ravel())[1:]) + 1)
