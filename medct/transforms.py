@@ -173,6 +173,26 @@ def val_transforms(pre: Preprocessing, keys: Sequence[str] = ("image", "label"))
     return Compose([*_deterministic(pre, keys, crop=True), EnsureTyped(keys=list(keys), dtype=torch.float32)])
 
 
+def _label_crop(
+    keys: list[str], patch: tuple[int, ...], pos: float, neg: float, n: int, body: float, num_classes: int | None
+) -> Any:
+    """pos:neg crops centred on a label / on the body (voxels above `body`, not air); per class with
+    `num_classes` (see `train_transforms`)."""
+    from monai.transforms import RandCropByLabelClassesd, RandCropByPosNegLabeld
+
+    if num_classes is None or num_classes <= 2:
+        return RandCropByPosNegLabeld(
+            keys=keys, label_key="label", spatial_size=patch, pos=pos, neg=neg, num_samples=n,
+            image_key="image", image_threshold=body,
+        )  # fmt: skip
+    fg = pos / (pos + neg) if pos + neg > 0 else 0.0
+    ratios = [1.0 - fg] + [fg / (num_classes - 1)] * (num_classes - 1)  # classes a case lacks: ratio 0
+    return RandCropByLabelClassesd(
+        keys=keys, label_key="label", spatial_size=patch, ratios=ratios, num_classes=num_classes,
+        num_samples=n, image_key="image", image_threshold=body, warn=False,
+    )  # fmt: skip
+
+
 def train_transforms(
     pre: Preprocessing,
     patch_size: Sequence[int],
@@ -181,8 +201,13 @@ def train_transforms(
     neg: float = 1.0,
     augment: bool = True,
     flip_axes: Sequence[int] = (),
+    num_classes: int | None = None,
 ) -> Any:
     """Training patches: `num_samples` crops (1, *patch_size) per volume, pos:neg centred on labels.
+
+    With `num_classes` (background included) a label-centred crop first draws a class, each class
+    the case holds equally likely, then a voxel of it (nnU-Net's foreground oversampling: small
+    organs are seen as often as the liver); without it, any labelled voxel (MONAI's pos/neg crop).
 
     Augmentation (`augment`): small rotations/scaling, intensity scale/shift, contrast (gamma) and
     noise. No mirroring by default: flipping axis 0 (R-L in RAS) swaps left and right organs, so
@@ -194,7 +219,6 @@ def train_transforms(
         EnsureTyped,
         RandAdjustContrastd,
         RandAffined,
-        RandCropByPosNegLabeld,
         RandFlipd,
         RandGaussianNoised,
         RandScaleIntensityd,
@@ -207,16 +231,7 @@ def train_transforms(
     xs: list[Any] = [
         *_deterministic(pre, keys, crop=True),
         SpatialPadd(keys=keys, spatial_size=patch, mode="constant"),  # 0 = below hu_min (air) after scaling
-        RandCropByPosNegLabeld(
-            keys=keys,
-            label_key="label",
-            spatial_size=patch,
-            pos=pos,
-            neg=neg,
-            num_samples=num_samples,
-            image_key="image",
-            image_threshold=body_threshold(pre),  # negatives from inside the body, not from air
-        ),
+        _label_crop(keys, patch, pos, neg, num_samples, body_threshold(pre), num_classes),
     ]
     if augment:
         xs += [

@@ -16,7 +16,8 @@ class SegmentationDataModule(VolumeDataModule):
 
     `labels` names the classes by index (0 = background); by default they come from dataset.json
     (or the phantom's label table). One training step sees batch_size * num_samples patches,
-    pos:neg of them centred on a labelled voxel (nnU-Net's foreground oversampling);
+    pos:neg of them centred on a voxel of a class drawn uniformly from those the case holds, or on
+    the body (nnU-Net's foreground oversampling);
     validation yields one whole preprocessed volume per batch, (1, 1, X, Y, Z).
 
     Args (besides VolumeDataModule's):
@@ -81,8 +82,9 @@ class SegmentationDataModule(VolumeDataModule):
     def transforms(self, split: str) -> Any:
         if split == "train":
             return train_transforms(
-                self.pre, self.patch_size, self.num_samples, self.pos, self.neg, self.augment, self.flip_axes
-            )
+                self.pre, self.patch_size, self.num_samples, self.pos, self.neg, self.augment, self.flip_axes,
+                self.num_classes,
+            )  # fmt: skip
         return val_transforms(self.pre)
 
     def describe(self) -> dict[str, Any]:
