@@ -148,9 +148,11 @@ def body_outline(image: np.ndarray) -> np.ndarray:
     for k in range(body.shape[2]):
         body[:, :, k] = ndimage.binary_fill_holes(body[:, :, k])
     # in-plane (the couch is cut off within each slice), and a scan's own border is not the body's
-    # edge (a 3D opening with air beyond the border ate the first and last slices' bodies)
+    # edge: eroded with body beyond the border (a 3D opening with air beyond it ate the first and
+    # last slices' bodies), dilated with air beyond it (else the border grows a frame of body)
     in_plane = ndimage.generate_binary_structure(2, 1)[:, :, None]
-    body = ndimage.binary_opening(body, structure=in_plane, iterations=3, border_value=1)
+    body = ndimage.binary_erosion(body, structure=in_plane, iterations=3, border_value=1)
+    body = ndimage.binary_dilation(body, structure=in_plane, iterations=3, border_value=0)
     lab, n = ndimage.label(body)
     if n > 1:
         body = lab == (np.argmax(np.bincount(lab.ravel())[1:]) + 1)
