@@ -96,11 +96,13 @@ def body_mask(image: np.ndarray, spacing: Sequence[float], threshold: float, tis
     to the body; also where the field of view cuts the body, `fill_truncated_slice`), so the body is
     one solid piece; a binary opening with a box of ~BODY_OPEN_MM radius (cuts off what is thinner:
     the couch plate and rails, a mattress); its pieces of >= BODY_MIN_ML (the opening can part arms
-    from the trunk); plus the voxels above `tissue` within one opening radius of them (the corners
-    the opening rounded off), holes filled again - that is `.inside`; `.mask` is it dilated by one
-    coarse voxel (a coarse sample stands for `stride` voxels, so the body's edge can lie up to one
-    coarse voxel beyond it: a tile that touches it must run). Falls back to the filled
-    threshold when the opening removes everything (tiny phantoms).
+    from the trunk); plus the voxels above `tissue` within one opening radius of them that touch
+    them through such voxels (the corners the opening rounded off), holes filled again - that is
+    `.inside`; `.mask` is it dilated by one coarse voxel (a coarse sample stands for `stride`
+    voxels, so the body's edge can lie up to one coarse voxel beyond it: a tile that touches it must
+    run). `.fringe`: the cells of `.inside` on its outline and those no tissue encloses, where a
+    label needs a tissue voxel of its own (`medct.inference.outside_body`). Falls back to the
+    filled threshold when the opening removes everything (tiny phantoms).
     """
     from scipy import ndimage
 
