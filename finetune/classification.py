@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from medct.checkpoint import ModelCard
 from medct.errors import ConfigError
 from medct.nets.encoder import load_pretrained_encoder
+from medct.precision import fp32_loss
 from medct.task import MedCTTask
 from medct.transforms import Preprocessing
 
@@ -118,7 +119,7 @@ class ClassificationTask(MedCTTask):
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         x, y = batch["image"], batch["class"].long()
-        loss = F.cross_entropy(self.net(x), y)
+        loss = fp32_loss(F.cross_entropy)(self.net(x), y)
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=x.shape[0])
         return loss
 

@@ -40,6 +40,7 @@ from medct.errors import ConfigError
 from medct.finetune.losses import LossName, make_loss
 from medct.finetune.safeguards import WeightAnchor, load_fisher, param_groups
 from medct.nets.encoder import load_pretrained_encoder, load_unique_state_dict
+from medct.precision import fp32_loss
 from medct.sliding_window import DEFAULT_OVERLAP, check_overlap
 from medct.task import MedCTTask
 from medct.transforms import Preprocessing
@@ -186,8 +187,9 @@ class SegmentationTask(MedCTTask):
             loss = loss + penalty
         return loss
 
+    @fp32_loss
     def supervised_loss(self, logits: Tensor, label: Tensor) -> Tensor:
-        """The training loss of network outputs (with or without deep-supervision heads)."""
+        """The training loss of network outputs (with or without deep-supervision heads), in float32."""
         if logits.ndim == label.ndim + 1:  # deep supervision: (B, heads, C, *patch), full resolution first
             heads = list(torch.unbind(logits, dim=1))
             loss = self.ds_loss_fn(heads, label)

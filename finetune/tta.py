@@ -34,6 +34,7 @@ from torch import Tensor, nn
 
 from medct.adaptation import AdapterFactory, AdaptOptions, ResetMode, register_adaptation
 from medct.errors import ConfigError
+from medct.precision import Precision, autocast, fp32_loss
 
 ADAPT_METHODS = ("tent", "cotta", "psmt")
 
@@ -53,6 +54,7 @@ class AdaptationMethod(Protocol):
         """The network that segments the case after adaptation (eval mode)."""
 
 
+@fp32_loss
 def entropy_map(logits: Tensor) -> Tensor:
     """Voxel-wise softmax entropy in nats: (B, C, *S) -> (B, *S)."""
     logp = torch.log_softmax(logits.float(), dim=1)
@@ -121,6 +123,7 @@ class TestTimeAdapter:
         reset: ResetMode = "case",
         device: torch.device | str = "cpu",
         seed: int = 0,
+        precision: Precision = "fp32",
         max_volume_change: float = 0.5,
         max_entropy_ratio: float = 2.0,
     ) -> None:
@@ -129,6 +132,7 @@ class TestTimeAdapter:
         if reset not in ("case", "never"):
             raise ConfigError(f"--adapt-reset must be case or never, got '{reset}'.")
         self.device = torch.device(device)
+        self.precision = precision
         # a private float32 copy in eval mode: the caller's network (and the folder) stay as they are
         self.source = copy.deepcopy(source).float().to(self.device).eval()
         for p in self.source.parameters():
@@ -151,7 +155,9 @@ class TestTimeAdapter:
             torch.cuda.reset_peak_memory_stats(self.device)
         start = time.perf_counter()
         loss = None
-        with torch.inference_mode(False), torch.enable_grad():
+        # bf16: the forward passes under autocast; the losses (`fp32_loss`), the EMA teachers and
+        # Fisher sums (float32 parameters and gradients) stay float32
+        with torch.inference_mode(False), torch.enable_grad(), autocast(self.device, self.precision):
             for _ in range(self.steps):
                 loss = self.method.step(random_patches(x, self.patch, self.batch, self.rng, body))
         check = random_patches(x, self.patch, self.batch, self.rng, body)
@@ -206,7 +212,7 @@ def harness(make: Callable[[], AdaptationMethod]) -> AdapterFactory:
         assert isinstance(source, nn.Module)
         return TestTimeAdapter(
             source, make(), options.patch_size, steps=options.steps, batch=options.batch,
-            reset=options.reset, device=options.device, seed=options.seed,
+            reset=options.reset, device=options.device, seed=options.seed, precision=options.precision,
         )  # fmt: skip
 
     return build
@@ -244,6 +250,7 @@ def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
         t.mul_(momentum).add_(s.detach(), alpha=1.0 - momentum)
 
 
+@fp32_loss
 def soft_cross_entropy(logits: Tensor, target_probs: Tensor) -> Tensor:
     """Mean over voxels of -sum_c q_c log p_c (the mean-teacher consistency loss of CoTTA)."""
     return -(target_probs * torch.log_softmax(logits.float(), dim=1)).sum(dim=1).mean()

@@ -424,6 +424,7 @@ def _run_stages(chain: Chain, overrides: Sequence[str], run_lightning: Any) -> C
         if chain.regularizer == "ewc" and i + 1 < len(chain.stages):
             _fisher(chain, i, cli.model, cli.datamodule)
         trainer_cfg = {**recipe.get("trainer", {}), **_override_dict(overrides, "trainer")}
+        trainer_cfg["precision"] = str(cli.trainer.precision)  # what the stage trained at (medct.precision)
         row = [dice_on_datalist(cli.model, trainer_cfg, recipe["data"], datalists[j]) for j in range(len(chain.stages))]
         rows.append(row)
         write_text_atomic(

@@ -31,7 +31,9 @@ ADAPT_COLUMNS = ("adapt", "adapt_steps", "adapt_seconds", "adapt_peak_mb", "adap
 class AdaptOptions:
     """How a folder run adapts: the method's name, steps per case, patches per step (`batch`),
     the model's patch size, reset to the source per case or never (continual along the folder),
-    the device and the seed of the patch draws."""
+    the device, the seed of the patch draws and the precision of the adaptation's forward passes
+    (bf16 or fp32, as the predictor resolved it: `medct.precision`; losses, EMA teachers and
+    Fisher sums stay float32)."""
 
     method: str
     patch_size: tuple[int, int, int]
@@ -40,6 +42,7 @@ class AdaptOptions:
     reset: ResetMode = "case"
     device: str = "cpu"
     seed: int = 0
+    precision: Literal["bf16", "fp32"] = "fp32"
 
 
 class AdaptReport(Protocol):

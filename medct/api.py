@@ -31,7 +31,7 @@ __all__ = [
 
 
 # The predictor of each model-card task, as "module:Class" (imported on use; the class has
-# `from_folder(model_dir, device=...)`). A method that exports a new task kind adds its entry here.
+# `from_folder(model_dir, device=..., precision=...)`). A method that exports a new task kind adds its entry here.
 PREDICTORS: dict[str, str] = {
     "segmentation": "medct.inference:Predictor",
     "sct": "medct.synthesis.sct:SCTPredictor",
@@ -70,7 +70,7 @@ def reconstruct_modality(
     )
 
 
-def load_model(model_dir: str | os.PathLike[str], device: str | None = None) -> Any:
+def load_model(model_dir: str | os.PathLike[str], device: str | None = None, precision: str | None = None) -> Any:
     """The predictor of an exported model folder (model.safetensors + medct.json) on `device`
     (None: cuda > mps > cpu), chosen by the card's task: a segmentation model gives a `Predictor`."""
     import importlib
@@ -89,7 +89,7 @@ def load_model(model_dir: str | os.PathLike[str], device: str | None = None) -> 
             f"{model_dir} holds a '{card.task}' model, which has no predictor; medct loads {', '.join(sorted(PREDICTORS))} models."
         )
     module, name = target.split(":")
-    return getattr(importlib.import_module(module), name).from_folder(model_dir, device=device)
+    return getattr(importlib.import_module(module), name).from_folder(model_dir, device=device, precision=precision)
 
 
 def _as_volume(data: str | os.PathLike[str] | Volume | np.ndarray, affine: np.ndarray | None) -> Volume:
@@ -130,6 +130,7 @@ def segment(
     tta: bool = False,
     device: str | None = None,
     body_only: bool | None = None,
+    precision: str | None = None,
 ) -> Volume:
     """Segment one volume; returns a uint8 label map `Volume` on the input's exact grid.
 
@@ -137,14 +138,17 @@ def segment(
     data:    a path, a Volume, or a numpy array / torch tensor (X, Y, Z) of HU (then `affine`: 4x4
              voxel -> RAS mm; without it 1 mm RAS is assumed, with a warning).
     overlap: sliding-window overlap (None: the model's default); tta: flip test-time augmentation.
-    device:  only used when `model` is a folder.
+    device, precision: only used when `model` is a folder (precision: auto/None, bf16 or fp32,
+             `medct.precision`).
     body_only: CT/CBCT: no label outside the patient's body (None: the model card's
              `inference.body_only`, default true); the removed volume is `meta["outside_body_ml"]`.
     """
     tta = check_flag("tta", tta)
     if overlap is not None:
         overlap = check_overlap(overlap)
-    predictor = model if isinstance(model, Predictor) else Predictor.from_folder(model, device=device)
+    predictor = (
+        model if isinstance(model, Predictor) else Predictor.from_folder(model, device=device, precision=precision)
+    )
     if overlap is not None or tta != predictor.tta or (body_only is not None and body_only != predictor.body_only):
         predictor = predictor.with_options(overlap=overlap, tta=tta, body_only=body_only)
     return predictor.predict(_as_volume(data, affine))  # predict() runs validate_for_inference
@@ -163,6 +167,7 @@ def register(
     impact_init: str = "affine",
     impact_layers: tuple[int, ...] = (0, 1),
     impact_mode: Literal["jacobian", "static"] = "jacobian",
+    precision: str | None = None,
 ) -> dict[str, Any]:
     """Register `moving` to `fixed`, as `medct register` does.
 
@@ -170,7 +175,8 @@ def register(
     affine -> bspline) | ct-cbct, or stages joined by commas (`elastix.parse_preset`); or elastix
     `parameter_files` run in order. method "impact" (`medct.registration.impact`, Boussot et al.
     2025): the IMPACT distance on the features of `encoder` (a medct segmentation model or encoder
-    folder; stages `impact_layers`, `impact_mode`), after the Elastix preset `impact_init` ("none":
+    folder; stages `impact_layers`, `impact_mode`, its forward passes at `precision`: auto/None,
+    bf16 or fp32, `medct.precision`), after the Elastix preset `impact_init` ("none":
     from the identity). Returns {"warped": the moving image on the fixed grid, "warped_labels":
     `moving_labels` warped by nearest neighbour (or None), "transform": the transform (fixed ->
     moving world; `.warp`, `.points_moving_to_fixed`, `.jacobian`, `.save`, ...)}. Every volume
@@ -189,7 +195,9 @@ def register(
             raise ConfigError('method="impact" needs encoder= (a medct segmentation model or encoder folder).')
         features = impact.load_feature_model(encoder, layers=impact_layers)
         settings = impact.ImpactSettings(mode=impact_mode)
-        tr: Any = impact.register_on_encoder(fixed_v, moving_v, features, impact_init, settings, vol(fixed_mask))
+        tr: Any = impact.register_on_encoder(
+            fixed_v, moving_v, features, impact_init, settings, vol(fixed_mask), precision=precision
+        )
     elif method == "elastix":
         tr = elastix.register(
             fixed_v, moving_v, preset=preset, parameter_files=parameter_files,
@@ -211,18 +219,25 @@ def synthesize_ct(
     affine: np.ndarray | None = None,
     tta: bool | None = None,
     device: str | None = None,
+    precision: str | None = None,
 ) -> Volume:
     """Synthetic CT of a CBCT or MR volume: int16 HU in [-1024, 3071] on the input's exact grid.
 
     model: an `SCTPredictor` (from `load_model` of an sCT model folder) or the folder itself;
     data:  a path, a Volume, or an (X, Y, Z) array with its `affine`; tta: flip TTA (None: the
-    model's default).
+    model's default); device, precision: only used when `model` is a folder.
     """
     from medct.synthesis.sct import SCTPredictor
 
-    predictor = model if isinstance(model, SCTPredictor) else SCTPredictor.from_folder(model, device=device)
+    predictor = (
+        model
+        if isinstance(model, SCTPredictor)
+        else SCTPredictor.from_folder(model, device=device, precision=precision)
+    )
     if tta is not None and check_flag("tta", tta) != predictor.tta:
-        predictor = SCTPredictor(predictor.net, predictor.card, predictor.device, tta=tta)
+        predictor = SCTPredictor(
+            predictor.net, predictor.card, predictor.device, tta=tta, precision=predictor.precision
+        )
     return predictor.predict(_as_volume(data, affine))
 
 
@@ -238,6 +253,7 @@ def generate(
     sampler: str | None = None,
     device: str | None = None,
     progress: bool = False,
+    precision: str | None = None,
 ) -> list[Volume]:
     """CT volumes (int16 HU, RAS grid) from report text with a text-to-CT model.
 
@@ -247,7 +263,7 @@ def generate(
     """
     from medct.synthesis.diffusion import TextToCT
 
-    gen = model if isinstance(model, TextToCT) else TextToCT.from_folder(model, device=device)
+    gen = model if isinstance(model, TextToCT) else TextToCT.from_folder(model, device=device, precision=precision)
     texts = [prompts] if isinstance(prompts, str) else list(prompts)
     return gen.generate(
         texts,
@@ -271,6 +287,7 @@ def predict_motion(
     registration: str | None = None,
     seed: int = 0,
     device: str | None = None,
+    precision: str | None = None,
 ) -> Any:
     """The next `k` phases of a 4D CT (`medct.synthesis.motion.MotionPrediction`: predicted phase
     volumes and displacement fields on the input grid).
@@ -284,7 +301,7 @@ def predict_motion(
     if isinstance(model, MotionPredictor):
         pred = model
     elif model is None:
-        pred = MotionPredictor(None, None, device or "cpu")
+        pred = MotionPredictor(None, None, device or "cpu", precision=precision)
     else:
-        pred = MotionPredictor.from_folder(model, device=device)
+        pred = MotionPredictor.from_folder(model, device=device, precision=precision)
     return pred.predict(source, k, method, finetune_steps, registration, seed)  # type: ignore[arg-type]

@@ -34,7 +34,10 @@ class ModelCard:
     patch_size:    the network's input patch (sliding-window tile) in voxels, RAS order.
     task:          what the model does (segmentation, encoder, classification, sct, generation,
                    motion, ...); picks its predictor in `medct.load_model` (`medct.api.PREDICTORS`).
-    inference:     default inference settings, e.g. {"overlap": 0.5, "sw_batch_size": 4}.
+    inference:     default inference settings, e.g. {"overlap": 0.5, "sw_batch_size": 4}; also
+                   "precision": the precision the model was validated at ("bf16" or "fp32", from
+                   the training run's trainer) and "bf16_tolerance" (mean label Dice bf16 vs fp32
+                   a model not validated in bf16 must reach to run in bf16, default 0.99).
     outputs:       for tasks without labels: what the network returns (channels, units, ...).
     extra:         provenance (source checkpoint, epoch, ...); never read by inference.
     intended_use:  what the model was made for, in a sentence (a model card's "intended use",
@@ -141,6 +144,11 @@ class ModelCard:
         unknown = [n for n in self.inference.get("keep_largest", []) if n not in self.labels.values()]
         if unknown:
             raise ValueError(f"inference.keep_largest names {unknown}, which are not labels of this model")
+        if self.inference.get("precision", "fp32") not in ("bf16", "fp32"):
+            raise ValueError(f"inference.precision must be bf16 or fp32, got {self.inference['precision']!r}")
+        tolerance = self.inference.get("bf16_tolerance", 0.99)
+        if isinstance(tolerance, bool) or not isinstance(tolerance, int | float) or not 0.0 <= tolerance <= 1.0:
+            raise ValueError(f"inference.bf16_tolerance must be a number in [0, 1], got {tolerance!r}")
 
 
 def read_model_card(model_dir: str | os.PathLike[str]) -> ModelCard:

@@ -8,7 +8,8 @@ each command imports what it needs when it runs. A bad option value is refused b
 one line (exit 2).
 
 A user mistake raises `MedCTError`; here it becomes one line on stderr and exit code 1 (the
-traceback only with --debug).
+traceback only with --debug); 2 for an option value the machine cannot honour (`--precision bf16`
+without bf16: `PrecisionUnavailableError`).
 """
 
 from __future__ import annotations
@@ -103,7 +104,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if debug:
             raise
         print(f"medct: error: {e}", file=sys.stderr)
-        return EXIT_USER_ERROR
+        return int(getattr(e, "exit_code", EXIT_USER_ERROR))
     except OSError as e:  # the system refused (disk full, permissions, ...): no traceback either
         if debug:
             raise

@@ -32,7 +32,6 @@ DEMO_INTENDED_USE = (
 def run_demo(output_dir: str | os.PathLike[str], epochs: int | None = None, quick: bool = False) -> dict[str, float]:
     """Run the demo into `output_dir`; returns the mean Dice of each organ on the held-out cases."""
     import lightning.pytorch as pl
-    import torch
 
     from medct.checkpoint import export_lightning_checkpoint
     from medct.data import PhantomCohort, SegmentationDataModule
@@ -41,6 +40,7 @@ def run_demo(output_dir: str | os.PathLike[str], epochs: int | None = None, quic
     from medct.metrics import dice_per_label
     from medct.nets import create_net
     from medct.phantom import LABELS, write_cohort
+    from medct.precision import lightning_precision
     from medct.segment_job import segment_paths
 
     out = Path(output_dir)
@@ -83,12 +83,11 @@ def run_demo(output_dir: str | os.PathLike[str], epochs: int | None = None, quic
         scheduler="poly",
         preprocessing=Preprocessing(spacing=spacing),
     )
-    gpu = torch.cuda.is_available()
     trainer = pl.Trainer(
         max_epochs=max_epochs,
         accelerator="auto",
         devices=1,
-        precision="bf16-mixed" if gpu else "32-true",
+        precision=lightning_precision("auto", "auto"),  # medct.precision: bf16 where the device has it
         default_root_dir=str(out / "train"),
         check_val_every_n_epoch=max(1, max_epochs // 3),
         log_every_n_steps=5,

@@ -39,3 +39,10 @@ class ModelFolderError(MedCTError):
 
 class ConfigError(MedCTError):
     """A recipe or command-line option has a value medct cannot use (bad fold, unknown net, ...)."""
+
+
+class PrecisionUnavailableError(ConfigError):
+    """`--precision bf16` on a device without bf16 arithmetic: an option value this machine cannot
+    honour, so the CLI exits 2 as for any bad option value (not silently fp32)."""
+
+    exit_code = 2

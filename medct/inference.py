@@ -9,7 +9,8 @@ Pipeline of `Predictor.predict(volume)` = `finish(run(prepare(volume)))` (a fold
 2. One trilinear resample (float32) from the input voxels straight into that grid
    with the composed index->index affine, then HU clip/scale (as `medct.transforms`).
 3. Sliding window (run): MONAI's tiles and Gaussian weights (`medct.sliding_window`) under
-   `torch.inference_mode`; bf16 autocast on CUDA, fp32 + channels_last_3d on CPU; optional flip
+   `torch.inference_mode`; bf16 autocast where the device has bf16 (`medct.precision`: CUDA, CPUs
+   with AMX / AVX-512 BF16), channels_last_3d on CPU; optional flip
    TTA (softmax averaged, each flip undone before averaging). CT/CBCT: the network runs on the box
    of the patient's body (a coarse HU > -500 mask without the couch, see `body_mask`, made in
    prepare) plus the margin training crops keep (as TotalSegmentator's --body_seg crops), and tiles
@@ -63,7 +64,8 @@ from medct.geometry import (
     resample_separable,
 )
 from medct.io import check_hu, validate_for_inference
-from medct.predictor import auto_device, load_for_task, resolve_device, use_bf16
+from medct.precision import Precision, autocast, resolve_precision
+from medct.predictor import auto_device, load_for_task, resolve_device
 from medct.transforms import BODY_MARGIN_VOXELS
 
 __all__ = [
@@ -212,6 +214,31 @@ class Scores:
     mask: BodyMask | None = None  # body_only: where labels may be written, on the network grid
 
 
+DEFAULT_BF16_TOLERANCE = 0.99  # mean label Dice bf16 vs fp32 below which a model runs in fp32
+
+
+@dataclass
+class BF16Check:
+    """The bf16-vs-fp32 label check of a model not validated in bf16 (`Predictor`, precision auto).
+    Mutable on purpose: the Predictor's shallow copies share it, so a run checks once."""
+
+    pending: bool
+    tolerance: float
+    dice: float | None = None  # the measured agreement, once checked
+    failed: bool = False  # True: bf16 labels were off, the model runs in fp32
+
+
+def label_agreement(a: torch.Tensor, b: torch.Tensor, num_classes: int) -> float:
+    """Mean Dice over the foreground labels present in either label map (1.0 when none is)."""
+    a, b = a.reshape(-1).long(), b.reshape(-1).long()
+    both = torch.bincount(a[a == b], minlength=num_classes)[1:].double()
+    size = (torch.bincount(a, minlength=num_classes) + torch.bincount(b, minlength=num_classes))[1:].double()
+    present = size > 0
+    if not present.any():
+        return 1.0
+    return float((2 * both[present] / size[present]).mean())
+
+
 # ----------------------------------------------------------------------------- predictor
 
 
@@ -226,7 +253,12 @@ class Predictor:
     tta:           flip test-time augmentation over `tta_axes` (2^len(axes) passes).
     tta_axes:      network-space (RAS) axes to mirror; default A-P and S-I only, because a left-right
                    mirror turns a left organ into a right one for a model that learned laterality.
-    amp:           bf16 autocast; None -> `medct.predictor.use_bf16` (CUDA with bf16), fp32 elsewhere.
+    precision:     "auto" (None), "bf16" or "fp32": `medct.precision.resolve_precision` for the device.
+                   With auto on a bf16 device, a model whose card does not say it was validated in
+                   bf16 (`inference["precision"]`) is checked on the first volume it runs: if its
+                   bf16 labels agree with its fp32 labels by less than the card's
+                   `inference["bf16_tolerance"]` (mean Dice, default 0.99) it runs in fp32 from
+                   then on, and that case's notes say so (`BF16Check`).
     keep_largest:  label names of which only the largest connected component (26-connected) is
                    kept, the rest set to background (nnU-Net's post-processing); None ->
                    card.inference["keep_largest"] or none.
@@ -251,7 +283,7 @@ class Predictor:
         sw_batch_size: int | None = None,
         tta: bool = False,
         tta_axes: Sequence[int] = (1, 2),
-        amp: bool | None = None,
+        precision: str | None = None,
         keep_largest: Sequence[str] | None = None,
         skip_air: bool = True,
         body_only: bool | None = None,
@@ -275,7 +307,13 @@ class Predictor:
         self.sw_batch_size = int(batch)
         self.tta = check_flag("tta", tta)
         self.tta_axes = tuple(int(a) for a in tta_axes)
-        self.amp = use_bf16(self.device) if amp is None else bool(amp)
+        self.precision: Precision = resolve_precision(precision, self.device)
+        validated = card.inference.get("precision") == "bf16"
+        # shared by the shallow copies (with_net, with_options): a run checks its model once
+        self.bf16_check = BF16Check(
+            pending=self.precision == "bf16" and precision in (None, "auto") and not validated,
+            tolerance=float(card.inference.get("bf16_tolerance", DEFAULT_BF16_TOLERANCE)),
+        )
         self.skip_air = bool(skip_air)
         self.body_only = check_flag(
             "body_only", card.inference.get("body_only", True) if body_only is None else body_only
@@ -299,14 +337,15 @@ class Predictor:
         overlap: float | None = None,
         sw_batch_size: int | None = None,
         tta: bool = False,
-        amp: bool | None = None,
+        precision: str | None = None,
         body_only: bool | None = None,
     ) -> Predictor:
         """A Predictor for an exported model folder (model.safetensors + medct.json)."""
         net, card, dev = load_for_task(model_dir, "segmentation", "segmentation", device)
         return cls(
-            net, card, device=dev, overlap=overlap, sw_batch_size=sw_batch_size, tta=tta, amp=amp, body_only=body_only
-        )
+            net, card, device=dev, overlap=overlap, sw_batch_size=sw_batch_size, tta=tta, precision=precision,
+            body_only=body_only,
+        )  # fmt: skip
 
     def with_options(
         self, overlap: float | None = None, tta: bool | None = None, body_only: bool | None = None
@@ -425,15 +464,19 @@ class Predictor:
                 return True
             return False
 
+        notes = prepared.notes
         with torch.inference_mode():
             scores = self._sliding_window(x, keep)[0]  # (C, D, H, W)
+            if self.bf16_check.pending:
+                scores, note = self._check_bf16(scores, x, keep)
+                notes = (*notes, note) if note else notes
         if ran:  # only the input voxels some computed tile covers can be other than background
             lo, hi = map_box(grid_to_in, np.min([b[0] for b in ran], 0), np.max([b[1] for b in ran], 0), volume.shape)
         else:
             lo, hi = np.zeros(3, int), np.zeros(3, int)
         shift = np.eye(4)
         shift[:3, 3] = lo
-        return Scores(volume, scores, np.linalg.inv(grid_to_in) @ shift, lo, hi, prepared.notes, mask)
+        return Scores(volume, scores, np.linalg.inv(grid_to_in) @ shift, lo, hi, notes, mask)
 
     def finish(self, scores: Scores) -> Volume:
         """Class scores -> uint8 label map on the input's exact grid (trilinear scores, argmax)."""
@@ -491,20 +534,25 @@ class Predictor:
         )  # medct.intensity.scale_window, in place on the tensor
         return out
 
-    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+    @property
+    def run_precision(self) -> Precision:
+        """The precision the network runs at now: `precision`, or fp32 after a failed bf16 check."""
+        return "fp32" if self.bf16_check.failed else self.precision
+
+    def _forward(self, x: torch.Tensor, precision: Precision | None = None) -> torch.Tensor:
         """(B, 1, d, h, w) -> (B, C, d, h, w) float32 logits, or mean softmax over flips with TTA."""
         start = time.perf_counter()
         try:
-            return self._forward_untimed(x)
+            return self._forward_untimed(x, precision or self.run_precision)
         finally:
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
             self.forward_seconds += time.perf_counter() - start
 
-    def _forward_untimed(self, x: torch.Tensor) -> torch.Tensor:
+    def _forward_untimed(self, x: torch.Tensor, precision: Precision) -> torch.Tensor:
         if self.channels_last:
             x = _channels_last(x)
-        with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+        with autocast(self.device, precision):
             if not self.tta:
                 return self.net(x).float()
             dims = [2 + a for a in self.tta_axes]
@@ -517,13 +565,37 @@ class Predictor:
             assert acc is not None
             return acc / len(flips)
 
-    def _sliding_window(self, x: torch.Tensor, keep: Callable[[tuple[slice, ...]], bool]) -> torch.Tensor:
+    def _check_bf16(
+        self, scores: torch.Tensor, x: torch.Tensor, keep: Callable[[tuple[slice, ...]], bool]
+    ) -> tuple[torch.Tensor, str | None]:
+        """The first volume of a model not validated in bf16: run it in fp32 too and compare the
+        labels (argmax, `label_agreement`); below the tolerance, fp32 from now on and this case's fp32
+        scores. (scores, the note for the case or None)."""
+        check = self.bf16_check
+        check.pending = False
+        reference = self._sliding_window(x, keep, "fp32")[0]
+        dice = label_agreement(scores.argmax(0), reference.argmax(0), self.num_classes)
+        check.dice = dice
+        if dice >= check.tolerance:
+            return scores, None
+        check.failed = True
+        return reference, (
+            f"bf16 labels of this model differ from fp32 (mean Dice {dice:.3f} < the card's tolerance "
+            f"{check.tolerance:g}): it runs in fp32"
+        )
+
+    def _sliding_window(
+        self, x: torch.Tensor, keep: Callable[[tuple[slice, ...]], bool], precision: Precision | None = None
+    ) -> torch.Tensor:
         """Gaussian-blended sliding window over the tiles `keep` accepts; (1, C, D, H, W) float32.
 
         medct.sliding_window (MONAI's tiles and weights, rejected tiles neither run nor blended);
         MONAI's sliding_window_inference itself for volumes smaller than a patch, which it pads.
         """
         patch = tuple(self.card.patch_size)
+
+        def forward(tiles: torch.Tensor) -> torch.Tensor:
+            return self._forward(tiles, precision)
 
         def run(inputs: torch.Tensor, stitch: torch.device) -> torch.Tensor:
             if any(g < p for g, p in zip(inputs.shape[2:], patch, strict=True)):
@@ -532,12 +604,12 @@ class Predictor:
                 full = (slice(0, int(g)) for g in inputs.shape[2:])
                 keep(tuple(full))  # records the one padded tile (body is None here)
                 out = sliding_window_inference(
-                    inputs, patch, self.sw_batch_size, self._forward, self.overlap, mode="gaussian",
+                    inputs, patch, self.sw_batch_size, forward, self.overlap, mode="gaussian",
                     sw_device=self.device, device=stitch,
                 )  # fmt: skip
                 return out  # type: ignore[return-value]
             return sliding_window(
-                inputs, patch, self.overlap, self.sw_batch_size, self._forward, self.num_classes,
+                inputs, patch, self.overlap, self.sw_batch_size, forward, self.num_classes,
                 keep=keep, tile_device=self.device, device=stitch, channels_last=self.channels_last,
             )  # fmt: skip
 

@@ -14,8 +14,11 @@ A task (or data module) that lacks a link's source or target simply does not tak
 links are added for the classes the YAML names, so a pretraining task with neither `labels` nor
 a network `out_channels` uses the same CLI (tested in tests/test_lightning_cli.py). Resume with `--ckpt_path`; scale out
 with trainer flags (`--trainer.strategy=ddp --trainer.devices=N --trainer.num_nodes=M`).
-Precision defaults to bf16-mixed where a CUDA GPU supports it and to fp32 elsewhere; a recipe
-or `--trainer.precision` overrides it.
+Precision: a recipe's top-level `precision: auto|bf16|fp32` (`--precision`; default auto) goes
+through medct's one policy (`medct.precision`): bf16-mixed where the trainer's accelerator has bf16
+(a CUDA GPU with bf16, a CPU with AMX / AVX-512 BF16), 32-true elsewhere; bf16 on a device without
+it is a ConfigError. Lightning's own `trainer.precision` (e.g. `--trainer.precision 16-mixed`),
+when given, wins.
 
 Importing this module has no side effects; `run_lightning` does the work.
 """
@@ -46,15 +49,6 @@ DATA_LINKS: tuple[tuple[str, str, str], ...] = (
     ("data.labels", "model.init_args.labels", "instantiate"),
     ("data.num_classes", "model.init_args.net.init_args.out_channels", "instantiate"),
 )
-
-
-def default_precision() -> str:
-    """bf16 autocast on a bf16-capable CUDA GPU, fp32 otherwise (DESIGN.md: Mixed precision)."""
-    import torch
-
-    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
-        return "bf16-mixed"
-    return "32-true"
 
 
 def condense_parser_error(message: str) -> str:
@@ -144,7 +138,12 @@ class MedCTCLI(LightningCLI):
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         """The recipe's trainer, writing checkpoints atomically unless the recipe names its own plugins."""
+        from medct.precision import lightning_precision
+
         trainer_config = self._get(self.config_init, "trainer", default={}) or {}
+        if trainer_config.get("precision") is None and "precision" not in kwargs:
+            asked = self._get(self.config_init, "precision", default="auto")
+            kwargs["precision"] = lightning_precision(asked, trainer_config.get("accelerator"))
         if not trainer_config.get("plugins") and "plugins" not in kwargs:
             kwargs["plugins"] = [AtomicCheckpointIO()]
         trainer = super().instantiate_trainer(**kwargs)
@@ -156,7 +155,14 @@ class MedCTCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         for source, target, when in DATA_LINKS:
             parser.link_arguments(source, target, apply_on=when)
-        parser.set_defaults({"trainer.precision": default_precision()})
+        from medct.precision import PRECISION_CHOICES
+
+        parser.add_argument(
+            "--precision",
+            choices=PRECISION_CHOICES,
+            default="auto",
+            help="medct's precision policy (medct.precision): bf16 autocast where the device has bf16, else fp32",
+        )
 
 
 def run_lightning(args: list[str]) -> MedCTCLI:

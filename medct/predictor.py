@@ -1,10 +1,10 @@
-"""The predictor protocol every model kind follows, and the one place that decides device and
-precision for all of them.
+"""The predictor protocol every model kind follows, and the one place that decides the device for
+all of them (the precision: `medct.precision`, the one policy of predictors and training alike).
 
-A predictor is built from an exported model folder by `from_folder(model_dir, device=None)`:
-`load_for_task` reads the card, refuses a folder of another task in one sentence, resolves the
-device (`resolve_device`: cuda > mps > cpu) and loads the network; `use_bf16` says whether it runs
-under bf16 autocast. Segmentation (`medct.inference.Predictor`), synthetic CT
+A predictor is built from an exported model folder by `from_folder(model_dir, device=None,
+precision=None)`: `load_for_task` reads the card, refuses a folder of another task in one
+sentence, resolves the device (`resolve_device`: cuda > mps > cpu) and loads the network;
+`medct.precision.resolve_precision` says whether it runs under bf16 autocast. Segmentation (`medct.inference.Predictor`), synthetic CT
 (`medct.synthesis.sct.SCTPredictor`), text-to-CT (`medct.synthesis.diffusion.TextToCT`) and motion
 (`medct.synthesis.motion.MotionPredictor`) all load this way; what differs (sliding window, slices
 with context, sampling, rollout) is each method's own code. `medct.load_model` picks the predictor
@@ -63,12 +63,6 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     elif dev.type != "cpu":
         raise ConfigError(f"device must be cpu, cuda, cuda:N or mps, got {device!r}.")
     return dev
-
-
-def use_bf16(device: torch.device) -> bool:
-    """The precision policy of every predictor: bf16 autocast on a CUDA device that has bf16, fp32
-    elsewhere. (CPU bf16 is measured per network family before it is turned on: issue 31.)"""
-    return device.type == "cuda" and torch.cuda.is_bf16_supported()
 
 
 def load_for_task(

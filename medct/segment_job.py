@@ -7,8 +7,9 @@ the input's own grid (`Predictor.finish`) and writes them: NIfTI/MHA/NRRD inputs
 DICOM series are written as NIfTI, or with `output_format` "dicom-seg" / "rtstruct" as a DICOM-SEG
 or RTSTRUCT file referencing the source series (`medct.dicom_out`; DICOM inputs only). Its
 summary.csv columns are the volume of each label in mL, the labelled volume that the body
-constraint removed (`outside_body_ml`: a model that labels air shows here) and, when it adapts,
-the adaptation's.
+constraint removed (`outside_body_ml`: a model that labels air shows here), the precision the
+network ran at (`precision`: bf16 or fp32, see `medct.precision`) and, when it adapts, the
+adaptation's.
 """
 
 from __future__ import annotations
@@ -61,6 +62,7 @@ class SegmentJob:
         self.columns: Sequence[str] = (
             [f"{n}_ml" for n in self.names.values()]
             + ["outside_body_ml"]  # labelled volume the body constraint removed (empty when off / MR)
+            + ["precision"]  # bf16 or fp32: what the network ran at (medct.precision)
             + (list(ADAPT_COLUMNS) if adapter is not None else [])
         )
 
@@ -89,6 +91,7 @@ class SegmentJob:
             predictor = predictor.with_net(adapted)
         t_forward = predictor.forward_seconds
         scores = predictor.run(prepared)
+        row["precision"] = predictor.run_precision
         row["network_seconds"] = predictor.forward_seconds - t_forward  # float: summed exactly, "%.2f" in the CSV
         return scores
 
@@ -122,6 +125,7 @@ def segment_paths(
     overlap: float | None = None,
     sw_batch_size: int | None = None,
     tta: bool = False,
+    precision: str | None = None,
     body_only: bool | None = None,
     overwrite: bool = False,
     preview: bool = False,
@@ -142,7 +146,8 @@ def segment_paths(
     adapt: a test-time adaptation method of `medct.adaptation`'s table (tent, cotta, psmt once
     `medct.finetune.tta` is imported) run on a copy of the model before each case, `adapt_steps`
     steps, reset to the source weights per case or never (continual along the folder, in the
-    order the cases are listed); `adapt_seed` seeds the draw of adaptation patches."""
+    order the cases are listed); `adapt_seed` seeds the draw of adaptation patches. precision:
+    auto (None), bf16 or fp32 (`medct.precision`), for the network and the adaptation's forwards."""
     from medct.dicom_out import OUTPUT_FORMATS
     from medct.inference import Predictor
 
@@ -151,8 +156,9 @@ def segment_paths(
     ignored: list[tuple[Path, str]] = []
     cases = discover_cases(input_path, ignored)  # path errors surface before the model loads
     predictor = Predictor.from_folder(
-        model_dir, device=device, overlap=overlap, sw_batch_size=sw_batch_size, tta=tta, body_only=body_only
-    )
+        model_dir, device=device, overlap=overlap, sw_batch_size=sw_batch_size, tta=tta, precision=precision,
+        body_only=body_only,
+    )  # fmt: skip
     adapter = None
     if adapt is not None:  # a method from medct.adaptation's table (the command imports the methods)
         from medct.adaptation import AdaptOptions, make_adapter
@@ -161,6 +167,7 @@ def segment_paths(
         options = AdaptOptions(
             adapt, tuple(predictor.card.patch_size), steps=adapt_steps, batch=predictor.sw_batch_size,  # type: ignore[arg-type]
             reset=adapt_reset, device=str(predictor.device), seed=adapt_seed,  # type: ignore[arg-type]
+            precision=predictor.precision,
         )  # fmt: skip
         source, _ = load_model_folder(model_dir, device="cpu")  # unfolded batch norm: what adaptation trains
         adapter = make_adapter(source, options)

@@ -97,4 +97,13 @@ class MedCTTask(pl.LightningModule):
         from medct.checkpoint import store_card
 
         if self.net_config is not None:
-            store_card(checkpoint, self.model_card(), self.card_net_prefix, self.card_parts(), self.card_files())
+            card = self.model_card()
+            card.inference.setdefault("precision", self.validated_precision())
+            store_card(checkpoint, card, self.card_net_prefix, self.card_parts(), self.card_files())
+
+    def validated_precision(self) -> str:
+        """ "bf16" when this run trains and validates under bf16 autocast, else "fp32" (the card's
+        `inference["precision"]`)."""
+        trainer = self._trainer
+        precision = str(getattr(trainer, "precision", "32-true")) if trainer is not None else "32-true"
+        return "bf16" if precision.startswith("bf16") else "fp32"

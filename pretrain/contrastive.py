@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from medct.errors import ConfigError
+from medct.precision import fp32_loss
 from medct.pretrain.base import Optimisation, PretrainTask, centre_patch
 from medct.transforms import Preprocessing
 
@@ -68,6 +69,7 @@ def _plain(x: Any) -> Tensor:
     return x.as_tensor() if hasattr(x, "as_tensor") else torch.as_tensor(x)
 
 
+@fp32_loss
 def nt_xent(z1: Tensor, z2: Tensor, temperature: float) -> Tensor:
     """SimCLR's NT-Xent: z1, z2 (N, d) embeddings of the two views; each view's positive is its
     partner, the other 2N - 2 embeddings are negatives. MONAI's ContrastiveLoss (normalises the

@@ -29,6 +29,7 @@ from monai.losses import DiceCELoss
 from torch import Tensor, nn
 
 from medct.errors import ConfigError
+from medct.precision import fp32_loss
 from medct.pretrain.base import Optimisation, PretrainTask, centre_patch
 from medct.transforms import Preprocessing
 
@@ -142,7 +143,7 @@ class VolumeFusionTask(PretrainTask):
                 "use data.sampling.batch_size >= 2."
             )
         fused, labels = self.fused_batch(x, shift=k)
-        loss = self.loss_fn(self.net(fused), labels)
+        loss = fp32_loss(self.loss_fn)(self.net(fused), labels)
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=x.shape[0])
         return loss
 

@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from medct.precision import fp32_loss
 from medct.volume import Volume
 
 Metric = Literal["l1", "l2", "cosine"]
@@ -118,6 +119,7 @@ def intensity_source(spacing_mm: float = 6.0, hu_min: float = -1000.0, hu_max: f
 # --------------------------------------------------------------------------- the distance
 
 
+@fp32_loss
 def impact_distance(
     feats_a: Sequence[Tensor],
     feats_b: Sequence[Tensor],
@@ -288,13 +290,17 @@ def register_impact(
     initial: object | None = None,
     fixed_mask: Volume | None = None,
     device: str = "cpu",
+    precision: str | None = None,
 ) -> ImpactTransform:
     """Register `moving` to `fixed` by minimising the IMPACT distance of `features` (see module doc).
 
     initial: an ElastixTransform (e.g. `elastix.register(..., preset="affine")`) applied first.
     fixed_mask: where the distance is averaged (e.g. a CBCT's field of view), on the fixed grid.
+    precision: auto (None), bf16 or fp32 for the feature network's forward passes
+    (`medct.precision`); the distance, the regulariser and the displacement stay float32.
     """
     from medct.geometry import Grid, network_grid, resample_volume
+    from medct.precision import autocast, resolve_precision
     from medct.registration.elastix import check_pair
 
     s = settings or ImpactSettings()
@@ -302,6 +308,7 @@ def register_impact(
     t0 = time.perf_counter()
     torch.manual_seed(s.seed)
     dev = torch.device(device)
+    prec = resolve_precision(precision, dev)
     fixed_grid = Grid(fixed.shape, fixed.affine)
     identity = ImpactTransform(Volume(np.zeros((*fixed.shape, 3), np.float32), fixed.affine.copy()), initial)
     moving_on_fixed = identity._moving_on_fixed(moving, "image", None)
@@ -320,9 +327,9 @@ def register_impact(
         mask_t = torch.from_numpy(np.asarray(mk.array, np.float32))[None, None].to(dev)
     spacing = torch.tensor(features.spacing, dtype=torch.float32, device=dev)
     model = features.model.to(dev)
-    with torch.no_grad():
-        f_feats = [f.detach() for f in model(f_t)]
-        m_feats_static = [f.detach() for f in model(m_t)] if s.mode == "static" else None
+    with torch.no_grad(), autocast(dev, prec):
+        f_feats = [f.detach().float() for f in model(f_t)]
+        m_feats_static = [f.detach().float() for f in model(m_t)] if s.mode == "static" else None
     base = _identity_grid(work.shape, dev)
     ctrl: Tensor | None = None
     history: list[float] = []
@@ -338,7 +345,8 @@ def register_impact(
             u_mm = _dense(ctrl, work.shape)  # (1, 3, X, Y, Z) mm along the working grid's RAS axes
             idx = base + (u_mm / spacing[None, :, None, None, None]).permute(0, 2, 3, 4, 1)
             if s.mode == "jacobian":
-                warped_feats = model(_sample(m_t, idx))
+                with autocast(dev, prec):
+                    warped_feats = model(_sample(m_t, idx))
             else:
                 assert m_feats_static is not None
                 warped_feats = []
@@ -454,6 +462,7 @@ def register_on_encoder(
     settings: ImpactSettings | None = None,
     fixed_mask: Volume | None = None,
     threads: int | None = None,
+    precision: str | None = None,
 ) -> ImpactTransform:
     """IMPACT as `medct register --preset impact`, the API (`medct.api.register(method="impact")`)
     and synthetic CT's pair alignment run it: an Elastix `init` preset first (`elastix.parse_preset`
@@ -463,4 +472,4 @@ def register_on_encoder(
     initial = None
     if init is not None and init != "none":
         initial = elastix.register(fixed, moving, preset=init, fixed_mask=fixed_mask, number_of_threads=threads)
-    return register_impact(fixed, moving, features, settings, initial, fixed_mask=fixed_mask)
+    return register_impact(fixed, moving, features, settings, initial, fixed_mask=fixed_mask, precision=precision)

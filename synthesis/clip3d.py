@@ -34,6 +34,7 @@ from torch import Tensor, nn
 
 from medct.checkpoint import ModelCard
 from medct.errors import ConfigError
+from medct.precision import fp32_loss
 from medct.task import MedCTTask
 from medct.transforms import Preprocessing
 
@@ -111,6 +112,7 @@ def tokenize(tokenizer: Any, texts: Sequence[str], max_length: int) -> Tensor:
     return ids
 
 
+@fp32_loss
 def clip_loss(img: Tensor, txt: Tensor, logit_scale: Tensor) -> Tensor:
     """Symmetric InfoNCE of matched rows of unit-norm (B, D) embeddings."""
     logits = logit_scale.clamp(max=math.log(100.0)).exp() * img @ txt.t()

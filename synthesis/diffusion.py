@@ -46,7 +46,7 @@ from torch import Tensor, nn
 
 from medct.checkpoint import ModelCard
 from medct.errors import ConfigError, InputPathError, ModelFolderError
-from medct.predictor import use_bf16
+from medct.precision import autocast
 from medct.synthesis.clip3d import TOKENIZER_FILE, load_tokenizer, tokenize
 from medct.synthesis.vae import check_size, decode
 from medct.task import MedCTTask
@@ -365,16 +365,21 @@ class TextToCT:
         tokenizer: Any,
         card: ModelCard,
         device: str | torch.device = "cpu",
+        precision: str | None = None,
     ) -> None:
+        from medct.precision import resolve_precision
         from medct.predictor import resolve_device
 
         self.device = resolve_device(device) if not isinstance(device, torch.device) else device
+        self.precision = resolve_precision(precision, self.device)  # the one policy (medct.precision)
         self.net, self.vae, self.clip = (m.to(self.device).eval() for m in (net, vae, clip))
         self.tokenizer, self.card = tokenizer, card
         self.inference = dict(card.inference)
 
     @classmethod
-    def from_folder(cls, model_dir: str | os.PathLike[str], device: str | None = None) -> TextToCT:
+    def from_folder(
+        cls, model_dir: str | os.PathLike[str], device: str | None = None, precision: str | None = None
+    ) -> TextToCT:
         from medct.checkpoint import read_part_weights
         from medct.nets import create_net, load_unique_state_dict
         from medct.predictor import load_for_task
@@ -398,7 +403,7 @@ class TextToCT:
         tok = Path(model_dir) / TOKENIZER_FILE
         if not tok.is_file():
             raise ModelFolderError(f"Model folder '{model_dir}' lacks its tokenizer ({TOKENIZER_FILE}).")
-        return cls(net, modules["vae"], modules["clip"], load_tokenizer(tok.read_text()), card, dev)
+        return cls(net, modules["vae"], modules["clip"], load_tokenizer(tok.read_text()), card, dev, precision)
 
     @property
     def factor(self) -> int:
@@ -471,7 +476,7 @@ class TextToCT:
                 noise = torch.randn((1, int(self.vae.latent_channels), *latent), generator=gen).to(self.device)
                 with (
                     torch.no_grad(),
-                    torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=use_bf16(self.device)),
+                    autocast(self.device, self.precision),
                 ):
                     z = sample_latent(self.net, sched, noise, ctx, None if unconditional else guidance, null, progress)
                     img = decode(self.vae, z.float() / float(inf.get("scale_factor", 1.0)), inf.get("tile"))

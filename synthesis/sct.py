@@ -52,6 +52,7 @@ from medct.intensity import (  # noqa: F401  (re-exported: the sCT method's name
     source_support,
     unit_to_ct,
 )
+from medct.precision import fp32_loss
 from medct.settings import Sampling, Split
 from medct.task import MedCTTask
 from medct.transforms import Preprocessing
@@ -362,9 +363,15 @@ class SCTPredictor:
     """Synthetic CT of a CBCT/MR volume with an exported sCT model (`medct.load_model` gives one)."""
 
     def __init__(
-        self, net: nn.Module, card: ModelCard, device: str | torch.device = "cpu", tta: bool | None = None
+        self,
+        net: nn.Module,
+        card: ModelCard,
+        device: str | torch.device = "cpu",
+        tta: bool | None = None,
+        precision: str | None = None,
     ) -> None:
-        from medct.predictor import resolve_device, use_bf16
+        from medct.precision import resolve_precision
+        from medct.predictor import resolve_device
 
         self.device = resolve_device(device) if not isinstance(device, torch.device) else device
         self.net = net.to(self.device).eval()
@@ -372,14 +379,16 @@ class SCTPredictor:
         self.context = int(card.inference.get("context", (card.patch_size[2] - 1) // 2))
         self.tta = bool(card.inference.get("tta", True)) if tta is None else bool(tta)
         self.batch_size = int(card.inference.get("batch_size", 16))
-        self.amp = use_bf16(self.device)  # the one precision policy (medct.predictor)
+        self.precision = resolve_precision(precision, self.device)  # the one policy (medct.precision)
 
     @classmethod
-    def from_folder(cls, model_dir: str | os.PathLike[str], device: str | None = None) -> SCTPredictor:
+    def from_folder(
+        cls, model_dir: str | os.PathLike[str], device: str | None = None, precision: str | None = None
+    ) -> SCTPredictor:
         from medct.predictor import load_for_task
 
         net, card, dev = load_for_task(model_dir, "sct", "synthetic-CT", device)
-        return cls(net, card, dev)
+        return cls(net, card, dev, precision=precision)
 
     @property
     def modality(self) -> str:
@@ -403,7 +412,7 @@ class SCTPredictor:
         # the model was never trained: the sCT is air there, as SynthRAD scores it.
         outside = torch.from_numpy(~source_support(src.array, self.modality)).to(self.device)
         with torch.inference_mode():
-            unit = predict_slices(self.net, x, self.context, self.batch_size, self.tta, self.amp)
+            unit = predict_slices(self.net, x, self.context, self.batch_size, self.tta, self.precision == "bf16")
             unit[outside] = -1.0
         hu = Volume(unit_to_ct(unit).cpu().numpy(), grid.affine, {})
         back = resample_volume(hu, Grid(tuple(volume.shape), volume.affine), "linear", padding="border")  # type: ignore[arg-type]
@@ -486,6 +495,7 @@ class SCTTask(MedCTTask):
     def forward(self, x: Tensor) -> Tensor:  # (B, 2k+1, X, Y) -> (B, 1, X, Y)
         return self.net(x)
 
+    @fp32_loss
     def _loss(self, pred: Tensor, target: Tensor, mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """(B, 1, X, Y) each -> total, L1, IMPACT (masked)."""
         l1 = ((pred - target).abs() * mask).sum() / mask.sum().clamp_min(1.0)

@@ -33,6 +33,7 @@ from torch import Tensor, nn
 
 from medct.checkpoint import ModelCard
 from medct.errors import ConfigError
+from medct.precision import fp32_loss
 from medct.task import MedCTTask
 from medct.transforms import Preprocessing
 
@@ -83,6 +84,7 @@ def decode(vae: nn.Module, z: Tensor, tile: Sequence[int] | None = None, overlap
     return _sliding(vae.decode, z, [int(t) // f for t in tile], overlap)
 
 
+@fp32_loss
 def kl_divergence(mu: Tensor, sigma: Tensor) -> Tensor:
     """KL(N(mu, sigma^2) || N(0, 1)) summed over latent voxels, mean over the batch (MONAI tutorials)."""
     kl = 0.5 * (mu.pow(2) + sigma.pow(2) - torch.log(sigma.pow(2).clamp_min(1e-12)) - 1.0)
@@ -176,19 +178,19 @@ class VAETask(MedCTTask):
         opts = self.optimizers()
         opt_g = opts[0] if isinstance(opts, list) else opts
         recon, mu, sigma = self.net(x)
-        l1 = (recon - x).abs().mean()
+        l1 = (recon.float() - x).abs().mean()
         perceptual = self._perceptual(recon, x)
         kl = kl_divergence(mu, sigma)
         loss = hp.l1_weight * l1 + hp.perceptual_weight * perceptual + hp.kl_weight * kl
         adv_on = self.disc is not None and self.global_step >= hp.adv_start
         if adv_on:
-            loss = loss + hp.adv_weight * (self.disc(recon)[-1] - 1.0).pow(2).mean()
+            loss = loss + hp.adv_weight * (self.disc(recon)[-1].float() - 1.0).pow(2).mean()
         opt_g.zero_grad()
         self.manual_backward(loss)
         opt_g.step()
         if adv_on and isinstance(opts, list):
             opt_d = opts[1]
-            real, fake = self.disc(x)[-1], self.disc(recon.detach())[-1]
+            real, fake = self.disc(x)[-1].float(), self.disc(recon.detach())[-1].float()
             d_loss = 0.5 * ((real - 1.0).pow(2).mean() + fake.pow(2).mean())
             opt_d.zero_grad()
             self.manual_backward(d_loss)

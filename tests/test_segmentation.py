@@ -13,6 +13,7 @@ from medct.finetune.segmentation import SegmentationTask
 from medct.lightning_cli import run_lightning
 from medct.nets import create_net
 from medct.phantom import write_cohort
+from medct.precision import cpu_has_bf16
 from medct.settings import Sampling, Split
 from medct.transforms import Preprocessing
 
@@ -207,12 +208,14 @@ data:
 
     net, card = load_model_folder(export_lightning_checkpoint(resumed_ckpt, tmp_path / "model"))
     assert card.preprocessing.hu_min == -200.0 and len(card.labels) == 12
-    # the recipe's sliding-window settings and the data's modality reach the exported card
+    # the recipe's sliding-window settings, the data's modality and the precision the run trained
+    # and validated at (medct.precision's default: bf16 on a CPU with AMX / AVX-512 BF16) reach the card
     assert card.inference == {
         "overlap": 0.5,
         "sw_batch_size": 3,
         "keep_largest": ["lung_left", "lung_right"],
         "body_only": True,
+        "precision": "bf16" if cpu_has_bf16() else "fp32",
     }
     assert card.modality == "CBCT"
     assert card.task == "segmentation" and card.extra["global_step"] == 4

@@ -36,6 +36,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--sampler", choices=("rflow", "ddim"), default=None, help="sampler (default: the model's)")
     p.add_argument("--device", type=types.device, default=None, help="cuda, mps or cpu (default: best available)")
+    types.add_precision_argument(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bar over the sampling steps")
     p.add_argument("--overwrite", action="store_true", help="generate again volumes whose file exists")
 
@@ -118,7 +119,7 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"-n must be at least 1, got {args.n}.")
     out = Path(args.output)
     single = len(prompts) * args.n == 1 and out.name.endswith((".nii.gz", ".nii"))
-    model = TextToCT.from_folder(args.model, device=args.device)
+    model = TextToCT.from_folder(args.model, device=args.device, precision=args.precision)
     model.grid_size(args.size)  # a grid the model cannot code: one sentence before any case
     source = Path(args.prompts) if args.prompts is not None else Path("command line")
     cases = [

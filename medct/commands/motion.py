@@ -38,6 +38,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--registration", choices=("intensity", "elastix"), default=None, help="phase registration")
     p.add_argument("--seed", type=int, default=0, help="seed of registration sampling and fine-tuning")
     p.add_argument("--device", type=types.device, default=None, help="cuda, mps or cpu (default: best available)")
+    types.add_precision_argument(p)
     p.add_argument("--no-gif", action="store_true", help="do not write sequence.gif")
     p.add_argument("--overwrite", action="store_true", help="predict again when OUT already holds a summary.json")
 
@@ -110,9 +111,11 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("The autoregressive method needs a motion model: pass -m MODEL (or --method pca).")
     source = args.input[0] if len(args.input) == 1 else list(args.input)
     if args.model is not None:
-        predictor = MotionPredictor.from_folder(args.model, device=args.device)
+        predictor = MotionPredictor.from_folder(args.model, device=args.device, precision=args.precision)
     else:
-        predictor = MotionPredictor(None, None, "cpu" if args.device is None else str(args.device))
+        predictor = MotionPredictor(
+            None, None, "cpu" if args.device is None else str(args.device), precision=args.precision
+        )
     phases = read_sequence(source)  # a missing file, too few phases, grids that differ: before any output
     first = Path(args.input[0])
     name = (

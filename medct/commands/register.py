@@ -68,6 +68,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--impact-mode", default="jacobian", choices=["jacobian", "static"], help="impact: optimisation mode"
     )
+    types.add_precision_argument(p)  # impact: the encoder's forward passes
     p.add_argument(
         "--params", nargs="+", default=None, help="elastix parameter files instead of a preset, run in order"
     )
@@ -138,8 +139,9 @@ def _impact(fixed: Any, moving: Any, masks: dict[str, Any], args: argparse.Names
         args._features = impact.load_feature_model(args.encoder, layers=args.impact_layers)
     settings = impact.ImpactSettings(mode=args.impact_mode)
     return impact.register_on_encoder(
-        fixed, moving, args._features, args.impact_init, settings, masks["fixed_mask"], args.threads
-    )
+        fixed, moving, args._features, args.impact_init, settings, masks["fixed_mask"], args.threads,
+        precision=args.precision,
+    )  # fmt: skip
 
 
 def run_pair(entry: dict[str, Any], out: Path, args: argparse.Namespace, log: Path | None = None) -> dict[str, Any]:

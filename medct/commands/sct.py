@@ -23,6 +23,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("-o", "--output", required=True, help="output folder (synthetic CTs, summary.csv, previews)")
     p.add_argument("--device", type=types.device, default=None, help="cuda, mps or cpu (default: best available)")
+    types.add_precision_argument(p)
     p.add_argument("--no-tta", action="store_true", help="no flip test-time augmentation (4x faster)")
     p.add_argument("--overwrite", action="store_true", help="recompute cases whose output already exists")
     p.add_argument("--preview", action="store_true", help="write a PNG (three planes) of each synthetic CT")
@@ -74,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
 
     ignored: list[tuple[Path, str]] = []
     cases = discover_cases(args.input, ignored)  # path errors before the model loads
-    predictor = SCTPredictor.from_folder(args.model, device=args.device)
+    predictor = SCTPredictor.from_folder(args.model, device=args.device, precision=args.precision)
     if args.no_tta:
         predictor.tta = False
     out_dir = prepare_output_folder(args.output)

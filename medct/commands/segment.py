@@ -18,6 +18,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--overlap", type=types.overlap, default=None, help="sliding-window overlap in [0, 1) (default: model's)"
     )
     p.add_argument("--sw-batch-size", type=types.positive_int, default=None, help="patches per forward pass")
+    types.add_precision_argument(p)
     p.add_argument("--tta", action="store_true", help="flip test-time augmentation (slower, smoother)")
     p.add_argument(
         "--keep-outside-body",
@@ -64,6 +65,7 @@ def run(args: argparse.Namespace) -> int:
         overlap=args.overlap,
         sw_batch_size=args.sw_batch_size,
         tta=args.tta,
+        precision=args.precision,
         body_only=False if args.keep_outside_body else None,
         overwrite=args.overwrite,
         preview=args.preview,

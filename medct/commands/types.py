@@ -79,3 +79,14 @@ def device(text: str) -> str:
     if not ok:
         raise argparse.ArgumentTypeError(f"expected cpu, mps, cuda or cuda:N, got '{text}'")
     return text
+
+
+def add_precision_argument(p: argparse.ArgumentParser) -> None:
+    """--precision auto|bf16|fp32: the one precision flag of every command that runs a network."""
+    p.add_argument(
+        "--precision",
+        choices=("auto", "bf16", "fp32"),
+        default="auto",
+        help="bf16 autocast or fp32 (default auto: bf16 where the device has bf16 - CUDA, CPUs with "
+        "AMX / AVX-512 BF16 - else fp32; bf16 on a device without it is an error)",
+    )

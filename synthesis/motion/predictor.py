@@ -14,6 +14,7 @@ from torch import nn
 
 from medct.errors import ConfigError, InvalidVolumeError
 from medct.geometry import Grid
+from medct.precision import autocast
 from medct.synthesis.motion.baselines import PCAMotionModel, copy_last, linear_extrapolation
 from medct.synthesis.motion.sequence import (
     MIN_PHASES,
@@ -46,18 +47,25 @@ class MotionPrediction:
 class MotionPredictor:
     """`medct motion` and `medct.predict_motion`: register, fine-tune (AR), roll out, warp.
 
-    net / card: an exported motion model (None with a baseline method)."""
+    net / card: an exported motion model (None with a baseline method). precision: auto (None),
+    bf16 or fp32 (`medct.precision`) for the network's fine-tuning and roll-out and IMPACT's
+    encoder; its losses stay float32."""
 
-    def __init__(self, net: nn.Module | None, card: Any | None, device: str = "cpu") -> None:
+    def __init__(
+        self, net: nn.Module | None, card: Any | None, device: str = "cpu", precision: str | None = None
+    ) -> None:
+        from medct.precision import resolve_precision
+
         self.net, self.card, self.device = net, card, device
+        self.precision = resolve_precision(precision, torch.device(device))
 
     @classmethod
-    def from_folder(cls, model_dir: str, device: str | None = None) -> MotionPredictor:
+    def from_folder(cls, model_dir: str, device: str | None = None, precision: str | None = None) -> MotionPredictor:
         from medct.predictor import load_for_task
 
         net, card, device_ = load_for_task(model_dir, "motion", "motion", device)
         dev = str(device_)
-        return cls(net, card, dev)
+        return cls(net, card, dev, precision)
 
     def predict(
         self,
@@ -121,8 +129,9 @@ class MotionPredictor:
         if steps < 0:
             raise ConfigError(f"--finetune-steps must be >= 0, got {steps}.")
         context = int(inf["context"])
-        net = finetune(self.net, o, img, steps, float(inf.get("finetune_lr", 1e-4)), context, seed)
-        return rollout(net, o, img, k, context).cpu().numpy()
+        with autocast(dev, self.precision):  # next_phase_loss is float32 (fp32_loss)
+            net = finetune(self.net, o, img, steps, float(inf.get("finetune_lr", 1e-4)), context, seed)
+            return rollout(net, o, img, k, context).float().cpu().numpy()
 
 
 def save_sequence_previews(phases: Sequence[Volume], n_observed: int, png: Path, gif: Path | None) -> None:

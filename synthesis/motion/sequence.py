@@ -153,7 +153,7 @@ def register_phases(
     for t, ph in enumerate(phases[1:], start=1):
         if method == "intensity":
             assert src is not None
-            out[t] = register_impact(ph, ref, src, settings, device=device).displacement.array
+            out[t] = register_impact(ph, ref, src, settings, device=device, precision="fp32").displacement.array
         elif method == "elastix":
             from medct.registration.elastix import register
 

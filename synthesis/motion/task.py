@@ -12,6 +12,7 @@ from torch import Tensor, nn
 
 from medct.card import ModelCard
 from medct.errors import ConfigError
+from medct.precision import fp32_loss
 from medct.task import MedCTTask
 from medct.transforms import Preprocessing
 
@@ -38,7 +39,7 @@ def _windows(fields: Tensor, length: int) -> Tensor:
 def next_phase_loss(net: nn.Module, fields: Tensor, image: Tensor) -> Tensor:
     """Teacher-forced L1 (mm) of predicting fields[:, 1:] from fields[:, :-1]; fields (B, L+1, 3, ...)."""
     pred = net(fields[:, :-1], image)
-    return F.l1_loss(pred, fields[:, 1:])
+    return fp32_loss(F.l1_loss)(pred, fields[:, 1:])
 
 
 def finetune(
