@@ -64,7 +64,7 @@ from medct.geometry import (
     resample_separable,
 )
 from medct.io import check_hu, validate_for_inference
-from medct.precision import Precision, autocast, resolve_precision
+from medct.precision import Precision, autocast, channels_last, resolve_precision
 from medct.predictor import auto_device, load_for_task, resolve_device
 from medct.transforms import BODY_MARGIN_VOXELS
 
@@ -295,7 +295,7 @@ class Predictor:
         # GPU: unmeasured there. Note: converts the given module's parameters in place.
         self.channels_last = self.device.type == "cpu"
         if self.channels_last:
-            self.net = self.net.to(memory_format=torch.channels_last_3d)
+            self.net = channels_last(self.net)
         self.card = card
         if card.task != "segmentation":
             raise ModelFolderError(f"This is a '{card.task}' model; segmentation needs a 'segmentation' model.")
@@ -366,7 +366,7 @@ class Predictor:
         other = copy.copy(self)
         other.net = fold_batch_norm(net.to(self.device).eval())
         if self.channels_last:
-            other.net = other.net.to(memory_format=torch.channels_last_3d)
+            other.net = channels_last(other.net)
         other.forward_seconds = 0.0
         return other
 

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from jsonargparse import ArgumentError
-from lightning.pytorch import LightningDataModule, LightningModule, Trainer
+from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
@@ -59,6 +59,16 @@ def condense_parser_error(message: str) -> str:
     text = " ".join(kept) if kept else message.strip()
     text = text.replace(": :", ":").rstrip(".")
     return f"Invalid recipe value: {text}." if len(text) < 400 else f"Invalid recipe value: {text[:397]}..."
+
+
+class ChannelsLast(Callback):
+    """The task's parameters in channels_last_3d before its optimisers are made (`setup`), so
+    oneDNN's 3D convolutions run in NDHWC through the whole fit (`medct.precision.channels_last`)."""
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        from medct.precision import channels_last
+
+        channels_last(pl_module)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -138,12 +148,19 @@ class MedCTCLI(LightningCLI):
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         """The recipe's trainer, writing checkpoints atomically unless the recipe names its own plugins."""
-        from medct.precision import lightning_precision
+        from medct.precision import lightning_device, lightning_precision, use_channels_last
 
         trainer_config = self._get(self.config_init, "trainer", default={}) or {}
+        accelerator = trainer_config.get("accelerator")
+        model = self._get(self.config_init, "model")
         if trainer_config.get("precision") is None and "precision" not in kwargs:
             asked = self._get(self.config_init, "precision", default="auto")
-            kwargs["precision"] = lightning_precision(asked, trainer_config.get("accelerator"))
+            kwargs["precision"] = lightning_precision(asked, accelerator, bool(getattr(model, "bf16_cpu", True)))
+        family_default = bool(getattr(model, "channels_last_cpu", False))
+        if use_channels_last(
+            self._get(self.config_init, "channels_last"), family_default, lightning_device(accelerator)
+        ):
+            kwargs["callbacks"] = [*(kwargs.get("callbacks") or []), ChannelsLast()]
         if not trainer_config.get("plugins") and "plugins" not in kwargs:
             kwargs["plugins"] = [AtomicCheckpointIO()]
         trainer = super().instantiate_trainer(**kwargs)
@@ -162,6 +179,12 @@ class MedCTCLI(LightningCLI):
             choices=PRECISION_CHOICES,
             default="auto",
             help="medct's precision policy (medct.precision): bf16 autocast where the device has bf16, else fp32",
+        )
+        parser.add_argument(
+            "--channels_last",
+            type=bool | None,
+            default=None,
+            help="channels_last_3d memory for the network (default: the task family's measured CPU choice)",
         )
 
 

@@ -1,6 +1,7 @@
 """The one precision policy of medct: which devices run bf16 autocast, for every task and predictor.
 
-    auto  bf16 autocast where the device has bf16 arithmetic, fp32 elsewhere:
+    auto  bf16 autocast where the device has bf16 arithmetic, fp32 elsewhere (and on CPU for the
+          families measured slower in bf16 there: `bf16_cpu`):
             CUDA            torch.cuda.is_bf16_supported() (Ampere and later)
             CPU             oneDNN's bf16 kernels on native bf16 instructions: AMX-BF16 or AVX-512 BF16
                             (`cpu_has_bf16`; on an AVX-512 CPU without them oneDNN emulates bf16,
@@ -76,13 +77,17 @@ def check_precision(value: object) -> str:
     return str(value)
 
 
-def resolve_precision(asked: str | None, device: torch.device) -> Precision:
-    """The precision to run at on `device` for `asked` (auto/bf16/fp32; None is auto)."""
+def resolve_precision(asked: str | None, device: torch.device, bf16_cpu: bool = True) -> Precision:
+    """The precision to run at on `device` for `asked` (auto/bf16/fp32; None is auto).
+
+    bf16_cpu: whether auto picks bf16 on a bf16 CPU for this network family; False for the
+    transformer families bench/train_throughput.py measured slower in bf16 there (BM-MAE's ViT and
+    the motion transformer: small matrices, where the casts cost more than AMX saves)."""
     asked = check_precision("auto" if asked is None else asked)
     if asked == "fp32":
         return "fp32"
     if device_has_bf16(device):
-        return "bf16"
+        return "bf16" if asked == "bf16" or bf16_cpu or device.type != "cpu" else "fp32"
     if asked == "bf16":
         what = (
             "this CPU has neither AMX-BF16 nor AVX-512 BF16" if device.type == "cpu" else f"{device.type} has no bf16"
@@ -91,17 +96,21 @@ def resolve_precision(asked: str | None, device: torch.device) -> Precision:
     return "fp32"
 
 
-def lightning_precision(asked: str | None, accelerator: str | None) -> str:
-    """Lightning's Trainer precision for a recipe's `precision` and its trainer's `accelerator`
-    ("cpu", "gpu"/"cuda", "auto"/None: CUDA when PyTorch sees one, else CPU)."""
-    acc = (accelerator or "auto").lower() if isinstance(accelerator, str) else "auto"
+def lightning_device(accelerator: object) -> torch.device:
+    """The device type a Trainer's `accelerator` trains on ("cpu", "gpu"/"cuda", "auto"/None: CUDA
+    when PyTorch sees one, else CPU; others, e.g. mps: "meta", which medct has measured nothing on)."""
+    acc = accelerator.lower() if isinstance(accelerator, str) else "auto"
     if acc in ("gpu", "cuda") or acc == "auto" and torch.cuda.is_available():
-        device = torch.device("cuda")
-    elif acc in ("cpu", "auto"):
-        device = torch.device("cpu")
-    else:  # mps, tpu, ...: medct has measured bf16 on neither
-        device = torch.device("meta")
-    return LIGHTNING_PRECISION[resolve_precision(asked, device)]
+        return torch.device("cuda")
+    if acc in ("cpu", "auto"):
+        return torch.device("cpu")
+    return torch.device("meta")
+
+
+def lightning_precision(asked: str | None, accelerator: object, bf16_cpu: bool = True) -> str:
+    """Lightning's Trainer precision for a recipe's `precision`, its trainer's `accelerator` and
+    the task family's `bf16_cpu` (`MedCTTask.bf16_cpu`)."""
+    return LIGHTNING_PRECISION[resolve_precision(asked, lightning_device(accelerator), bf16_cpu)]
 
 
 def autocast(device: torch.device, precision: Precision) -> contextlib.AbstractContextManager[None]:
@@ -149,9 +158,21 @@ def has_conv3d(net: nn.Module) -> bool:
 
 
 def channels_last(net: nn.Module) -> nn.Module:
-    """`net` with its 5D parameters in channels_last_3d (NDHWC) memory, in place; oneDNN then keeps
-    activations in that layout through its 3D convolutions. Networks without Conv3d are left as
-    they are."""
-    if has_conv3d(net):
-        net.to(memory_format=torch.channels_last_3d)
+    """`net` with the weights of its 3D (transposed) convolutions in channels_last_3d (NDHWC)
+    memory, in place; oneDNN then keeps activations in that layout through them. Other layers are
+    left as they are (`Module.to(memory_format=...)` would also convert any 4D or 5D tensor of
+    other layers, and refuses 4D ones)."""
+    for m in net.modules():
+        if isinstance(m, nn.Conv3d | nn.ConvTranspose3d):
+            m.weight.data = m.weight.data.contiguous(memory_format=torch.channels_last_3d)
     return net
+
+
+def use_channels_last(asked: bool | None, family_default: bool, device: torch.device) -> bool:
+    """Whether a run converts its network to channels_last_3d: `asked` (a recipe's
+    `channels_last: true|false`) when given, else the family's measured CPU default
+    (`MedCTTask.channels_last_cpu`, from bench/train_throughput.py); off on other devices unless
+    asked (unmeasured there)."""
+    if asked is not None:
+        return bool(asked)
+    return family_default and device.type == "cpu"

@@ -143,6 +143,8 @@ class BMMAETask(PretrainTask):
         image_key: the batch key holding (B, M, X, Y, Z). Defaults to "phases".
     """
 
+    bf16_cpu = False  # bf16 autocast measured slower than fp32 on CPU (bench/train_throughput.py)
+
     method = "bm_mae"
 
     def __init__(

@@ -47,6 +47,20 @@ def test_auto_is_bf16_exactly_where_the_device_has_it(cpu_bf16) -> None:
         precision.resolve_precision("bf16", torch.device("mps"))
 
 
+def test_families_measured_slower_in_bf16_on_cpu_stay_fp32_under_auto(cpu_bf16) -> None:
+    from medct.pretrain.bm_mae import BMMAETask
+    from medct.synthesis.motion import MotionPredictor
+    from medct.synthesis.motion.task import MotionTask
+
+    cpu_bf16(True)
+    assert BMMAETask.bf16_cpu is False and MotionTask.bf16_cpu is False
+    assert precision.resolve_precision("auto", CPU, bf16_cpu=False) == "fp32"
+    assert precision.resolve_precision("bf16", CPU, bf16_cpu=False) == "bf16"  # asked for: honoured
+    assert precision.lightning_precision("auto", "cpu", bf16_cpu=False) == "32-true"
+    assert MotionPredictor(None, None, "cpu").precision == "fp32"
+    assert MotionPredictor(None, None, "cpu", precision="bf16").precision == "bf16"
+
+
 def test_bf16_without_bf16_is_one_sentence_not_a_silent_fp32_run(cpu_bf16) -> None:
     cpu_bf16(False)
     with pytest.raises(PrecisionUnavailableError, match="neither AMX-BF16 nor AVX-512 BF16"):

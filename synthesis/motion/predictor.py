@@ -57,7 +57,8 @@ class MotionPredictor:
         from medct.precision import resolve_precision
 
         self.net, self.card, self.device = net, card, device
-        self.precision = resolve_precision(precision, torch.device(device))
+        # auto: fp32 on CPU, where the motion transformer trains slower in bf16 (MotionTask.bf16_cpu)
+        self.precision = resolve_precision(precision, torch.device(device), bf16_cpu=False)
 
     @classmethod
     def from_folder(cls, model_dir: str, device: str | None = None, precision: str | None = None) -> MotionPredictor:

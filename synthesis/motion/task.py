@@ -73,6 +73,8 @@ class MotionTask(MedCTTask):
     the defaults of patient-specific fine-tuning, stored in the card.
     """
 
+    bf16_cpu = False  # bf16 autocast measured slower than fp32 on CPU (bench/train_throughput.py)
+
     def __init__(
         self,
         net: nn.Module,
