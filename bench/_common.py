@@ -230,3 +230,31 @@ def quiet_trainer(
         default_root_dir=str(root) if root is not None else None,
         callbacks=list(callbacks or []),
     )
+
+
+class StepTimer:
+    """Lightning callback: per step, the data waiting before it, its compute seconds and its loss."""
+
+    def __new__(cls) -> Any:  # built lazily so that importing this file does not import Lightning
+        import lightning.pytorch as pl
+
+        class _Timer(pl.Callback):
+            def __init__(self) -> None:
+                self.waits: list[float] = []
+                self.steps: list[float] = []
+                self.losses: list[float] = []
+                self._end: float | None = None
+                self._start = 0.0
+
+            def on_train_batch_start(self, *args: Any) -> None:
+                self._start = time.perf_counter()
+                if self._end is not None:
+                    self.waits.append(self._start - self._end)
+
+            def on_train_batch_end(self, trainer: Any, module: Any, outputs: Any, *args: Any) -> None:
+                self._end = time.perf_counter()
+                self.steps.append(self._end - self._start)
+                loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+                self.losses.append(float(loss) if loss is not None else math.nan)
+
+        return _Timer()

@@ -21,12 +21,11 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 import warnings
 from pathlib import Path
 from typing import Any
 
-from _common import CACHE, ROOT, all_met, paired_goal, quiet_trainer, write_result
+from _common import CACHE, ROOT, StepTimer, all_met, paired_goal, quiet_trainer, write_result
 
 from medct.settings import Sampling, Split
 from medct.transforms import Preprocessing
@@ -37,31 +36,6 @@ SPACING = (3.0, 3.0, 3.0)
 PATCH = (96, 96, 96)
 METHODS = ("spark", "simclr", "moco", "volume_fusion", "bm_mae")
 PHASES = ("native", "arterial", "venous")
-
-
-class StepTimer:
-    """Lightning callback: per step, (data waiting, compute) seconds."""
-
-    def __new__(cls) -> Any:  # built lazily so that importing this file does not import Lightning
-        import lightning.pytorch as pl
-
-        class _Timer(pl.Callback):
-            def __init__(self) -> None:
-                self.waits: list[float] = []
-                self.steps: list[float] = []
-                self._end: float | None = None
-                self._start = 0.0
-
-            def on_train_batch_start(self, *args: Any) -> None:
-                self._start = time.perf_counter()
-                if self._end is not None:
-                    self.waits.append(self._start - self._end)
-
-            def on_train_batch_end(self, *args: Any) -> None:
-                self._end = time.perf_counter()
-                self.steps.append(self._end - self._start)
-
-        return _Timer()
 
 
 def task_for(method: str) -> tuple[Any, str]:

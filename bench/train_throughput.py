@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from _common import CACHE, ROOT, all_met, mean_sd, paired_goal, quiet_lightning, write_result
+from _common import CACHE, ROOT, StepTimer, all_met, mean_sd, paired_goal, quiet_lightning, write_result
 
 RESULT = ROOT / "bench" / "results" / "train_throughput.json"
 WORK = CACHE / "train_throughput"
@@ -70,34 +70,6 @@ ARMS: dict[str, list[str]] = {
 TARGET_SPEEDUP = 2.0
 TARGET_CEILING = 0.9
 WINDOW = 50
-
-
-class StepTimer:
-    """Lightning callback: per step, (data waiting, compute) seconds."""
-
-    def __new__(cls) -> Any:  # built lazily so that importing this file does not import Lightning
-        import lightning.pytorch as pl
-
-        class _Timer(pl.Callback):
-            def __init__(self) -> None:
-                self.waits: list[float] = []
-                self.steps: list[float] = []
-                self.losses: list[float] = []
-                self._end: float | None = None
-                self._start = 0.0
-
-            def on_train_batch_start(self, *args: Any) -> None:
-                self._start = time.perf_counter()
-                if self._end is not None:
-                    self.waits.append(self._start - self._end)
-
-            def on_train_batch_end(self, trainer: Any, module: Any, outputs: Any, *args: Any) -> None:
-                self._end = time.perf_counter()
-                self.steps.append(self._end - self._start)
-                loss = outputs["loss"] if isinstance(outputs, dict) else outputs
-                self.losses.append(float(loss) if loss is not None else math.nan)
-
-        return _Timer()
 
 
 # ----------------------------------------------------------------------------- recipes
