@@ -228,15 +228,13 @@ class BF16Check:
     failed: bool = False  # True: bf16 labels were off, the model runs in fp32
 
 
-def label_agreement(a: torch.Tensor, b: torch.Tensor, num_classes: int) -> float:
-    """Mean Dice over the foreground labels present in either label map (1.0 when none is)."""
-    a, b = a.reshape(-1).long(), b.reshape(-1).long()
-    both = torch.bincount(a[a == b], minlength=num_classes)[1:].double()
-    size = (torch.bincount(a, minlength=num_classes) + torch.bincount(b, minlength=num_classes))[1:].double()
-    present = size > 0
-    if not present.any():
-        return 1.0
-    return float((2 * both[present] / size[present]).mean())
+def label_agreement(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Mean Dice (`medct.metrics.dice_per_label`) over the foreground labels present in either
+    label map; 1.0 when neither has one."""
+    from medct.metrics import dice_per_label
+
+    dice = dice_per_label(a.cpu().numpy(), b.cpu().numpy())
+    return float(np.mean(list(dice.values()))) if dice else 1.0
 
 
 # ----------------------------------------------------------------------------- predictor
@@ -574,7 +572,7 @@ class Predictor:
         check = self.bf16_check
         check.pending = False
         reference = self._sliding_window(x, keep, "fp32")[0]
-        dice = label_agreement(scores.argmax(0), reference.argmax(0), self.num_classes)
+        dice = label_agreement(scores.argmax(0), reference.argmax(0))
         check.dice = dice
         if dice >= check.tolerance:
             return scores, None

@@ -298,8 +298,8 @@ def test_summary_csv_records_the_precision_and_the_fallback(cpu_bf16, tmp_path) 
 def test_label_agreement_is_the_mean_foreground_dice() -> None:
     a = torch.tensor([0, 1, 1, 2, 2, 2])
     b = torch.tensor([0, 1, 0, 2, 2, 0])
-    assert label_agreement(a, b, 3) == pytest.approx((2 * 1 / 3 + 2 * 2 / 5) / 2)
-    assert label_agreement(torch.zeros(4), torch.zeros(4), 3) == 1.0
+    assert label_agreement(a, b) == pytest.approx((2 * 1 / 3 + 2 * 2 / 5) / 2)
+    assert label_agreement(torch.zeros(4), torch.zeros(4)) == 1.0
 
 
 def test_channels_last_only_touches_3d_convolution_networks() -> None:
