@@ -71,19 +71,34 @@ class BodyMask:
         return bool(self.mask[c_lo[0] : c_hi[0] + 1, c_lo[1] : c_hi[1] + 1, c_lo[2] : c_hi[2] + 1].any())
 
 
-def fill_truncated_slice(body: np.ndarray) -> np.ndarray:
-    """An axial slice's body with its holes filled, also where the field of view cuts the body:
-    along each image edge, the stretch between the first and the last body pixel on it is closed
-    first, so lungs or bowel gas that reach a cut edge still count as enclosed (scipy's hole
-    filling alone takes them for outside air, since they touch the border)."""
+def fill_truncated_slices(body: np.ndarray) -> np.ndarray:
+    """(x, y, z) bool: each axial slice's body with its holes filled, also where the field of view
+    cuts the body: along each image edge, the stretch between the first and the last body pixel on
+    it is closed first, so lungs or bowel gas that reach a cut edge still count as enclosed (scipy's
+    hole filling alone takes them for outside air, since they touch the border).
+
+    All slices at once, by labelling: the background pieces (4-connected within a slice, as scipy's
+    binary_fill_holes connects them; the in-plane structure never joins slices) that touch no image
+    edge are holes. Same result as binary_fill_holes slice by slice, ~2.5x faster (0.04 instead of
+    0.10 s for a 171x171x134 CT mask here, measured).
+    """
     from scipy import ndimage
 
     closed = body.copy()
-    for edge in (closed[0, :], closed[-1, :], closed[:, 0], closed[:, -1]):  # views into `closed`
-        on = np.flatnonzero(edge)
-        if len(on) >= 2:
-            edge[on[0] : on[-1] + 1] = True
-    return ndimage.binary_fill_holes(closed)
+    for edge in (closed[0], closed[-1], closed[:, 0], closed[:, -1]):  # (n, z) views into `closed`
+        n = edge.shape[0]
+        first = np.argmax(edge, axis=0)  # (z,) first body pixel on this edge of each slice
+        last = n - 1 - np.argmax(edge[::-1], axis=0)
+        pos = np.arange(n)[:, None]
+        edge |= (pos >= first) & (pos <= last) & edge.any(axis=0)
+    in_plane = np.zeros((3, 3, 3), bool)
+    in_plane[:, :, 1] = ndimage.generate_binary_structure(2, 1)  # 4-neighbours within the slice only
+    pieces, n = ndimage.label(~closed, structure=in_plane)  # (x, y, z) background pieces of each slice
+    hole = np.ones(n + 1, bool)  # piece id -> whether it is a hole
+    hole[0] = False  # the body itself
+    hole[pieces[[0, -1]]] = False  # pieces on an image edge are outside air
+    hole[pieces[:, [0, -1]]] = False
+    return closed | hole[pieces]
 
 
 def body_mask(image: np.ndarray, spacing: Sequence[float], threshold: float, tissue: float | None = None) -> BodyMask:
@@ -93,7 +108,7 @@ def body_mask(image: np.ndarray, spacing: Sequence[float], threshold: float, tis
     (TISSUE_HU on the image's scale keeps the couch top out, see medct.intensity).
 
     Voxels above `threshold`, holes filled in every axial slice (lungs, airways and bowel gas belong
-    to the body; also where the field of view cuts the body, `fill_truncated_slice`), so the body is
+    to the body; also where the field of view cuts the body, `fill_truncated_slices`), so the body is
     one solid piece; a binary opening with a box of ~BODY_OPEN_MM radius (cuts off what is thinner:
     the couch plate and rails, a mattress); its pieces of >= BODY_MIN_ML (the opening can part arms
     from the trunk); plus the voxels above `tissue` within one opening radius of them that touch
@@ -114,7 +129,7 @@ def body_mask(image: np.ndarray, spacing: Sequence[float], threshold: float, tis
     size = 2 * np.ceil(BODY_OPEN_MM / (sp * stride)).astype(int) + 1
     # Holes filled first (lungs, bowel gas: also where the field of view cuts the body), so that
     # the body is one solid piece whose chest wall the opening cannot break.
-    filled = np.stack([fill_truncated_slice(coarse[:, :, k]) for k in range(coarse.shape[2])], axis=2)
+    filled = fill_truncated_slices(coarse)
     # minimum then maximum filter = binary opening with a box; separable in scipy, so fast. It cuts
     # off what is thinner than the box: the couch plate and rails, a mattress.
     opened = ndimage.maximum_filter(ndimage.minimum_filter(filled.view(np.uint8), size=size), size=size) > 0
@@ -132,12 +147,13 @@ def body_mask(image: np.ndarray, spacing: Sequence[float], threshold: float, tis
     # radius of the back, parted from it by a pad or air, stays out
     pieces, _ = ndimage.label(mask | (dense & near & filled))
     mask = np.isin(pieces, np.unique(pieces[mask]))
-    for k in range(mask.shape[2]):
-        mask[:, :, k] = fill_truncated_slice(mask[:, :, k])
+    mask = fill_truncated_slices(mask)
     # Where a cell may hold both body and not: the outline's layer, and what tissue does not enclose
     # (a couch pad and core filled in between the back and a couch top, which at a coarse grid reads
     # above `threshold` and which no opening can cut off a flat back); lungs and gas are enclosed.
-    inner = ndimage.binary_erosion(mask, np.ones((3, 3, 3), bool), border_value=1)
-    enclosed = np.stack([fill_truncated_slice(dense[:, :, k]) for k in range(dense.shape[2])], axis=2)
+    # binary erosion/dilation with a 3x3x3 box as separable min/max filters (~2x faster here, the same voxels)
+    inner = ndimage.minimum_filter(mask.view(np.uint8), size=3, mode="constant", cval=1) > 0
+    enclosed = fill_truncated_slices(dense)
     fringe = mask & (~inner | ~enclosed)
-    return BodyMask(ndimage.binary_dilation(mask, np.ones((3, 3, 3), bool)), stride, mask, fringe)
+    widened = ndimage.maximum_filter(mask.view(np.uint8), size=3, mode="constant", cval=0) > 0
+    return BodyMask(widened, stride, mask, fringe)

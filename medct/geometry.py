@@ -153,6 +153,23 @@ def _normalised(coords: torch.Tensor, src_shape: Sequence[int]) -> torch.Tensor:
     return (coords * scale - 1.0).flip(-1)
 
 
+def float_tensor(arr: np.ndarray) -> torch.Tensor:
+    """`arr` as a float32 CPU tensor in its own memory order (a NIfTI array is Fortran-ordered).
+
+    np.ascontiguousarray(arr, float32) also transposes a Fortran-ordered array to C order, a
+    cache-hostile copy: 0.44 s for a 512x512x134 int16 CT here, against 0.03 s for torch's
+    elementwise conversion that keeps the strides. Arrays torch cannot view (negative strides,
+    non-native byte order, unsigned types it lacks) take numpy's copy.
+    """
+    viewable = arr.dtype.isnative and all(s >= 0 for s in arr.strides) and arr.dtype.kind in "biuf"
+    if viewable:
+        try:
+            return torch.from_numpy(arr).to(torch.float32)
+        except TypeError:  # a dtype torch has no tensor type for (e.g. uint32 on some builds)
+            pass
+    return torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))
+
+
 def resample_chunks(
     src: torch.Tensor, index_map: np.ndarray, out_shape: Sequence[int], chunk_voxels: int = CHUNK_VOXELS
 ) -> Iterator[tuple[slice, torch.Tensor]]:
@@ -201,8 +218,12 @@ def resample_separable(src: torch.Tensor, index_map: np.ndarray, out_shape: Sequ
     """
     coords = _axis_coords(index_map, out_shape, src.shape[1:], src.device)
     out = src
-    # shrink first: the intermediate arrays stay small
-    for axis in sorted(range(3), key=lambda a: int(out_shape[a]) / int(src.shape[1 + a])):
+    # shrink first, so the intermediate arrays stay small; of axes that shrink alike, the one slower in
+    # memory first: index_select along the fastest axis is a scattered gather (a Fortran-ordered
+    # NIfTI array from `float_tensor`: 0.12 s instead of 0.45 s for 512x512x134 -> 184x184x134)
+    for axis in sorted(
+        range(3), key=lambda a: (round(int(out_shape[a]) / int(src.shape[1 + a]), 1), -src.stride(1 + a))
+    ):
         n_src = out.shape[1 + axis]
         c = coords[axis]
         i0 = c.floor().long().clamp_(max=max(n_src - 2, 0))
@@ -212,7 +233,7 @@ def resample_separable(src: torch.Tensor, index_map: np.ndarray, out_shape: Sequ
         w = (c - i0.float()).view(view)
         a = out.index_select(1 + axis, i0)
         out = a + (out.index_select(1 + axis, i1) - a) * w
-    return out
+    return out.contiguous()
 
 
 def mixed_cells(labels: torch.Tensor) -> torch.Tensor:
@@ -313,7 +334,7 @@ def resample_volume(
     vector = arr.ndim == 4
     if arr.ndim not in (3, 4):
         raise ValueError(f"resample_volume takes (X, Y, Z) or (X, Y, Z, C) arrays, got shape {arr.shape}")
-    src = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32)).to(device)
+    src = float_tensor(arr).to(device)
     src = src.permute(3, 0, 1, 2) if vector else src[None]  # (C, X, Y, Z)
     fill = 0.0 if padding == "border" else float(padding)
     if fill:

@@ -58,6 +58,7 @@ from medct.geometry import (
     Grid,
     argmax_resample_chunks,
     axis_aligned,
+    float_tensor,
     map_box,
     network_grid,
     resample_chunks,
@@ -514,7 +515,7 @@ class Predictor:
         lo, hi = map_box(grid_to_in, np.zeros(3), np.asarray(grid.shape) - 1, volume.shape)
         lo, hi = np.maximum(lo - 1, 0), np.minimum(hi + 1, np.asarray(volume.shape) - 1)
         sub = np.asarray(volume.array[lo[0] : hi[0] + 1, lo[1] : hi[1] + 1, lo[2] : hi[2] + 1])
-        src = torch.from_numpy(np.ascontiguousarray(sub, dtype=np.float32))[None]  # (1, x, y, z) HU
+        src = float_tensor(sub)[None]  # (1, x, y, z) HU, in the array's own memory order
         if self.device.type == "cuda":
             src = src.to(self.device)
         shift = np.eye(4)

@@ -110,3 +110,31 @@ def test_transcribed_grid_helpers_equal_monai() -> None:
         ours, theirs = compute_shape_offset(shape, aff, new), monai_offset(shape, aff, new, scale_extent=False)
         np.testing.assert_array_equal(ours[0], theirs[0])
         np.testing.assert_array_equal(ours[1], theirs[1])
+
+
+def test_float_tensor_equals_numpy_for_every_memory_order_and_byte_order() -> None:
+    """Fortran order (nibabel's), C order, negative strides, big-endian, uint16: float32 values equal."""
+    import torch
+
+    from medct.geometry import float_tensor
+
+    base = np.random.default_rng(0).integers(-1024, 3000, (7, 6, 5)).astype(np.int16)
+    cases = [np.asfortranarray(base), base, base[::-1, :, ::-2], base.astype(">i2"), (base + 1100).astype(np.uint16)]
+    for arr in cases:
+        t = float_tensor(arr)
+        assert t.dtype == torch.float32
+        np.testing.assert_array_equal(t.numpy(), arr.astype(np.float32))
+
+
+def test_separable_resampling_of_a_fortran_ordered_array_equals_c_order() -> None:
+    """The axis order `resample_separable` picks by memory layout changes only float rounding."""
+    import torch
+
+    from medct.geometry import float_tensor, resample_separable
+
+    arr = np.asfortranarray(np.random.default_rng(1).normal(0, 500, (40, 40, 12)).astype(np.float32))
+    imap = np.diag([40 / 15, 40 / 15, 1.0, 1.0])  # 40 -> 16 voxels in-plane (x and y shrink alike), z kept
+    fortran = resample_separable(float_tensor(arr)[None], imap, (16, 16, 12))
+    c_order = resample_separable(torch.from_numpy(np.ascontiguousarray(arr))[None], imap, (16, 16, 12))
+    assert fortran.is_contiguous()
+    np.testing.assert_allclose(fortran.numpy(), c_order.numpy(), rtol=0, atol=1e-3)

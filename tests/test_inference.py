@@ -480,3 +480,35 @@ def test_body_mask_keeps_lungs_where_the_field_of_view_cuts_the_body() -> None:
     lungs = (img == -850)[:, :, 5]
     assert body.inside[:, :, 5][lungs].mean() == 1.0
     assert not body.inside[:, :, 5][30, 55]  # the air above the chest is not
+
+
+def _fill_one_slice(body: np.ndarray) -> np.ndarray:
+    """The reference: close each image edge's body stretch, then scipy's 2-D binary_fill_holes."""
+    closed = body.copy()
+    for edge in (closed[0, :], closed[-1, :], closed[:, 0], closed[:, -1]):
+        on = np.flatnonzero(edge)
+        if len(on) >= 2:
+            edge[on[0] : on[-1] + 1] = True
+    return ndimage.binary_fill_holes(closed)
+
+
+def _check_fill(masks: list[np.ndarray]) -> None:
+    from medct.body import fill_truncated_slices
+
+    for m in masks:
+        expected = np.stack([_fill_one_slice(m[:, :, k]) for k in range(m.shape[2])], axis=2)
+        np.testing.assert_array_equal(fill_truncated_slices(m), expected)
+
+
+def test_whole_volume_hole_filling_equals_scipy_slice_by_slice() -> None:
+    """`fill_truncated_slices` (one labelling of the whole stack) = the slice-by-slice reference."""
+    rng = np.random.default_rng(0)
+    masks = [ndimage.binary_opening(rng.random((40, 37, 9)) > p) for p in (0.3, 0.45, 0.6)]
+    _check_fill([*masks, np.ones((4, 5, 2), bool), np.zeros((4, 5, 2), bool), rng.random((9, 9, 3)) > 0.9])
+
+
+def test_whole_volume_hole_filling_equals_slice_by_slice_on_a_real_ct(shared_data: Path) -> None:
+    import nibabel as nib
+
+    ct = np.asarray(nib.load(shared_data / "pancreas_ct_cbct" / "planct.nii.gz").dataobj)[::4, ::4, ::2]
+    _check_fill([ct > -500, ct > -250])
