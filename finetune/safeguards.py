@@ -68,9 +68,11 @@ def fisher_diagonal(
     batches: Iterable[dict[str, Tensor]],
     loss_of: Callable[[dict[str, Tensor]], Tensor],
     max_batches: int,
+    normalise: bool = True,
 ) -> dict[str, Tensor]:
     """Empirical Fisher diagonal: mean over up to `max_batches` batches of grad(loss)^2 per parameter,
-    divided by its mean over all parameters (see the module docstring). `loss_of(batch)` runs the
+    divided by its mean over all parameters (see the module docstring; `normalise=False`: the raw
+    mean, as PSMT's reference weighs it). `loss_of(batch)` runs the
     network on a batch (already on the network's device) and returns the training loss.
     The network's train/eval mode is left as it was; batch-norm statistics are not updated."""
     params = {n: p for n, p in net.named_parameters() if p.requires_grad}
@@ -93,6 +95,8 @@ def fisher_diagonal(
         net.train(was_training)
     if count == 0:
         raise ValueError("the Fisher information needs at least one training batch")
+    if not normalise:
+        return {n: (a / count).cpu() for n, a in acc.items()}
     total = sum(float(a.sum()) for a in acc.values())
     n_params = sum(a.numel() for a in acc.values())
     mean = total / count / max(n_params, 1)

@@ -187,8 +187,14 @@ class TestTimeAdapter:
         return None
 
 
-def make_method(name: str, lr: float | None = None) -> AdaptationMethod:
-    """The adaptation method of a name in ADAPT_METHODS, with its default settings (lr overrides)."""
+def make_method(name: str, lr: float | None = None, steps: int = 10, reset: ResetMode = "case") -> AdaptationMethod:
+    """The adaptation method of a name in ADAPT_METHODS with its default settings (lr overrides).
+    The mean teachers' EMA momentum follows the run: the references' 0.999 for a continual run
+    (`reset="never"`, the stream they were made for), `case_momentum(steps)` per case (0.999 would
+    move the teacher by 1 % in 10 steps)."""
+    from medct.finetune.psmt import REFERENCE_MOMENTUM, case_momentum
+
+    momentum = REFERENCE_MOMENTUM if reset == "never" else case_momentum(steps)
     if name == "tent":
         from medct.finetune.tent import Tent
 
@@ -196,30 +202,34 @@ def make_method(name: str, lr: float | None = None) -> AdaptationMethod:
     if name == "cotta":
         from medct.finetune.cotta import CoTTA
 
-        return CoTTA() if lr is None else CoTTA(lr=lr)
+        return CoTTA(momentum=momentum) if lr is None else CoTTA(lr=lr, momentum=momentum)
     if name == "psmt":
         from medct.finetune.psmt import PSMT
 
-        return PSMT() if lr is None else PSMT(lr=lr)
+        return PSMT(momentum=momentum) if lr is None else PSMT(lr=lr, momentum=momentum)
     raise ConfigError(f"--adapt must be one of {', '.join(ADAPT_METHODS)}, got '{name}'.")
 
 
-def harness(make: Callable[[], AdaptationMethod]) -> AdapterFactory:
-    """An entry of `medct.adaptation`'s table that runs the method `make()` builds inside the
+def harness(make: Callable[[AdaptOptions], AdaptationMethod]) -> AdapterFactory:
+    """An entry of `medct.adaptation`'s table that runs the method `make(options)` builds inside the
     `TestTimeAdapter` harness (random body patches, reset, collapse guard) with the run's options."""
 
     def build(source: object, options: AdaptOptions) -> TestTimeAdapter:
         assert isinstance(source, nn.Module)
         return TestTimeAdapter(
-            source, make(), options.patch_size, steps=options.steps, batch=options.batch,
+            source, make(options), options.patch_size, steps=options.steps, batch=options.batch,
             reset=options.reset, device=options.device, seed=options.seed, precision=options.precision,
         )  # fmt: skip
 
     return build
 
 
+def _method_for_run(name: str, options: AdaptOptions) -> AdaptationMethod:
+    return make_method(name, steps=options.steps, reset=options.reset)
+
+
 for _name in ADAPT_METHODS:  # `medct segment --adapt tent|cotta|psmt`
-    register_adaptation(_name, harness(partial(make_method, _name)))
+    register_adaptation(_name, harness(partial(_method_for_run, _name)))
 
 
 # ----------------------------------------------------------------------------- shared by the methods
@@ -254,6 +264,20 @@ def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
 def soft_cross_entropy(logits: Tensor, target_probs: Tensor) -> Tensor:
     """Mean over voxels of -sum_c q_c log p_c (the mean-teacher consistency loss of CoTTA)."""
     return -(target_probs * torch.log_softmax(logits.float(), dim=1)).sum(dim=1).mean()
+
+
+@fp32_loss
+def hard_cross_entropy(logits: Tensor, labels: Tensor) -> Tensor:
+    """Mean over voxels of the cross-entropy to hard pseudo-labels (B, *S) (CoTTA's segmentation loss)."""
+    return nn.functional.cross_entropy(logits.float(), labels)
+
+
+@fp32_loss
+def symmetric_cross_entropy(logits: Tensor, teacher_logits: Tensor, alpha: float = 0.5) -> Tensor:
+    """Mean over voxels of (1 - alpha) CE(teacher -> student) + alpha CE(student -> teacher)
+    (PSMT's SymmetricCrossEntropy, JiaxuTian/PSMT classification/methods/psmt.py)."""
+    logp, logq = torch.log_softmax(logits.float(), dim=1), torch.log_softmax(teacher_logits.float(), dim=1)
+    return (-(1.0 - alpha) * (logq.exp() * logp).sum(dim=1) - alpha * (logp.exp() * logq).sum(dim=1)).mean()
 
 
 def mean_teacher_start(source: nn.Module, lr: float) -> tuple[nn.Module, nn.Module, torch.optim.Optimizer]:

@@ -108,7 +108,9 @@ def fold_batch_norm(net: nn.Module) -> nn.Module:
     """
     from torch.fx.experimental.optimization import fuse
 
-    if net.training or not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in net.modules()):
+    norms = [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    # no running statistics (TENT's batch statistics, `track_running_stats=False`): nothing to fold
+    if net.training or not norms or any(m.running_mean is None for m in norms):
         return net
     try:
         return fuse(net)

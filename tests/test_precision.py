@@ -192,7 +192,7 @@ def test_adaptation_in_bf16_keeps_the_teacher_and_optimiser_state_float32() -> N
         assert state and all(t.dtype == torch.float32 for t in state)
         assert np.isfinite(report.final_loss)
         if name == "psmt":
-            assert all(f.dtype == torch.float32 for f in method.anchor.importance.values())
+            assert all(f.dtype == torch.float32 for f in method.fisher.values())
 
 
 # ----------------------------------------------------------------------------- the predictor's check

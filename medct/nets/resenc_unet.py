@@ -15,6 +15,8 @@ from torch import Tensor, nn
 
 from medct.nets.registry import record_config, register_net
 
+NORMS = {"instance": "INSTANCE", "batch": "BATCH"}  # medct name -> MONAI's norm layer name
+
 
 @register_net("resenc_unet", tiny_args={"filters": [4, 8, 16]}, tiny_size=32)
 class ResEncUNet(DynUNet):
@@ -35,6 +37,8 @@ class ResEncUNet(DynUNet):
         deep_supr_num: number of extra heads with deep supervision. Defaults to 1.
         dropout: dropout probability in every block (0 = none). Defaults to 0.0.
         blocks_per_stage: residual blocks per encoder stage; None = one each. Defaults to None.
+        norm: "instance" (nnU-Net's) or "batch" (BatchNorm3d: running statistics that test-time
+            adaptation such as TENT can re-estimate on a new scanner). Defaults to "instance".
     """
 
     encoder_prefixes: tuple[str, ...] = ("input_block.", "downsamples.", "bottleneck.")
@@ -48,7 +52,10 @@ class ResEncUNet(DynUNet):
         deep_supr_num: int = 1,
         dropout: float = 0.0,
         blocks_per_stage: Sequence[int] | None = None,
+        norm: str = "instance",
     ) -> None:
+        if norm not in NORMS:
+            raise ValueError(f"resenc_unet norm must be one of {', '.join(NORMS)}, got {norm!r}")
         n = len(filters)
         if n < 3:
             raise ValueError(f"resenc_unet needs at least 3 stages in `filters`, got {list(filters)}")
@@ -67,7 +74,7 @@ class ResEncUNet(DynUNet):
             upsample_kernel_size=strides[1:],
             filters=list(filters),
             dropout=dropout if dropout > 0 else None,
-            norm_name=("INSTANCE", {"affine": True}),
+            norm_name=(NORMS[norm], {"affine": True}),
             act_name=("leakyrelu", {"inplace": True, "negative_slope": 0.01}),
             deep_supervision=deep_supervision,
             deep_supr_num=deep_supr_num,
