@@ -208,7 +208,10 @@ def test_focal_tversky_equals_hand_computed_value() -> None:
         ti = (tp + 1e-5) / (tp + 0.7 * fn + 0.3 * fp + 1e-5)  # MONAI's smoothing terms
         terms.append((1 - ti) ** 0.75)
     expected = torch.stack(terms).mean()
-    assert FocalTverskyLoss()(logits, target) == pytest.approx(float(expected), rel=1e-5)
+    per_sample = FocalTverskyLoss(smooth=1e-5, include_background=True, batch=False)
+    assert per_sample(logits, target) == pytest.approx(float(expected), rel=1e-5)
+    # the reference's default: foreground only, smoothing 1: tp = fn = fp = 1 -> TI = 2 / 3
+    assert FocalTverskyLoss()(logits, target) == pytest.approx((1 / 3) ** 0.75, rel=1e-6)
 
 
 def test_weight_anchor_l2_and_ewc_by_hand() -> None:
