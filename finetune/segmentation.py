@@ -5,8 +5,11 @@ only the training logic:
   * loss: Dice + cross-entropy on softmax outputs (MONAI DiceCELoss; the nnU-Net loss, Isensee et
     al., Nat. Methods 2021) or the focal Tversky loss (`finetune.losses`), over deep-supervision
     heads with halving weights (nnU-Net) or their mean (Turbolift) when the network returns them;
-  * optimiser: AdamW (Loshchilov & Hutter, ICLR 2019) or Adam with nnU-Net's polynomial decay
-    (1 - step/total)^0.9 or cosine decay, stepped per optimiser step over the whole run;
+  * optimiser: AdamW (Loshchilov & Hutter, ICLR 2019), Adam, or nnU-Net's SGD (momentum 0.99,
+    Nesterov) with nnU-Net's polynomial decay (1 - step/total)^0.9 or cosine decay, stepped per
+    optimiser step over the whole run; for a pretrained encoder nnssl's fine-tuning warm-ups
+    (`freeze_encoder_steps`: decoder only, encoder frozen; `warmup_steps`: whole network; see
+    `finetune.schedule`) and gradient clipping (Lightning's `trainer.gradient_clip_val`; nnU-Net 12);
   * sequential fine-tuning (Turbolift, `finetune.turbolift`): `init_checkpoint` starts from all
     weights of an earlier stage; `regularizer` l2/ewc anchors them, `encoder_lr_scale` slows the
     encoder (`finetune.safeguards`);
@@ -25,6 +28,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from functools import partial
 from typing import Any, Literal
 
 import torch
@@ -39,6 +43,7 @@ from medct.checkpoint import ModelCard, read_network_weights
 from medct.errors import ConfigError
 from medct.finetune.losses import LossName, make_loss
 from medct.finetune.safeguards import WeightAnchor, load_fisher, param_groups
+from medct.finetune.schedule import lr_factor
 from medct.nets.encoder import load_pretrained_encoder, load_unique_state_dict
 from medct.precision import fp32_loss
 from medct.sliding_window import DEFAULT_OVERLAP, check_overlap
@@ -68,7 +73,9 @@ class SegmentationTask(MedCTTask):
     training (after `pretrained_encoder`); `regularizer` "l2" or "ewc" with `regularizer_weight`
     pulls the weights towards the init_checkpoint's, EWC weighting each by the Fisher information in
     `fisher_path`; `encoder_lr_scale` < 1 trains the encoder slower than the decoder.
-    `loss` dice_ce | focal_tversky; `optimizer` adamw | adam; `ds_weighting` halving | mean.
+    `loss` dice_ce | focal_tversky; `optimizer` adamw | adam | sgd; `ds_weighting` halving | mean.
+    `freeze_encoder_steps` / `warmup_steps`: the warm-ups of `finetune.schedule` (nnssl fine-tunes a
+    pretrained ResEnc with SGD 1e-3 and a whole-network warm-up over the first 5 % of the run).
     """
 
     def __init__(
@@ -89,7 +96,7 @@ class SegmentationTask(MedCTTask):
         input_key: str = "image",
         present: Sequence[str] | None = None,
         loss: LossName = "dice_ce",
-        optimizer: Literal["adamw", "adam"] = "adamw",
+        optimizer: Literal["adamw", "adam", "sgd"] = "adamw",
         ds_weighting: Literal["halving", "mean"] = "halving",
         init_checkpoint: str | None = None,
         regularizer: Literal["none", "l2", "ewc"] = "none",
@@ -97,6 +104,8 @@ class SegmentationTask(MedCTTask):
         fisher_path: str | None = None,
         encoder_lr_scale: float = 1.0,
         compile: bool = False,
+        freeze_encoder_steps: int = 0,
+        warmup_steps: int = 0,
     ) -> None:
         super().__init__(net, preprocessing, patch_size)
         self.save_hyperparameters(ignore=["net"])
@@ -145,6 +154,15 @@ class SegmentationTask(MedCTTask):
             self.anchor = WeightAnchor(reference, regularizer_weight, importance)
         if not 0.0 < encoder_lr_scale <= 1.0:
             raise ConfigError(f"model.encoder_lr_scale must lie in (0, 1], got {encoder_lr_scale}.")
+        if freeze_encoder_steps < 0 or warmup_steps < 0:
+            raise ConfigError("model.freeze_encoder_steps and model.warmup_steps must be >= 0.")
+        self.encoder_params = [
+            p for n, p in net.named_parameters() if n.startswith(tuple(getattr(net, "encoder_prefixes", ())))
+        ]
+        if freeze_encoder_steps > 0 and not self.encoder_params:
+            raise ConfigError(
+                f"model.freeze_encoder_steps needs a network with an encoder split (encoder_prefixes); {type(net).__name__} has none."
+            )
         check_overlap(sw_overlap)  # the one check of every overlap: a recipe's mistake before training
         self.dice_metric = DiceMetric(include_background=False, reduction="none", ignore_empty=True)
 
@@ -176,6 +194,20 @@ class SegmentationTask(MedCTTask):
 
     # -- training
 
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        """The encoder has no gradient (no update, no optimiser state) while it is frozen."""
+        freeze = int(self.hparams.get("freeze_encoder_steps", 0))
+        if freeze:
+            trainable = self.trainer.global_step >= freeze
+            for p in self.encoder_params:
+                p.requires_grad_(trainable)
+
+    def on_train_end(self) -> None:
+        """A run that ends while the encoder is frozen leaves it trainable (the next fit's optimiser
+        is built from the trainable parameters)."""
+        for p in self.encoder_params:
+            p.requires_grad_(True)
+
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         image, label = batch[self.hparams.get("input_key", "image")], batch["label"]  # (B, C, *patch), class indices
         logits = self(image)
@@ -199,18 +231,22 @@ class SegmentationTask(MedCTTask):
     def configure_optimizers(self) -> Any:
         hp = self.hparams
         groups = param_groups(self.net, hp.lr, float(hp.get("encoder_lr_scale", 1.0)), hp.weight_decay)
-        opt_cls = torch.optim.Adam if hp.get("optimizer", "adamw") == "adam" else torch.optim.AdamW
-        opt = opt_cls(groups, lr=hp.lr, weight_decay=hp.weight_decay)
-        total = self.trainer.estimated_stepping_batches if self._trainer is not None else math.inf
-        if hp.scheduler == "constant" or not math.isfinite(total):
-            return opt
-        total = max(int(total), 1)
-        if hp.scheduler == "poly":
-            sched: torch.optim.lr_scheduler.LRScheduler = torch.optim.lr_scheduler.PolynomialLR(
-                opt, total_iters=total, power=0.9
+        name = hp.get("optimizer", "adamw")
+        if name == "sgd":  # nnU-Net's (and nnssl's fine-tuning) optimiser
+            opt: torch.optim.Optimizer = torch.optim.SGD(
+                groups, lr=hp.lr, weight_decay=hp.weight_decay, momentum=0.99, nesterov=True
             )
         else:
-            sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total)
+            opt_cls = torch.optim.Adam if name == "adam" else torch.optim.AdamW
+            opt = opt_cls(groups, lr=hp.lr, weight_decay=hp.weight_decay)
+        freeze, warmup = int(hp.get("freeze_encoder_steps", 0)), int(hp.get("warmup_steps", 0))
+        total = self.trainer.estimated_stepping_batches if self._trainer is not None else math.inf
+        if (hp.scheduler == "constant" and not freeze and not warmup) or not math.isfinite(total):
+            return opt
+        total = max(int(total), 1)
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, partial(lr_factor, total=total, kind=hp.scheduler, freeze=freeze, warmup=warmup)
+        )
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     # -- validation / test

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import lightning.pytorch as pl
+import numpy as np
 import pytest
 import torch
 
@@ -117,7 +118,8 @@ def test_deep_supervision_and_schedulers(cohort, tmp_path):
     trainer = _trainer(tmp_path, max_steps=3, limit_val_batches=0)
     trainer.fit(task, datamodule=dm)
     sched = trainer.lr_scheduler_configs[0].scheduler
-    assert isinstance(sched, torch.optim.lr_scheduler.PolynomialLR) and sched.total_iters == 3
+    assert isinstance(sched, torch.optim.lr_scheduler.LambdaLR)
+    assert sched.lr_lambdas[0](1) == pytest.approx((1 - 1 / 3) ** 0.9)  # nnU-Net's poly over the 3 steps
     assert trainer.optimizers[0].param_groups[0]["lr"] < task.hparams.lr
     assert torch.isfinite(trainer.callback_metrics["train/loss"])
 
@@ -220,3 +222,37 @@ data:
     assert card.modality == "CBCT"
     assert card.task == "segmentation" and card.extra["global_step"] == 4
     assert net(torch.rand(1, 1, 16, 16, 16)).shape == (1, 12, 16, 16, 16)
+
+
+def test_lr_factor_freeze_then_warmup_then_poly():
+    from medct.finetune.schedule import lr_factor
+
+    f = [lr_factor(s, 10, "poly", freeze=2, warmup=4) for s in range(10)]
+    assert f[:2] == [0.5, 1.0]  # the decoder's warm-up while the encoder is frozen
+    assert f[2:6] == [0.25, 0.5, 0.75, 1.0]  # the whole network's (nnssl: lr x (1 + s) / steps)
+    assert f[6] == 1.0 and f[7] == pytest.approx(0.75**0.9) and f[9] == pytest.approx(0.25**0.9)
+    assert lr_factor(3, 10, "cosine") == pytest.approx(0.5 * (1 + np.cos(np.pi * 0.3)))
+    assert lr_factor(0, 10, "constant", warmup=5) == 0.2 and lr_factor(7, 10, "constant", warmup=5) == 1.0
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_frozen_encoder_does_not_move_until_its_steps_are_done(cohort, tmp_path, optimizer):
+    dm = _dm(cohort)
+    torch.manual_seed(0)
+    net = create_net("resenc_unet", out_channels=dm.num_classes, filters=[8, 16, 32])
+    start = {n: p.detach().clone() for n, p in net.named_parameters()}
+    prefixes = tuple(net.encoder_prefixes)
+
+    def moved(task: SegmentationTask) -> tuple[bool, bool]:
+        enc = any(not torch.equal(p, start[n]) for n, p in task.net.named_parameters() if n.startswith(prefixes))
+        rest = any(not torch.equal(p, start[n]) for n, p in task.net.named_parameters() if not n.startswith(prefixes))
+        return enc, rest
+
+    task = SegmentationTask(
+        net, labels=dm.labels, patch_size=(16, 16, 16), preprocessing=Preprocessing(spacing=SPACING),
+        optimizer=optimizer, freeze_encoder_steps=2, warmup_steps=1, lr=1e-2,
+    )  # fmt: skip
+    _trainer(tmp_path / "a", max_steps=2, limit_val_batches=0).fit(task, datamodule=dm)
+    assert moved(task) == (False, True)  # decoder only
+    _trainer(tmp_path / "b", max_steps=3, limit_val_batches=0).fit(task, datamodule=dm)
+    assert moved(task)[0]  # a new run counts from step 0 again: frozen 2 steps, then the encoder moves
