@@ -156,8 +156,13 @@ class TestTimeAdapter:
         start = time.perf_counter()
         loss = None
         # bf16: the forward passes under autocast; the losses (`fp32_loss`), the EMA teachers and
-        # Fisher sums (float32 parameters and gradients) stay float32
-        with torch.inference_mode(False), torch.enable_grad(), autocast(self.device, self.precision):
+        # Fisher sums (float32 parameters and gradients) stay float32; no weight-cast cache, since
+        # the weights change at every step (`autocast`)
+        with (
+            torch.inference_mode(False),
+            torch.enable_grad(),
+            autocast(self.device, self.precision, cache=False),
+        ):
             for _ in range(self.steps):
                 loss = self.method.step(random_patches(x, self.patch, self.batch, self.rng, body))
         check = random_patches(x, self.patch, self.batch, self.rng, body)

@@ -113,10 +113,15 @@ def lightning_precision(asked: str | None, accelerator: object, bf16_cpu: bool =
     return LIGHTNING_PRECISION[resolve_precision(asked, lightning_device(accelerator), bf16_cpu)]
 
 
-def autocast(device: torch.device, precision: Precision) -> contextlib.AbstractContextManager[None]:
-    """bf16 autocast on `device` for "bf16", nothing for "fp32"."""
+def autocast(device: torch.device, precision: Precision, cache: bool = True) -> contextlib.AbstractContextManager[None]:
+    """bf16 autocast on `device` for "bf16", nothing for "fp32".
+
+    `cache=False` for a region that updates weights (an optimiser loop inside one region): torch
+    keeps the bf16 copy of every trainable weight it cast until the region ends, so a forward after
+    `optimizer.step()` would still run the old weights (it made PSMT diverge in `medct segment`).
+    Inference keeps the cache: the same weights serve every tile."""
     if precision == "bf16":
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16, cache_enabled=cache)
     return contextlib.nullcontext()
 
 

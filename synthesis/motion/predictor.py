@@ -130,7 +130,8 @@ class MotionPredictor:
         if steps < 0:
             raise ConfigError(f"--finetune-steps must be >= 0, got {steps}.")
         context = int(inf["context"])
-        with autocast(dev, self.precision):  # next_phase_loss is float32 (fp32_loss)
+        # next_phase_loss is float32 (fp32_loss); no weight-cast cache: finetune updates the weights
+        with autocast(dev, self.precision, cache=False):
             net = finetune(self.net, o, img, steps, float(inf.get("finetune_lr", 1e-4)), context, seed)
             return rollout(net, o, img, k, context).float().cpu().numpy()
 

@@ -190,3 +190,51 @@ def test_tent_on_the_batchnorm_resenc_uses_the_case_batches_statistics(model_and
     adapted_bns = [m for m in tent.predictor().modules() if isinstance(m, nn.BatchNorm3d)]
     assert all(m.running_mean is None and not m.track_running_stats for m in adapted_bns)
     assert any(not torch.equal(a.weight, b.weight) for a, b in zip(adapted_bns, bns, strict=True))
+
+
+class _Probe:
+    """An adaptation method that records, at each step, its input, the output its forward gave and
+    the weights it then stepped to (plain SGD on the mean logit: every step moves every weight)."""
+
+    name = "probe"
+
+    def start(self, source: nn.Module) -> None:
+        import copy
+
+        self.net = copy.deepcopy(source).train()
+        for p in self.net.parameters():
+            p.requires_grad_(True)
+        self.opt = torch.optim.SGD(self.net.parameters(), lr=0.5)
+        self.seen: list[tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]] = []
+
+    def step(self, x: torch.Tensor) -> float:
+        before = {k: v.detach().clone() for k, v in self.net.state_dict().items()}
+        y = self.net(x).float()
+        self.seen.append((x.detach().clone(), y.detach(), before))
+        self.opt.zero_grad()
+        y.mean().backward()
+        self.opt.step()
+        return float(y.mean().detach())
+
+    def predictor(self) -> nn.Module:
+        return self.net
+
+
+def test_bf16_adaptation_runs_the_updated_weights_at_every_step() -> None:
+    """Under one bf16 autocast region torch would keep casting-cache copies of the trainable weights,
+    so step 2 would run step 1's weights (PSMT fell from Dice 0.93 to 0.53 on CT that way)."""
+    import copy
+
+    method = _Probe()
+    TestTimeAdapter(_net(), method, (16, 16, 16), steps=2, batch=2, precision="bf16").adapt(
+        torch.rand(1, 1, 24, 24, 24)
+    )
+    x1, y1, weights1 = method.seen[1]  # the second step's input, its output and the weights it ran with
+    fresh = copy.deepcopy(method.net)
+    fresh.load_state_dict(weights1)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = fresh.train()(x1).float()
+        fresh.load_state_dict(method.seen[0][2])  # the first step's weights
+        stale = fresh(x1).float()
+    assert float((stale - expected).abs().max()) > 1e-2  # the step moved the output: the check can fail
+    torch.testing.assert_close(y1, expected, rtol=0, atol=1e-6)
