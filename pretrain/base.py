@@ -13,7 +13,10 @@ Schedules (`lr_lambda`): linear warmup then cosine decay to 0 ("cosine"), or war
 ("wsd": constant after warmup, linear decay over the last `decay_fraction` of the run; Hu et al.,
 MiniCPM 2024, and Ibrahim et al., "Simple and Scalable Strategies to Continually Pre-train Large
 Language Models", 2024), whose stable phase can be continued on a new domain without re-warming
-(continual pretraining), or "constant".
+(continual pretraining), "poly" (nnU-Net's and nnssl's (1 - t)^0.9 after the warmup) or "constant".
+The optimiser is AdamW, or SGD with Nesterov momentum 0.99 as every nnssl trainer
+(`AbstractTrainer.configure_optimizers`: lr 1e-2, weight decay 3e-5, poly decay; SparK there also
+clips the gradient norm at 12, which a recipe asks of Lightning with `trainer.gradient_clip_val`).
 
 Validation of a pretraining run is its own loss on a fixed centre crop of each validation volume
 with a fixed random draw (`val_generator`), so val/loss curves are comparable across epochs.
@@ -37,7 +40,8 @@ from medct.nets.encoder import load_pretrained_encoder
 from medct.task import MedCTTask
 from medct.transforms import Preprocessing
 
-Schedule = Literal["cosine", "wsd", "constant"]
+Schedule = Literal["cosine", "wsd", "poly", "constant"]
+Optimiser = Literal["adamw", "sgd"]
 
 
 class WarmupSchedule:
@@ -45,6 +49,7 @@ class WarmupSchedule:
 
     cosine:   linear warmup over `warmup` steps, then cosine from 1 to 0.
     wsd:      linear warmup, constant 1, then linear decay to 0 over the last `decay_fraction`.
+    poly:     linear warmup, then (1 - t)^0.9 (nnU-Net's PolyLRScheduler).
     constant: linear warmup, then 1.
     """
 
@@ -56,9 +61,9 @@ class WarmupSchedule:
             return (step + 1) / self.warmup
         if self.kind == "constant":
             return 1.0
-        if self.kind == "cosine":
-            t = (step - self.warmup) / max(self.total - self.warmup, 1)
-            return 0.5 * (1.0 + math.cos(math.pi * min(t, 1.0)))
+        if self.kind in ("cosine", "poly"):
+            t = min((step - self.warmup) / max(self.total - self.warmup, 1), 1.0)
+            return 0.5 * (1.0 + math.cos(math.pi * t)) if self.kind == "cosine" else (1.0 - t) ** 0.9
         decay_start = self.total * (1.0 - self.decay_fraction)
         if step < decay_start:
             return 1.0
@@ -79,11 +84,12 @@ def centre_patch(image: Tensor, patch: Sequence[int]) -> Tensor:
 
 @dataclass(frozen=True)
 class Optimisation:
-    """AdamW with a warmup schedule, as every pretraining method uses it.
+    """The optimiser and its warmup schedule, as every pretraining method uses them.
 
-    lr: peak learning rate. weight_decay: AdamW weight decay.
-    scheduler: "cosine", "wsd" or "constant" (`WarmupSchedule`). warmup_steps: linear warmup length.
-    decay_fraction: the last fraction of the run over which "wsd" decays to 0.
+    optimizer: "adamw", or "sgd" (Nesterov, `momentum`; nnssl's). lr: peak learning rate.
+    weight_decay: the optimiser's weight decay. momentum: SGD's (unused by AdamW).
+    scheduler: "cosine", "wsd", "poly" or "constant" (`WarmupSchedule`). warmup_steps: linear warmup
+    length. decay_fraction: the last fraction of the run over which "wsd" decays to 0.
     """
 
     lr: float = 1e-4
@@ -91,10 +97,16 @@ class Optimisation:
     scheduler: Schedule = "cosine"
     warmup_steps: int = 0
     decay_fraction: float = 0.1
+    optimizer: Optimiser = "adamw"
+    momentum: float = 0.99
 
     def __post_init__(self) -> None:
-        if self.scheduler not in ("cosine", "wsd", "constant"):
-            raise ConfigError(f"model.optim.scheduler must be cosine, wsd or constant, got '{self.scheduler}'.")
+        if self.scheduler not in ("cosine", "wsd", "poly", "constant"):
+            raise ConfigError(f"model.optim.scheduler must be cosine, wsd, poly or constant, got '{self.scheduler}'.")
+        if self.optimizer not in ("adamw", "sgd"):
+            raise ConfigError(f"model.optim.optimizer must be adamw or sgd, got '{self.optimizer}'.")
+        if not 0.0 <= self.momentum < 1.0:
+            raise ConfigError(f"model.optim.momentum must lie in [0, 1), got {self.momentum}.")
         if not 0.0 < self.decay_fraction <= 1.0:
             raise ConfigError(f"model.optim.decay_fraction must lie in (0, 1], got {self.decay_fraction}.")
         if int(self.warmup_steps) < 0:
@@ -172,7 +184,11 @@ class PretrainTask(MedCTTask):
     def configure_optimizers(self) -> Any:
         o = self.optim
         params = [p for p in self.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay)
+        opt: torch.optim.Optimizer
+        if o.optimizer == "sgd":
+            opt = torch.optim.SGD(params, lr=o.lr, weight_decay=o.weight_decay, momentum=o.momentum, nesterov=True)
+        else:
+            opt = torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay)
         total = self.trainer.estimated_stepping_batches if self._trainer is not None else math.inf
         if not math.isfinite(total):
             return opt

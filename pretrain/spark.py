@@ -5,14 +5,19 @@ ICLR 2023; 3D as in nnssl's SparK3D (Wald et al., "An OpenMind for 3D medical vi
 self-supervised learning", 2025; MIC-DKFZ/nnssl `architectures/spark_model.py`).
 
   * A random mask on the stride-`mask_stride` grid of the patch (a 10^3 grid for 160^3 patches at
-    stride 16): exactly round(mask_ratio * cells) cells are masked per sample.
+    stride 16): exactly int(mask_ratio * cells) cells are masked per sample (nnssl's
+    `create_blocky_mask`).
   * Sparse convolution is emulated: the input is multiplied by the mask, and so is the output of
     every convolution and pooling of the encoder (at that stage's resolution); normalisation
     statistics are taken over the visible voxels only (per sample and channel). Nothing of a masked
     cell therefore reaches a visible feature (tested). Stages whose grid is coarser than the mask
-    grid are not masked (nnssl's `_get_active_ex_or_ii`).
-  * Densify, per stage: norm (visible statistics), masked positions filled with a learned mask
-    token, a 3^3 convolution (the deepest stage: identity, as nnssl).
+    grid are not masked (nnssl's `_get_active_ex_or_ii`). The input is masked too, as in SparK's
+    own code (keyu-tian/SparK `spark.py`: `inp_bchw * active_b1hw`); nnssl's SparkTrainer feeds the
+    unmasked input, so its first convolution reads one voxel into every masked cell: a deviation
+    kept on purpose (tests/parity/test_spark_parity.py feeds the reference the masked input).
+  * Densify, per stage: instance norm without affine parameters over the visible voxels, masked
+    positions filled with a learned mask token, a 3^3 convolution (the shallowest stage: identity),
+    all as nnssl's SparK3D (tests/parity/test_spark_parity.py).
   * A plain U-Net decoder (transposed-conv up-sampling, skip concatenation, two conv-norm-act
     blocks per stage) with one output channel reconstructs the input; nnssl uses the nnU-Net
     network's own decoder, medct's registry networks do not expose theirs as a function of
@@ -46,9 +51,9 @@ def random_cell_mask(
     generator: torch.Generator | None = None,
     device: torch.device | str = "cpu",
 ) -> Tensor:
-    """(B, 1, gx, gy, gz) float, 1 = visible: exactly round(ratio * cells) cells masked per sample."""
+    """(B, 1, gx, gy, gz) float, 1 = visible: exactly int(ratio * cells) cells masked per sample."""
     cells = int(grid[0]) * int(grid[1]) * int(grid[2])
-    n_masked = round(ratio * cells)
+    n_masked = int(ratio * cells)
     order = torch.rand(batch, cells, generator=generator, device=device).argsort(dim=1)  # (B, cells)
     visible = torch.ones(batch, cells, device=device)
     visible.scatter_(1, order[:, :n_masked], 0.0)
@@ -159,11 +164,12 @@ def _conv_block(cin: int, cout: int) -> nn.Sequential:
 
 
 class Densify(nn.Module):
-    """One stage's densify step: norm over visible voxels, mask token where masked, then `proj`."""
+    """One stage's densify step: norm over visible voxels, mask token where masked, then `proj`
+    (nnssl SparK3D: `SparseInstanceNorm3d(channels)`, i.e. no affine parameters)."""
 
     def __init__(self, channels: int, proj: bool) -> None:
         super().__init__()
-        self.norm = nn.InstanceNorm3d(channels, affine=True)
+        self.norm = nn.InstanceNorm3d(channels, affine=False)
         self.mask_token = nn.Parameter(torch.zeros(1, channels, 1, 1, 1))
         nn.init.trunc_normal_(self.mask_token, std=0.02, a=-0.02, b=0.02)  # SparK's initialisation
         self.proj: nn.Module = nn.Conv3d(channels, channels, 3, padding=1) if proj else nn.Identity()
@@ -270,7 +276,8 @@ class SparKTask(PretrainTask):
         in_channels = int((self.net_config or {}).get("args", {}).get("in_channels", 1))
         channels, factors, stem = encoder_layout(net, in_channels)
         self.sparse = SparseEmulation(net)
-        self.densify = nn.ModuleList(Densify(c, proj=i < len(channels) - 1) for i, c in enumerate(channels))
+        # nnssl SparK3D: identity on the shallowest stage (i = 0 of the encoder's skips), 3^3 conv elsewhere
+        self.densify = nn.ModuleList(Densify(c, proj=i > 0) for i, c in enumerate(channels))
         self.decoder = SparKDecoder(channels, factors, stem)
 
     def encode(self, x: Tensor, visible: Tensor) -> list[Tensor]:

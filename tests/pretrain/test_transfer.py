@@ -11,7 +11,7 @@ import torch
 
 from medct.checkpoint import ENCODER_TASK, export_lightning_checkpoint, load_model_folder
 from medct.data import VolumeDataModule
-from medct.errors import ModelFolderError
+from medct.errors import ConfigError, ModelFolderError
 from medct.nets import create_net, encoder_state_dict, load_encoder, load_encoder_folder
 from medct.phantom import write_cohort
 from medct.pretrain.base import Optimisation, WarmupSchedule
@@ -128,6 +128,17 @@ def test_schedules():
     assert cos(0) == pytest.approx(0.1) and cos(9) == pytest.approx(1.0) and cos(100) == pytest.approx(0.0)
     wsd = WarmupSchedule("wsd", total=100, warmup=10, decay_fraction=0.2)
     assert wsd(50) == 1.0 and wsd(79) == 1.0 and wsd(90) == pytest.approx(0.5) and wsd(100) == 0.0
+    poly = WarmupSchedule("poly", total=110, warmup=10)  # nnssl's PolyLRScheduler after the warmup
+    assert poly(10) == 1.0 and poly(60) == pytest.approx(0.5**0.9) and poly(110) == 0.0
+
+
+def test_sgd_is_nnssl_optimiser():
+    opt = _spark(optim=Optimisation(optimizer="sgd", lr=1e-2, weight_decay=3e-5)).configure_optimizers()
+    group = opt.param_groups[0]  # no trainer attached: the optimiser alone
+    assert isinstance(opt, torch.optim.SGD) and group["nesterov"] and group["momentum"] == 0.99
+    assert group["lr"] == 1e-2 and group["weight_decay"] == 3e-5
+    with pytest.raises(ConfigError, match="optimizer"):
+        Optimisation(optimizer="adam")
 
 
 def test_resume_continues_the_schedule(cohort, tmp_path):
