@@ -105,8 +105,8 @@ class Optimisation:
             raise ConfigError(f"model.optim.scheduler must be cosine, wsd, poly or constant, got '{self.scheduler}'.")
         if self.optimizer not in ("adamw", "sgd"):
             raise ConfigError(f"model.optim.optimizer must be adamw or sgd, got '{self.optimizer}'.")
-        if not 0.0 <= self.momentum < 1.0:
-            raise ConfigError(f"model.optim.momentum must lie in [0, 1), got {self.momentum}.")
+        if not 0.0 < self.momentum < 1.0:  # Nesterov SGD needs a momentum
+            raise ConfigError(f"model.optim.momentum must lie in (0, 1), got {self.momentum}.")
         if not 0.0 < self.decay_fraction <= 1.0:
             raise ConfigError(f"model.optim.decay_fraction must lie in (0, 1], got {self.decay_fraction}.")
         if int(self.warmup_steps) < 0:

@@ -139,6 +139,8 @@ def test_sgd_is_nnssl_optimiser():
     assert group["lr"] == 1e-2 and group["weight_decay"] == 3e-5
     with pytest.raises(ConfigError, match="optimizer"):
         Optimisation(optimizer="adam")
+    with pytest.raises(ConfigError, match="momentum"):
+        Optimisation(optimizer="sgd", momentum=0.0)
 
 
 def test_resume_continues_the_schedule(cohort, tmp_path):
